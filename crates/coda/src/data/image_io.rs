@@ -1,0 +1,133 @@
+//! Image files <-> tensors in [-1, 1]. Resizing follows torchvision's `Resize(int)` +
+//! `CenterCrop` (the reference's validation transform), with Lanczos3 filtering.
+
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use image::{imageops::FilterType, RgbImage};
+
+use crate::error::{Error, Result};
+
+/// Decode an image file (PNG, JPEG, WebP) to RGB. Grayscale is expanded to three channels and an
+/// alpha channel is dropped, as PIL's `convert('RGB')` does in the reference data pipeline.
+pub fn load_image(path: &Path) -> Result<RgbImage> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bad = |reason: String| Error::Image { path: path.into(), reason };
+    let reader = image::ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| bad(e.to_string()))?;
+    if reader.format().is_none() {
+        return Err(bad("unknown or unsupported image format".into()));
+    }
+    let img = reader.decode().map_err(|e| bad(e.to_string()))?;
+    Ok(img.to_rgb8())
+}
+
+/// Resize the shorter side to `size` (Lanczos3; the longer side scaled and truncated as
+/// torchvision does), then centre-crop `size` x `size`. `None` leaves the image as it is.
+pub fn prepare(img: RgbImage, size: Option<u32>) -> RgbImage {
+    let Some(size) = size else { return img };
+    let (w, h) = img.dimensions();
+    if w == size && h == size {
+        return img;
+    }
+    let (nw, nh) = if w <= h {
+        (size, ((size as u64 * h as u64) / w as u64) as u32)
+    } else {
+        (((size as u64 * w as u64) / h as u64) as u32, size)
+    };
+    let resized = if (nw, nh) == (w, h) {
+        img
+    } else {
+        image::imageops::resize(&img, nw, nh, FilterType::Lanczos3)
+    };
+    // torchvision CenterCrop: offsets rounded half to even, as Python's round().
+    let left = ((nw - size) as f64 / 2.0).round_ties_even() as u32;
+    let top = ((nh - size) as f64 / 2.0).round_ties_even() as u32;
+    image::imageops::crop_imm(&resized, left, top, size, size).to_image()
+}
+
+/// Stack same-sized RGB images into a (B, 3, H, W) f32 tensor in [-1, 1].
+pub fn images_to_tensor(images: &[RgbImage], device: &Device) -> Result<Tensor> {
+    let Some(first) = images.first() else {
+        return Err(Error::Invalid("no images to stack".into()));
+    };
+    let (w, h) = first.dimensions();
+    let (w, h) = (w as usize, h as usize);
+    let mut data = Vec::with_capacity(images.len() * 3 * h * w);
+    for img in images {
+        if img.dimensions() != first.dimensions() {
+            return Err(Error::Invalid(format!(
+                "images of different sizes in one batch: {:?} vs {:?}",
+                img.dimensions(),
+                first.dimensions()
+            )));
+        }
+        let raw = img.as_raw();
+        for c in 0..3 {
+            data.extend(raw[c..].iter().step_by(3).map(|&v| v as f32 / 127.5 - 1.0));
+        }
+    }
+    Ok(Tensor::from_vec(data, (images.len(), 3, h, w), device)?)
+}
+
+/// (B, 3, H, W) in [-1, 1] -> RGB images: clamp, scale to [0, 255] and round.
+pub fn tensor_to_images(x: &Tensor) -> Result<Vec<RgbImage>> {
+    let (b, c, h, w) = x.dims4()?;
+    if c != 3 {
+        return Err(Error::Invalid(format!("expected 3 channels, got {c}")));
+    }
+    let x = x.to_device(&Device::Cpu)?.to_dtype(candle_core::DType::F32)?;
+    let data = x.flatten_all()?.to_vec1::<f32>()?;
+    let plane = h * w;
+    Ok((0..b)
+        .map(|i| {
+            let base = i * 3 * plane;
+            let mut buf = vec![0u8; 3 * plane];
+            for p in 0..plane {
+                for ch in 0..3 {
+                    let v = data[base + ch * plane + p];
+                    buf[3 * p + ch] = ((v.clamp(-1.0, 1.0) + 1.0) * 127.5).round() as u8;
+                }
+            }
+            RgbImage::from_raw(w as u32, h as u32, buf).expect("buffer sized to the image")
+        })
+        .collect())
+}
+
+/// Write a PNG atomically (temp file + rename).
+pub fn save_png(path: &Path, img: &RgbImage) -> Result<()> {
+    let mut bytes = Vec::new();
+    img.write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)
+        .map_err(|e| Error::Image { path: path.into(), reason: e.to_string() })?;
+    crate::io::write_atomic(path, &bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tensor_round_trip_is_exact_for_u8_images() {
+        let img = RgbImage::from_fn(5, 3, |x, y| image::Rgb([x as u8 * 40, y as u8 * 90, 255 - x as u8]));
+        let t = images_to_tensor(std::slice::from_ref(&img), &Device::Cpu).unwrap();
+        assert_eq!(t.dims(), &[1, 3, 3, 5]);
+        assert_eq!(tensor_to_images(&t).unwrap()[0], img);
+    }
+
+    #[test]
+    fn prepare_crops_to_a_square_of_the_requested_size() {
+        let img = RgbImage::new(300, 200);
+        let out = prepare(img, Some(64));
+        assert_eq!(out.dimensions(), (64, 64));
+    }
+
+    #[test]
+    fn corrupt_file_is_named_in_the_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("broken.png");
+        std::fs::write(&p, b"\x89PNG\r\n\x1a\nnot really").unwrap();
+        let err = load_image(&p).unwrap_err().to_string();
+        assert!(err.contains("broken.png"), "{err}");
+    }
+}

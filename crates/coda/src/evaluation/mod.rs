@@ -1,0 +1,5 @@
+//! Reconstruction metrics.
+
+pub mod psnr;
+
+pub use psnr::psnr_u8;

@@ -1,0 +1,6 @@
+//! Our own CPU kernels, for ops candle lacks or runs slowly. Each has a plain composite
+//! version beside it that the tests compare against.
+
+pub mod group_norm;
+
+pub use group_norm::{group_norm, group_norm_composite};
