@@ -1,1 +1,43 @@
-fn main(){}
+//! `coda`: discrete image tokenizers from continuous VAEs, on the command line.
+
+mod commands;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "coda",
+    version,
+    about = "CODA image tokenizers: continuous VAEs in, discrete tokens out"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Round-trip an image through a continuous VAE and report PSNR.
+    Reconstruct(commands::reconstruct::Args),
+    /// Print a checkpoint's architecture, parameter count and latent shape.
+    Info(commands::info::Args),
+    /// Measure VAE encode and decode speed (a benchmark, not a test).
+    Bench(commands::bench::Args),
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Reconstruct(a) => commands::reconstruct::run(a),
+        Command::Info(a) => commands::info::run(a),
+        Command::Bench(a) => commands::bench::run(a),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -10,14 +10,18 @@ fn fixtures() -> PathBuf {
 }
 
 fn load_err(path: &Path, opts: &LoadOptions) -> String {
-    VaeWeights::load(path, opts, &Device::Cpu).map(|_| ()).unwrap_err().to_string()
+    VaeWeights::load(path, opts, &Device::Cpu)
+        .map(|_| ())
+        .unwrap_err()
+        .to_string()
 }
 
 fn edited_copy(dir: &Path, edit: impl FnOnce(&mut Vec<(String, Tensor)>)) -> PathBuf {
-    let mut ts: Vec<(String, Tensor)> = candle_core::safetensors::load(fixtures().join("ldm.safetensors"), &Device::Cpu)
-        .unwrap()
-        .into_iter()
-        .collect();
+    let mut ts: Vec<(String, Tensor)> =
+        candle_core::safetensors::load(fixtures().join("ldm.safetensors"), &Device::Cpu)
+            .unwrap()
+            .into_iter()
+            .collect();
     edit(&mut ts);
     let p = dir.join("edited.safetensors");
     coda::io::write_safetensors(&p, &ts, None).unwrap();
@@ -26,19 +30,31 @@ fn edited_copy(dir: &Path, edit: impl FnOnce(&mut Vec<(String, Tensor)>)) -> Pat
 
 #[test]
 fn missing_file_says_so() {
-    let err = load_err(Path::new("/nonexistent/vae.safetensors"), &LoadOptions::default());
-    assert!(err.contains("/nonexistent/vae.safetensors") && err.contains("no such file"), "{err}");
+    let err = load_err(
+        Path::new("/nonexistent/vae.safetensors"),
+        &LoadOptions::default(),
+    );
+    assert!(
+        err.contains("/nonexistent/vae.safetensors") && err.contains("no such file"),
+        "{err}"
+    );
 }
 
 #[test]
 fn truncated_checkpoint_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let bytes = std::fs::read(fixtures().join("ldm.safetensors")).unwrap();
-    for (name, len) in [("trunc.safetensors", bytes.len() / 2), ("trunc2.safetensors", 5)] {
+    for (name, len) in [
+        ("trunc.safetensors", bytes.len() / 2),
+        ("trunc2.safetensors", 5),
+    ] {
         let p = dir.path().join(name);
         std::fs::write(&p, &bytes[..len]).unwrap();
         let err = load_err(&p, &LoadOptions::default());
-        assert!(err.contains(name) && err.contains("cannot read checkpoint"), "{err}");
+        assert!(
+            err.contains(name) && err.contains("cannot read checkpoint"),
+            "{err}"
+        );
     }
     let pth = std::fs::read(fixtures().join("ldm.pth")).unwrap();
     let p = dir.path().join("trunc.pth");
@@ -58,7 +74,10 @@ fn mis_shaped_tensor_names_key_and_both_shapes() {
         }
     });
     let err = load_err(&p, &LoadOptions::default());
-    assert!(err.contains("decoder.conv_out.bias: checkpoint has [5], architecture needs [3]"), "{err}");
+    assert!(
+        err.contains("decoder.conv_out.bias: checkpoint has [5], architecture needs [3]"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -66,26 +85,51 @@ fn missing_and_unexpected_tensors_are_listed() {
     let dir = tempfile::tempdir().unwrap();
     let p = edited_copy(dir.path(), |ts| {
         ts.retain(|(k, _)| k != "encoder.mid.block_1.norm2.weight");
-        ts.push(("encoder.extra.weight".into(), Tensor::zeros(2, candle_core::DType::F32, &Device::Cpu).unwrap()));
+        ts.push((
+            "encoder.extra.weight".into(),
+            Tensor::zeros(2, candle_core::DType::F32, &Device::Cpu).unwrap(),
+        ));
     });
     let err = load_err(&p, &LoadOptions::default());
-    assert!(err.contains("1 missing tensors") && err.contains("encoder.mid.block_1.norm2.weight"), "{err}");
-    assert!(err.contains("1 unexpected tensors") && err.contains("encoder.extra.weight"), "{err}");
+    assert!(
+        err.contains("1 missing tensors") && err.contains("encoder.mid.block_1.norm2.weight"),
+        "{err}"
+    );
+    assert!(
+        err.contains("1 unexpected tensors") && err.contains("encoder.extra.weight"),
+        "{err}"
+    );
 }
 
 #[test]
 fn wrong_preset_reports_counts_and_first_ten() {
-    let err = load_err(&fixtures().join("ldm.safetensors"), &LoadOptions { preset: Some(Preset::Flux), ..Default::default() });
-    assert!(err.contains("shape mismatches") && err.contains("missing tensors"), "{err}");
-    assert!(err.contains("... and"), "long lists are cut after 10: {err}");
+    let err = load_err(
+        &fixtures().join("ldm.safetensors"),
+        &LoadOptions {
+            preset: Some(Preset::Flux),
+            ..Default::default()
+        },
+    );
+    assert!(
+        err.contains("shape mismatches") && err.contains("missing tensors"),
+        "{err}"
+    );
+    assert!(
+        err.contains("... and"),
+        "long lists are cut after 10: {err}"
+    );
 }
 
 #[test]
 fn image_size_not_divisible_is_refused() {
-    let vae = VaeWeights::load(&fixtures().join("ldm.safetensors"), &LoadOptions::default(), &Device::Cpu)
-        .unwrap()
-        .build()
-        .unwrap();
+    let vae = VaeWeights::load(
+        &fixtures().join("ldm.safetensors"),
+        &LoadOptions::default(),
+        &Device::Cpu,
+    )
+    .unwrap()
+    .build()
+    .unwrap();
     let x = Tensor::zeros((1, 3, 30, 32), candle_core::DType::F32, &Device::Cpu).unwrap();
     let err = vae.encode(&x).unwrap_err().to_string();
     assert!(err.contains("32x30") && err.contains("factor 4"), "{err}");
@@ -95,8 +139,14 @@ fn image_size_not_divisible_is_refused() {
 fn training_keys_are_ignored_and_reported() {
     let dir = tempfile::tempdir().unwrap();
     let p = edited_copy(dir.path(), |ts| {
-        ts.push(("loss.discriminator.main.0.weight".into(), Tensor::zeros(2, candle_core::DType::F32, &Device::Cpu).unwrap()));
+        ts.push((
+            "loss.discriminator.main.0.weight".into(),
+            Tensor::zeros(2, candle_core::DType::F32, &Device::Cpu).unwrap(),
+        ));
     });
     let w = VaeWeights::load(&p, &LoadOptions::default(), &Device::Cpu).unwrap();
-    assert_eq!(w.ignored_keys, vec!["loss.discriminator.main.0.weight".to_string()]);
+    assert_eq!(
+        w.ignored_keys,
+        vec!["loss.discriminator.main.0.weight".to_string()]
+    );
 }

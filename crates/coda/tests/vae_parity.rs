@@ -20,7 +20,14 @@ fn io(name: &str) -> HashMap<String, Tensor> {
 
 fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims());
-    (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 /// Encode and decode the fixture input and compare every output with PyTorch's.
@@ -51,7 +58,9 @@ fn ldm_reference_config() -> VaeConfig {
         quant_conv: bool,
         post_quant_conv: bool,
     }
-    let r: Ref = serde_json::from_str(&std::fs::read_to_string(fixtures().join("ldm_config.json")).unwrap()).unwrap();
+    let r: Ref =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("ldm_config.json")).unwrap())
+            .unwrap();
     VaeConfig {
         block_channels: r.block_channels,
         num_res_blocks: r.num_res_blocks,
@@ -68,7 +77,12 @@ fn ldm_reference_config() -> VaeConfig {
 
 #[test]
 fn ldm_safetensors_architecture_is_inferred_and_matches_pytorch() {
-    let w = VaeWeights::load(&fixtures().join("ldm.safetensors"), &LoadOptions::default(), &Device::Cpu).unwrap();
+    let w = VaeWeights::load(
+        &fixtures().join("ldm.safetensors"),
+        &LoadOptions::default(),
+        &Device::Cpu,
+    )
+    .unwrap();
     assert_eq!(w.layout, KeyLayout::Ldm);
     assert_eq!(w.origin, ConfigOrigin::Inferred);
     assert_eq!(w.config, ldm_reference_config());
@@ -77,14 +91,24 @@ fn ldm_safetensors_architecture_is_inferred_and_matches_pytorch() {
 
 #[test]
 fn ldm_pth_matches_pytorch() {
-    let w = VaeWeights::load(&fixtures().join("ldm.pth"), &LoadOptions::default(), &Device::Cpu).unwrap();
+    let w = VaeWeights::load(
+        &fixtures().join("ldm.pth"),
+        &LoadOptions::default(),
+        &Device::Cpu,
+    )
+    .unwrap();
     assert_eq!(w.config, ldm_reference_config());
     check_against_reference(&w, "ldm_io.safetensors");
 }
 
 #[test]
 fn diffusers_folder_matches_pytorch() {
-    let w = VaeWeights::load(&fixtures().join("diffusers"), &LoadOptions::default(), &Device::Cpu).unwrap();
+    let w = VaeWeights::load(
+        &fixtures().join("diffusers"),
+        &LoadOptions::default(),
+        &Device::Cpu,
+    )
+    .unwrap();
     assert_eq!(w.layout, KeyLayout::Diffusers);
     assert!(matches!(w.origin, ConfigOrigin::DiffusersConfig(_)));
     assert_eq!(w.config.norm_groups, 8);
@@ -96,7 +120,10 @@ fn diffusers_folder_matches_pytorch() {
 
 #[test]
 fn diffusers_pth_without_config_is_inferred_and_matches_pytorch() {
-    let opts = LoadOptions { norm_groups: Some(8), ..Default::default() };
+    let opts = LoadOptions {
+        norm_groups: Some(8),
+        ..Default::default()
+    };
     let w = VaeWeights::load(&fixtures().join("diffusers.pth"), &opts, &Device::Cpu).unwrap();
     assert_eq!(w.layout, KeyLayout::Diffusers);
     assert_eq!(w.config.block_channels, vec![16, 32, 32]);
@@ -105,16 +132,27 @@ fn diffusers_pth_without_config_is_inferred_and_matches_pytorch() {
 
 #[test]
 fn preset_architectures_have_the_reference_parameter_counts() {
-    let counts: HashMap<String, usize> =
-        serde_json::from_str(&std::fs::read_to_string(fixtures().join("preset_param_counts.json")).unwrap()).unwrap();
-    for (name, preset) in [("flux", Preset::Flux), ("sd", Preset::Sd), ("mar-kl16", Preset::MarKl16)] {
+    let counts: HashMap<String, usize> = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("preset_param_counts.json")).unwrap(),
+    )
+    .unwrap();
+    for (name, preset) in [
+        ("flux", Preset::Flux),
+        ("sd", Preset::Sd),
+        ("mar-kl16", Preset::MarKl16),
+    ] {
         assert_eq!(preset.config().parameter_count(), counts[name], "{name}");
     }
 }
 
 #[test]
 fn posterior_sample_is_seeded_and_mean_is_default() {
-    let w = VaeWeights::load(&fixtures().join("ldm.safetensors"), &LoadOptions::default(), &Device::Cpu).unwrap();
+    let w = VaeWeights::load(
+        &fixtures().join("ldm.safetensors"),
+        &LoadOptions::default(),
+        &Device::Cpu,
+    )
+    .unwrap();
     let vae = w.build().unwrap();
     let x = &io("ldm_io.safetensors")["x"];
     let post = vae.encode(x).unwrap();
@@ -128,7 +166,12 @@ fn posterior_sample_is_seeded_and_mean_is_default() {
 
 #[test]
 fn normalisation_round_trips() {
-    let w = VaeWeights::load(&fixtures().join("diffusers"), &LoadOptions::default(), &Device::Cpu).unwrap();
+    let w = VaeWeights::load(
+        &fixtures().join("diffusers"),
+        &LoadOptions::default(),
+        &Device::Cpu,
+    )
+    .unwrap();
     let vae = w.build().unwrap();
     let z = Tensor::randn(0f32, 1.0, (1, 4, 2, 3), &Device::Cpu).unwrap();
     let f = vae.normalize(&z).unwrap();

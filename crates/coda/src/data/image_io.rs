@@ -12,15 +12,73 @@ use crate::error::{Error, Result};
 /// alpha channel is dropped, as PIL's `convert('RGB')` does in the reference data pipeline.
 pub fn load_image(path: &Path) -> Result<RgbImage> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let bad = |reason: String| Error::Image { path: path.into(), reason };
-    let reader = image::ImageReader::new(std::io::Cursor::new(bytes))
+    let bad = |reason: String| Error::Image {
+        path: path.into(),
+        reason,
+    };
+    let reader = image::ImageReader::new(std::io::Cursor::new(&bytes[..]))
         .with_guessed_format()
         .map_err(|e| bad(e.to_string()))?;
-    if reader.format().is_none() {
-        return Err(bad("unknown or unsupported image format".into()));
+    match reader.format() {
+        None => return Err(bad("unknown or unsupported image format".into())),
+        // The JPEG decoder fills a truncated file's missing rows silently; refuse it instead.
+        Some(image::ImageFormat::Jpeg) => check_jpeg_complete(&bytes).map_err(bad)?,
+        Some(_) => {}
     }
     let img = reader.decode().map_err(|e| bad(e.to_string()))?;
     Ok(img.to_rgb8())
+}
+
+/// Walk a JPEG's marker segments and entropy-coded data up to the end-of-image marker.
+fn check_jpeg_complete(b: &[u8]) -> std::result::Result<(), String> {
+    let truncated = || Err("truncated JPEG (no end-of-image marker)".to_string());
+    if b.len() < 4 || b[0] != 0xFF || b[1] != 0xD8 {
+        return Err("not a JPEG (no start-of-image marker)".into());
+    }
+    let mut i = 2;
+    loop {
+        // Skip fill bytes before a marker.
+        while i < b.len() && b[i] == 0xFF && b.get(i + 1) == Some(&0xFF) {
+            i += 1;
+        }
+        if i + 1 >= b.len() {
+            return truncated();
+        }
+        if b[i] != 0xFF {
+            return Err(format!("corrupt JPEG (expected a marker at byte {i})"));
+        }
+        let marker = b[i + 1];
+        i += 2;
+        match marker {
+            0xD9 => return Ok(()),
+            0x01 | 0xD0..=0xD7 => continue,
+            _ => {}
+        }
+        if i + 1 >= b.len() {
+            return truncated();
+        }
+        let len = u16::from_be_bytes([b[i], b[i + 1]]) as usize;
+        i += len;
+        if i > b.len() {
+            return truncated();
+        }
+        if marker == 0xDA {
+            // Entropy-coded data runs to the next marker that is not a stuffed 0xFF00 or a restart.
+            loop {
+                if i + 1 >= b.len() {
+                    return truncated();
+                }
+                if b[i] == 0xFF
+                    && b[i + 1] != 0x00
+                    && !(0xD0..=0xD7).contains(&b[i + 1])
+                    && b[i + 1] != 0xFF
+                {
+                    break;
+                }
+                i += 1;
+            }
+        }
+    }
 }
 
 /// Resize the shorter side to `size` (Lanczos3; the longer side scaled and truncated as
@@ -77,7 +135,9 @@ pub fn tensor_to_images(x: &Tensor) -> Result<Vec<RgbImage>> {
     if c != 3 {
         return Err(Error::Invalid(format!("expected 3 channels, got {c}")));
     }
-    let x = x.to_device(&Device::Cpu)?.to_dtype(candle_core::DType::F32)?;
+    let x = x
+        .to_device(&Device::Cpu)?
+        .to_dtype(candle_core::DType::F32)?;
     let data = x.flatten_all()?.to_vec1::<f32>()?;
     let plane = h * w;
     Ok((0..b)
@@ -98,8 +158,14 @@ pub fn tensor_to_images(x: &Tensor) -> Result<Vec<RgbImage>> {
 /// Write a PNG atomically (temp file + rename).
 pub fn save_png(path: &Path, img: &RgbImage) -> Result<()> {
     let mut bytes = Vec::new();
-    img.write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)
-        .map_err(|e| Error::Image { path: path.into(), reason: e.to_string() })?;
+    img.write_to(
+        &mut std::io::Cursor::new(&mut bytes),
+        image::ImageFormat::Png,
+    )
+    .map_err(|e| Error::Image {
+        path: path.into(),
+        reason: e.to_string(),
+    })?;
     crate::io::write_atomic(path, &bytes)
 }
 
@@ -109,7 +175,9 @@ mod tests {
 
     #[test]
     fn tensor_round_trip_is_exact_for_u8_images() {
-        let img = RgbImage::from_fn(5, 3, |x, y| image::Rgb([x as u8 * 40, y as u8 * 90, 255 - x as u8]));
+        let img = RgbImage::from_fn(5, 3, |x, y| {
+            image::Rgb([x as u8 * 40, y as u8 * 90, 255 - x as u8])
+        });
         let t = images_to_tensor(std::slice::from_ref(&img), &Device::Cpu).unwrap();
         assert_eq!(t.dims(), &[1, 3, 3, 5]);
         assert_eq!(tensor_to_images(&t).unwrap()[0], img);
@@ -120,6 +188,29 @@ mod tests {
         let img = RgbImage::new(300, 200);
         let out = prepare(img, Some(64));
         assert_eq!(out.dimensions(), (64, 64));
+    }
+
+    #[test]
+    fn truncated_files_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = RgbImage::from_fn(64, 48, |x, y| {
+            image::Rgb([(x * 4) as u8, (y * 5) as u8, (x ^ y) as u8])
+        });
+        for (name, fmt) in [
+            ("a.jpg", image::ImageFormat::Jpeg),
+            ("a.png", image::ImageFormat::Png),
+        ] {
+            let mut bytes = Vec::new();
+            img.write_to(&mut std::io::Cursor::new(&mut bytes), fmt)
+                .unwrap();
+            let whole = dir.path().join(name);
+            std::fs::write(&whole, &bytes).unwrap();
+            assert!(load_image(&whole).is_ok(), "{name} complete");
+            let cut = dir.path().join(format!("cut-{name}"));
+            std::fs::write(&cut, &bytes[..bytes.len() * 2 / 3]).unwrap();
+            let err = load_image(&cut).unwrap_err().to_string();
+            assert!(err.contains(&format!("cut-{name}")), "{err}");
+        }
     }
 
     #[test]

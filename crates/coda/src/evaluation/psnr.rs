@@ -5,7 +5,11 @@ use image::RgbImage;
 
 /// PSNR in dB between two same-sized 8-bit images; infinite when they are identical.
 pub fn psnr_u8(a: &RgbImage, b: &RgbImage) -> f64 {
-    assert_eq!(a.dimensions(), b.dimensions(), "PSNR needs same-sized images");
+    assert_eq!(
+        a.dimensions(),
+        b.dimensions(),
+        "PSNR needs same-sized images"
+    );
     let n = a.as_raw().len() as f64;
     let sse: f64 = a
         .as_raw()

@@ -20,8 +20,15 @@ pub fn read_tensors(path: &Path, device: &Device) -> Result<HashMap<String, Tens
             reason: "is a folder, expected a .safetensors or .pth file".into(),
         });
     }
-    let bad = |reason: String| Error::Checkpoint { path: path.into(), reason };
-    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+    let bad = |reason: String| Error::Checkpoint {
+        path: path.into(),
+        reason,
+    };
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("")
+        .to_ascii_lowercase();
     let raw: Vec<(String, Tensor)> = match ext.as_str() {
         "safetensors" => candle_core::safetensors::load(path, &Device::Cpu)
             .map_err(|e| bad(format!("not a valid safetensors file ({e})")))?
@@ -71,10 +78,13 @@ pub fn write_safetensors(
         .iter()
         .map(|(k, t)| Ok((k.clone(), t.to_device(&Device::Cpu)?.contiguous()?)))
         .collect::<Result<_>>()?;
-    let bytes = safetensors::tensor::serialize(
-        views.iter().map(|(k, t)| (k.as_str(), t)),
-        metadata,
-    )
-    .map_err(|e| Error::Invalid(format!("cannot serialise tensors for {}: {e}", path.display())))?;
+    let bytes =
+        safetensors::tensor::serialize(views.iter().map(|(k, t)| (k.as_str(), t)), metadata)
+            .map_err(|e| {
+                Error::Invalid(format!(
+                    "cannot serialise tensors for {}: {e}",
+                    path.display()
+                ))
+            })?;
     crate::io::write_atomic(path, &bytes)
 }

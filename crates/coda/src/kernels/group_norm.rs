@@ -127,7 +127,9 @@ pub fn group_norm_composite(
     let mean = xg.mean_keepdim(2)?;
     let centred = xg.broadcast_sub(&mean)?;
     let var = centred.sqr()?.mean_keepdim(2)?;
-    let normed = centred.broadcast_div(&(var + eps)?.sqrt()?)?.reshape(dims.as_slice())?;
+    let normed = centred
+        .broadcast_div(&(var + eps)?.sqrt()?)?
+        .reshape(dims.as_slice())?;
     let mut shape = vec![1usize; dims.len()];
     shape[1] = c;
     let y = normed
@@ -156,7 +158,11 @@ mod tests {
                 let a = group_norm(&x, &wt, &b, g, 1e-6, silu)?;
                 let r = group_norm_composite(&x, &wt, &b, g, 1e-6, silu)?;
                 let err = (a - r)?.abs()?.max_all()?.to_scalar::<f32>()?;
-                assert!(err < 1e-5, "shape {:?} silu {silu}: max err {err}", (n, c, h, w));
+                assert!(
+                    err < 1e-5,
+                    "shape {:?} silu {silu}: max err {err}",
+                    (n, c, h, w)
+                );
             }
         }
         Ok(())

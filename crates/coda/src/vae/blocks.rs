@@ -16,7 +16,14 @@ pub struct Conv2d {
 }
 
 impl Conv2d {
-    pub fn new(vb: VarBuilder, cin: usize, cout: usize, k: usize, stride: usize, padding: usize) -> Result<Self> {
+    pub fn new(
+        vb: VarBuilder,
+        cin: usize,
+        cout: usize,
+        k: usize,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Self> {
         Ok(Self {
             weight: vb.get((cout, cin, k, k), "weight")?,
             bias: vb.get(cout, "bias")?,
@@ -146,7 +153,12 @@ impl AttnBlock {
 impl Module for AttnBlock {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
-        let tokens = self.norm.forward(x)?.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()?;
+        let tokens = self
+            .norm
+            .forward(x)?
+            .reshape((b, c, h * w))?
+            .transpose(1, 2)?
+            .contiguous()?;
         let q = linear_tokens(&tokens, &self.q)?;
         let k = linear_tokens(&tokens, &self.k)?;
         let v = linear_tokens(&tokens, &self.v)?;

@@ -90,7 +90,10 @@ impl VaeWeights {
                 parse_diffusers_config(cfg_path)?,
                 ConfigOrigin::DiffusersConfig(cfg_path.clone()),
             ),
-            (None, None) => (infer_config(&tensors, &weights_path)?, ConfigOrigin::Inferred),
+            (None, None) => (
+                infer_config(&tensors, &weights_path)?,
+                ConfigOrigin::Inferred,
+            ),
         };
         if let Some(s) = opts.scaling_factor {
             config.scaling_factor = s;
@@ -225,9 +228,15 @@ pub fn parse_diffusers_config(path: &Path) -> Result<VaeConfig> {
         path: path.into(),
         reason: e.to_string(),
     })?;
-    let bad = |reason: String| Error::Config { path: path.into(), reason };
+    let bad = |reason: String| Error::Config {
+        path: path.into(),
+        reason,
+    };
     if c.act_fn != "silu" && c.act_fn != "swish" {
-        return Err(bad(format!("act_fn '{}' is not supported (only silu)", c.act_fn)));
+        return Err(bad(format!(
+            "act_fn '{}' is not supported (only silu)",
+            c.act_fn
+        )));
     }
     let levels = c.block_out_channels.len();
     let attn_flags = |types: &[String], prefix: &str| -> Result<Vec<bool>> {
@@ -235,7 +244,10 @@ pub fn parse_diffusers_config(path: &Path) -> Result<VaeConfig> {
             return Ok(vec![false; levels]);
         }
         if types.len() != levels {
-            return Err(bad(format!("{} block types for {levels} levels", types.len())));
+            return Err(bad(format!(
+                "{} block types for {levels} levels",
+                types.len()
+            )));
         }
         types
             .iter()
@@ -313,8 +325,12 @@ pub fn infer_config(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<Va
         in_channels: conv_in[1],
         out_channels: dims("decoder.conv_out.weight")?[0],
         num_res_blocks: count("encoder.down.0.block."),
-        encoder_attention: (0..levels).map(|i| has(format!("encoder.down.{i}.attn.0.q.weight"))).collect(),
-        decoder_attention: (0..levels).map(|i| has(format!("decoder.up.{i}.attn.0.q.weight"))).collect(),
+        encoder_attention: (0..levels)
+            .map(|i| has(format!("encoder.down.{i}.attn.0.q.weight")))
+            .collect(),
+        decoder_attention: (0..levels)
+            .map(|i| has(format!("decoder.up.{i}.attn.0.q.weight")))
+            .collect(),
         mid_attention: has("encoder.mid.attn_1.q.weight".into()),
         z_channels,
         latent_channels,
@@ -330,7 +346,11 @@ pub fn infer_config(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<Va
 
 /// Compare a checkpoint with the parameters an architecture needs: every missing, unexpected
 /// and mis-shaped tensor is reported (the first 10 of each, and the counts).
-pub fn check_tensors(config: &VaeConfig, tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
+pub fn check_tensors(
+    config: &VaeConfig,
+    tensors: &HashMap<String, Tensor>,
+    path: &Path,
+) -> Result<()> {
     let expected = config.parameter_shapes();
     let expected_names: BTreeSet<&str> = expected.iter().map(|(k, _)| k.as_str()).collect();
     let mut missing = Vec::new();

@@ -148,7 +148,7 @@ impl VaeConfig {
             ));
         }
         for &c in &self.block_channels {
-            if self.norm_groups == 0 || c % self.norm_groups != 0 {
+            if self.norm_groups == 0 || !c.is_multiple_of(self.norm_groups) {
                 return bad(format!(
                     "{c} channels cannot be split into {} GroupNorm groups",
                     self.norm_groups
@@ -168,7 +168,10 @@ impl VaeConfig {
             ));
         }
         if self.scaling_factor == 0.0 || !self.scaling_factor.is_finite() {
-            return bad(format!("scaling_factor {} is unusable", self.scaling_factor));
+            return bad(format!(
+                "scaling_factor {} is unusable",
+                self.scaling_factor
+            ));
         }
         Ok(())
     }
@@ -221,17 +224,35 @@ impl VaeConfig {
                 }
             }
             if i + 1 != ch.len() {
-                conv(&mut p, &format!("encoder.down.{i}.downsample.conv"), cout, cout, 3);
+                conv(
+                    &mut p,
+                    &format!("encoder.down.{i}.downsample.conv"),
+                    cout,
+                    cout,
+                    3,
+                );
             }
         }
         mid(&mut p, "encoder.mid", last);
         norm(&mut p, "encoder.norm_out", last);
         conv(&mut p, "encoder.conv_out", 2 * self.z_channels, last, 3);
         if self.quant_conv {
-            conv(&mut p, "quant_conv", 2 * self.latent_channels, 2 * self.z_channels, 1);
+            conv(
+                &mut p,
+                "quant_conv",
+                2 * self.latent_channels,
+                2 * self.z_channels,
+                1,
+            );
         }
         if self.post_quant_conv {
-            conv(&mut p, "post_quant_conv", self.z_channels, self.latent_channels, 1);
+            conv(
+                &mut p,
+                "post_quant_conv",
+                self.z_channels,
+                self.latent_channels,
+                1,
+            );
         }
 
         conv(&mut p, "decoder.conv_in", last, self.z_channels, 3);
@@ -247,7 +268,13 @@ impl VaeConfig {
                 }
             }
             if i != 0 {
-                conv(&mut p, &format!("decoder.up.{i}.upsample.conv"), cout, cout, 3);
+                conv(
+                    &mut p,
+                    &format!("decoder.up.{i}.upsample.conv"),
+                    cout,
+                    cout,
+                    3,
+                );
             }
         }
         norm(&mut p, "decoder.norm_out", ch[0]);

@@ -25,7 +25,10 @@ pub struct Decoder {
 
 impl Decoder {
     pub fn new(vb: VarBuilder, cfg: &VaeConfig) -> Result<Self> {
-        let norm = NormSpec { groups: cfg.norm_groups, eps: cfg.norm_eps };
+        let norm = NormSpec {
+            groups: cfg.norm_groups,
+            eps: cfg.norm_eps,
+        };
         let ch = &cfg.block_channels;
         let last = *ch.last().unwrap();
         let conv_in = Conv2d::new(vb.pp("conv_in"), cfg.z_channels, last, 3, 1, 1)?;
@@ -44,13 +47,24 @@ impl Decoder {
                     attns.push(AttnBlock::new(vl.pp("attn").pp(j), cout, norm)?);
                 }
             }
-            let upsample = if i != 0 { Some(Upsample::new(vl.pp("upsample"), cout)?) } else { None };
-            up[i] = Some(UpLevel { blocks, attns, upsample });
+            let upsample = if i != 0 {
+                Some(Upsample::new(vl.pp("upsample"), cout)?)
+            } else {
+                None
+            };
+            up[i] = Some(UpLevel {
+                blocks,
+                attns,
+                upsample,
+            });
         }
         Ok(Self {
             conv_in,
             mid,
-            up: up.into_iter().map(|l| l.expect("every level built")).collect(),
+            up: up
+                .into_iter()
+                .map(|l| l.expect("every level built"))
+                .collect(),
             norm_out: norm.build(vb.pp("norm_out"), ch[0])?,
             conv_out: Conv2d::new(vb.pp("conv_out"), ch[0], cfg.out_channels, 3, 1, 1)?,
         })

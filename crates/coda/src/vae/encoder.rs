@@ -24,7 +24,10 @@ pub struct Encoder {
 
 impl Encoder {
     pub fn new(vb: VarBuilder, cfg: &VaeConfig) -> Result<Self> {
-        let norm = NormSpec { groups: cfg.norm_groups, eps: cfg.norm_eps };
+        let norm = NormSpec {
+            groups: cfg.norm_groups,
+            eps: cfg.norm_eps,
+        };
         let ch = &cfg.block_channels;
         let conv_in = Conv2d::new(vb.pp("conv_in"), cfg.in_channels, ch[0], 3, 1, 1)?;
         let mut down = Vec::with_capacity(ch.len());
@@ -45,7 +48,11 @@ impl Encoder {
             } else {
                 None
             };
-            down.push(DownLevel { blocks, attns, downsample });
+            down.push(DownLevel {
+                blocks,
+                attns,
+                downsample,
+            });
         }
         let last = *ch.last().unwrap();
         Ok(Self {

@@ -138,7 +138,9 @@ pub fn is_attention_projection(key: &str) -> bool {
 }
 
 /// Rename a whole diffusers state dict to LDM names, reshaping linear attention weights.
-pub fn diffusers_state_to_ldm(tensors: HashMap<String, Tensor>) -> candle_core::Result<HashMap<String, Tensor>> {
+pub fn diffusers_state_to_ldm(
+    tensors: HashMap<String, Tensor>,
+) -> candle_core::Result<HashMap<String, Tensor>> {
     let levels = diffusers_levels(tensors.keys());
     tensors
         .into_iter()
@@ -166,16 +168,43 @@ mod tests {
     #[test]
     fn renames_every_diffusers_part() {
         let cases = [
-            ("encoder.down_blocks.1.resnets.0.conv_shortcut.weight", "encoder.down.1.block.0.nin_shortcut.weight"),
-            ("encoder.down_blocks.0.downsamplers.0.conv.bias", "encoder.down.0.downsample.conv.bias"),
-            ("encoder.mid_block.resnets.1.norm2.weight", "encoder.mid.block_2.norm2.weight"),
-            ("encoder.mid_block.attentions.0.group_norm.bias", "encoder.mid.attn_1.norm.bias"),
-            ("encoder.mid_block.attentions.0.to_out.0.weight", "encoder.mid.attn_1.proj_out.weight"),
-            ("decoder.mid_block.attentions.0.query.weight", "decoder.mid.attn_1.q.weight"),
-            ("decoder.up_blocks.0.resnets.2.conv1.weight", "decoder.up.3.block.2.conv1.weight"),
-            ("decoder.up_blocks.2.upsamplers.0.conv.weight", "decoder.up.1.upsample.conv.weight"),
+            (
+                "encoder.down_blocks.1.resnets.0.conv_shortcut.weight",
+                "encoder.down.1.block.0.nin_shortcut.weight",
+            ),
+            (
+                "encoder.down_blocks.0.downsamplers.0.conv.bias",
+                "encoder.down.0.downsample.conv.bias",
+            ),
+            (
+                "encoder.mid_block.resnets.1.norm2.weight",
+                "encoder.mid.block_2.norm2.weight",
+            ),
+            (
+                "encoder.mid_block.attentions.0.group_norm.bias",
+                "encoder.mid.attn_1.norm.bias",
+            ),
+            (
+                "encoder.mid_block.attentions.0.to_out.0.weight",
+                "encoder.mid.attn_1.proj_out.weight",
+            ),
+            (
+                "decoder.mid_block.attentions.0.query.weight",
+                "decoder.mid.attn_1.q.weight",
+            ),
+            (
+                "decoder.up_blocks.0.resnets.2.conv1.weight",
+                "decoder.up.3.block.2.conv1.weight",
+            ),
+            (
+                "decoder.up_blocks.2.upsamplers.0.conv.weight",
+                "decoder.up.1.upsample.conv.weight",
+            ),
             ("encoder.conv_norm_out.weight", "encoder.norm_out.weight"),
-            ("encoder.down_blocks.3.attentions.1.to_k.weight", "encoder.down.3.attn.1.k.weight"),
+            (
+                "encoder.down_blocks.3.attentions.1.to_k.weight",
+                "encoder.down.3.attn.1.k.weight",
+            ),
             ("quant_conv.weight", "quant_conv.weight"),
         ];
         for (d, l) in cases {
