@@ -18,8 +18,15 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "reference"))
 from ldm_vae import MAR_KL16, AutoencoderKL as LdmVae  # noqa: E402
+from coda_quantizer import CodaQuantizer  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fixtures", "vae")
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fixtures")
+ROOT = os.path.join(FIXTURES, "vae")
+QROOT = os.path.join(FIXTURES, "quantizer")
+
+MAR_SCALES = [1, 2, 3, 4, 5, 6, 8, 10, 13, 16]
+FLUX_SCALES = [1, 2, 3, 4, 6, 9, 13, 18, 24, 32]
 
 
 def randomise_norms(model, gen):
@@ -107,9 +114,57 @@ def preset_counts():
     print("parameter counts", counts)
 
 
+def resample_fixture():
+    """area down and bicubic up for every size pair of both presets, plus non-square pairs, with
+    the gradient of sum(out * g) with respect to the input."""
+    gen = torch.Generator().manual_seed(33)
+    out = {}
+    pairs = [("area", (n, n), (s, s)) for n, lst in ((16, MAR_SCALES), (32, FLUX_SCALES)) for s in lst]
+    pairs += [("bicubic", (s, s), (n, n)) for n, lst in ((16, MAR_SCALES), (32, FLUX_SCALES)) for s in lst]
+    pairs += [("area", (16, 24), (5, 7)), ("bicubic", (5, 7), (16, 24)), ("area", (24, 16), (13, 9)),
+              ("bicubic", (13, 9), (24, 16)), ("bicubic", (1, 1), (16, 16))]
+    for mode, src, dst in pairs:
+        x = torch.randn((2, 3) + src, generator=gen).requires_grad_(True)
+        kw = {"align_corners": False} if mode == "bicubic" else {}
+        y = F.interpolate(x, size=dst, mode=mode, **kw)
+        g = torch.randn(y.shape, generator=gen)
+        (y * g).sum().backward()
+        key = f"{mode}_{src[0]}x{src[1]}_{dst[0]}x{dst[1]}"
+        out.update({key + "_in": x.detach(), key + "_out": y.detach(), key + "_g": g, key + "_grad": x.grad})
+    save_io(os.path.join(QROOT, "resample.safetensors"), **out)
+
+
+def quantizer_fixture():
+    """A small CODA quantizer (V=64, C=4, d_a=8, RMSNorm) on a random latent with overlapping-window
+    scales: ids, f_hat, losses, and the gradients of a scalar of them."""
+    torch.manual_seed(4)
+    gen = torch.Generator().manual_seed(44)
+    q = CodaQuantizer(64, 4, 8)
+    with torch.no_grad():
+        for n in ("norm_q", "norm_k"):
+            getattr(q.attn, n).weight.copy_(1.0 + 0.3 * torch.randn(8, generator=gen))
+    torch.save(contiguous(q.state_dict()), os.path.join(QROOT, "quantizer.pth"))
+    f = (1.5 * torch.randn((2, 4, 8, 8), generator=gen)).requires_grad_(True)
+    scales = [(1, 1), (2, 2), (3, 3), (5, 5), (8, 8)]
+    ids, f_hat, lq, lent, logits = q(f, scales)
+    g = torch.randn(f_hat.shape, generator=gen)
+    total = (f_hat * g).sum() + lq + 0.05 * lent
+    total.backward()
+    io = {"f": f.detach(), "f_hat": f_hat.detach(), "g": g, "loss_q": lq.detach().reshape(1),
+          "loss_entropy": lent.detach().reshape(1), "grad_f": f.grad}
+    for k, i in enumerate(ids):
+        io[f"ids_{k}"] = i.to(torch.int64)
+    for name, p in q.named_parameters():
+        io["grad_" + name] = p.grad
+    save_io(os.path.join(QROOT, "quantizer_io.safetensors"), **io)
+
+
 if __name__ == "__main__":
     os.makedirs(ROOT, exist_ok=True)
+    os.makedirs(QROOT, exist_ok=True)
     ldm_fixture()
     diffusers_fixture()
     preset_counts()
-    print("wrote", os.path.normpath(ROOT))
+    resample_fixture()
+    quantizer_fixture()
+    print("wrote", os.path.normpath(FIXTURES))

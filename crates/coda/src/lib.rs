@@ -27,6 +27,7 @@ pub mod error;
 pub mod evaluation;
 pub mod io;
 pub mod kernels;
+pub mod quantizer;
 pub mod vae;
 
 pub use error::{Error, Result};

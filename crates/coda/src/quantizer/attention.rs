@@ -1,0 +1,365 @@
+//! CODA's attention-based code assignment and its multi-scale residual quantizer
+//! (coda-method.md §4-6). One codebook E (V x C) and one q/k/v projection set serve all scales;
+//! a code's vector is `to_v(E[n])`, not `E[n]`.
+
+use candle_core::{DType, Device, Result, Tensor, D};
+use candle_nn::VarBuilder;
+use serde::{Deserialize, Serialize};
+
+use super::resample::{Mode, Resize2d};
+
+/// The normalisation on queries and keys.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NormKind {
+    RmsNorm,
+    LayerNorm,
+    None,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct QuantizerConfig {
+    /// V: the number of codes.
+    pub codebook_size: usize,
+    /// C: the latent channels.
+    pub dim: usize,
+    /// d_a: the attention dimension of queries and keys (32 in both paper configs).
+    pub attn_dim: usize,
+    pub norm: NormKind,
+    /// eps of the q/k norms (1e-5, PyTorch's RMSNorm/LayerNorm default).
+    pub norm_eps: f64,
+    /// β of the quantization loss (0.05 in both paper configs).
+    pub beta: f64,
+    /// τ of the entropy loss (0.01, hard-coded in the reference).
+    pub entropy_temperature: f64,
+}
+
+impl QuantizerConfig {
+    pub fn new(codebook_size: usize, dim: usize) -> Self {
+        Self {
+            codebook_size,
+            dim,
+            attn_dim: 32,
+            norm: NormKind::RmsNorm,
+            norm_eps: 1e-5,
+            beta: 0.05,
+            entropy_temperature: 0.01,
+        }
+    }
+
+    /// Parameter names (reference state-dict names) and shapes.
+    pub fn parameter_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let (v, c, d) = (self.codebook_size, self.dim, self.attn_dim);
+        let mut p = vec![
+            ("codebooks.weight".to_string(), vec![v, c]),
+            ("attn.to_q.weight".into(), vec![d, c]),
+            ("attn.to_q.bias".into(), vec![d]),
+            ("attn.to_k.weight".into(), vec![d, c]),
+            ("attn.to_k.bias".into(), vec![d]),
+            ("attn.to_v.weight".into(), vec![c, c]),
+            ("attn.to_v.bias".into(), vec![c]),
+        ];
+        for n in ["norm_q", "norm_k"] {
+            match self.norm {
+                NormKind::RmsNorm => p.push((format!("attn.{n}.weight"), vec![d])),
+                NormKind::LayerNorm => {
+                    p.push((format!("attn.{n}.weight"), vec![d]));
+                    p.push((format!("attn.{n}.bias"), vec![d]));
+                }
+                NormKind::None => {}
+            }
+        }
+        p
+    }
+}
+
+/// Softmax with the max subtracted as a constant: differentiable and stable (candle's fused
+/// `softmax_last_dim` has no gradient).
+pub fn softmax(x: &Tensor, dim: usize) -> Result<Tensor> {
+    let e = x.broadcast_sub(&x.max_keepdim(dim)?.detach())?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(dim)?)
+}
+
+pub fn log_softmax(x: &Tensor, dim: usize) -> Result<Tensor> {
+    let shifted = x.broadcast_sub(&x.max_keepdim(dim)?.detach())?;
+    shifted.broadcast_sub(&shifted.exp()?.sum_keepdim(dim)?.log()?)
+}
+
+#[derive(Clone, Debug)]
+struct Norm {
+    kind: NormKind,
+    weight: Option<Tensor>,
+    bias: Option<Tensor>,
+    eps: f64,
+}
+
+impl Norm {
+    fn new(vb: VarBuilder, kind: NormKind, d: usize, eps: f64) -> Result<Self> {
+        let (weight, bias) = match kind {
+            NormKind::RmsNorm => (Some(vb.get(d, "weight")?), None),
+            NormKind::LayerNorm => (Some(vb.get(d, "weight")?), Some(vb.get(d, "bias")?)),
+            NormKind::None => (None, None),
+        };
+        Ok(Self { kind, weight, bias, eps })
+    }
+
+    /// Composite ops over the last dim, so that the gains are trainable.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = match self.kind {
+            NormKind::None => return Ok(x.clone()),
+            NormKind::RmsNorm => x.broadcast_mul(&(x.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?.sqrt()?.recip()?)?,
+            NormKind::LayerNorm => {
+                let c = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
+                c.broadcast_div(&(c.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?.sqrt()?)?
+            }
+        };
+        let y = match &self.weight {
+            Some(w) => y.broadcast_mul(w)?,
+            None => y,
+        };
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+}
+
+fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    x.broadcast_matmul(&w.t()?)?.broadcast_add(b)
+}
+
+/// What inference needs: normalised, pre-scaled keys and the value table, both (V, ·).
+#[derive(Clone, Debug)]
+pub struct CodeTables {
+    /// Keys transposed, (d_a, V) in chunks of codes, scaled by 1/sqrt(d_a).
+    key_chunks: Vec<Tensor>,
+    /// `to_v(E)`: the vector each code decodes to, (V, C).
+    pub values: Tensor,
+}
+
+/// Codes are compared in chunks of this many, so that no (N, V) logits buffer is ever built.
+pub const ASSIGN_CHUNK: usize = 4096;
+
+/// The outputs of a training-mode forward pass (coda-method.md §4-6).
+#[derive(Debug)]
+pub struct TrainOutput {
+    /// Token ids per scale, (B, h_k, w_k), u32.
+    pub ids: Vec<Tensor>,
+    /// The quantized latent: sum of the upsampled straight-through code maps.
+    pub f_hat: Tensor,
+    /// Quantization loss, mean over scales.
+    pub loss_q: Tensor,
+    /// Entropy loss (sample minus batch-mean entropy), mean over scales.
+    pub loss_entropy: Tensor,
+}
+
+#[derive(Clone, Debug)]
+pub struct CodaQuantizer {
+    config: QuantizerConfig,
+    codebook: Tensor,
+    to_q: (Tensor, Tensor),
+    to_k: (Tensor, Tensor),
+    to_v: (Tensor, Tensor),
+    norm_q: Norm,
+    norm_k: Norm,
+}
+
+impl CodaQuantizer {
+    /// `vb` points at the quantizer's root (its keys are `codebooks.weight`, `attn.to_q.weight`, ...).
+    pub fn new(config: QuantizerConfig, vb: VarBuilder) -> Result<Self> {
+        let (v, c, d) = (config.codebook_size, config.dim, config.attn_dim);
+        let a = vb.pp("attn");
+        let lin = |name: &str, o: usize, i: usize| -> Result<(Tensor, Tensor)> {
+            Ok((a.pp(name).get((o, i), "weight")?, a.pp(name).get(o, "bias")?))
+        };
+        Ok(Self {
+            codebook: vb.pp("codebooks").get((v, c), "weight")?,
+            to_q: lin("to_q", d, c)?,
+            to_k: lin("to_k", d, c)?,
+            to_v: lin("to_v", c, c)?,
+            norm_q: Norm::new(a.pp("norm_q"), config.norm, d, config.norm_eps)?,
+            norm_k: Norm::new(a.pp("norm_k"), config.norm, d, config.norm_eps)?,
+            config,
+        })
+    }
+
+    pub fn config(&self) -> &QuantizerConfig {
+        &self.config
+    }
+
+    fn scale(&self) -> f64 {
+        1.0 / (self.config.attn_dim as f64).sqrt()
+    }
+
+    /// Precompute keys and values from the current parameters.
+    pub fn tables(&self) -> Result<CodeTables> {
+        self.tables_chunked(ASSIGN_CHUNK)
+    }
+
+    /// As [`tables`](Self::tables), comparing codes `chunk` at a time.
+    pub fn tables_chunked(&self, chunk: usize) -> Result<CodeTables> {
+        let keys = self.norm_k.forward(&linear(&self.codebook, &self.to_k.0, &self.to_k.1)?)?;
+        let keys = (keys * self.scale())?;
+        let v = self.config.codebook_size;
+        let mut key_chunks = Vec::new();
+        let mut start = 0;
+        while start < v {
+            let n = chunk.max(1).min(v - start);
+            key_chunks.push(keys.narrow(0, start, n)?.t()?.contiguous()?);
+            start += n;
+        }
+        let values = linear(&self.codebook, &self.to_v.0, &self.to_v.1)?.contiguous()?;
+        Ok(CodeTables { key_chunks, values })
+    }
+
+    /// Normalised queries (N, d_a) of a (B, C, h, w) feature map, in (b, y, x) order.
+    fn queries(&self, q: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = q.dims4()?;
+        let tokens = q.permute((0, 2, 3, 1))?.reshape((b * h * w, c))?;
+        self.norm_q.forward(&linear(&tokens, &self.to_q.0, &self.to_q.1)?)
+    }
+
+    /// Hard assignment: argmax over codes of the attention logits, (B, h, w) u32. Runs over
+    /// chunks of codes with a running max, so memory is O(N · chunk), never O(N · V). Ties go to
+    /// the lowest index, as `torch.argmax`.
+    pub fn assign(&self, tables: &CodeTables, q: &Tensor) -> Result<Tensor> {
+        let (b, _, h, w) = q.dims4()?;
+        let queries = self.queries(q)?;
+        let mut best: Option<(Tensor, Tensor)> = None;
+        let mut offset = 0u32;
+        for kc in &tables.key_chunks {
+            let logits = queries.matmul(kc)?;
+            let m = logits.max_keepdim(1)?;
+            let i = (logits.argmax_keepdim(1)?.to_dtype(DType::U32)? + offset as f64)?;
+            best = Some(match best {
+                None => (m, i),
+                Some((bm, bi)) => {
+                    let better = m.gt(&bm)?;
+                    (better.where_cond(&m, &bm)?, better.where_cond(&i, &bi)?)
+                }
+            });
+            offset += kc.dim(1)? as u32;
+        }
+        let (_, ids) = best.expect("a codebook has at least one chunk");
+        ids.reshape((b, h, w))
+    }
+
+    /// Code vectors of ids (B, h, w) -> (B, C, h, w).
+    pub fn lookup(&self, tables: &CodeTables, ids: &Tensor) -> Result<Tensor> {
+        let (b, h, w) = ids.dims3()?;
+        let v = tables.values.index_select(&ids.flatten_all()?, 0)?;
+        v.reshape((b, h, w, self.config.dim))?.permute((0, 3, 1, 2))?.contiguous()
+    }
+
+    /// Multi-scale residual encoding of a normalised latent f (B, C, H, W): ids per scale and f̂.
+    pub fn encode(&self, tables: &CodeTables, f: &Tensor, scales: &[(usize, usize)]) -> Result<(Vec<Tensor>, Tensor)> {
+        let (_, _, hh, ww) = f.dims4()?;
+        let mut residual = f.clone();
+        let mut f_hat = f.zeros_like()?;
+        let mut ids = Vec::with_capacity(scales.len());
+        for &s in scales {
+            let q = Resize2d::new(Mode::Area, (hh, ww), s, f.device())?.apply(&residual)?;
+            let idx = self.assign(tables, &q)?;
+            let z = self.lookup(tables, &idx)?;
+            let up = Resize2d::new(Mode::Bicubic, s, (hh, ww), f.device())?.apply(&z)?;
+            f_hat = (f_hat + &up)?;
+            residual = (residual - up)?;
+            ids.push(idx);
+        }
+        Ok((ids, f_hat))
+    }
+
+    /// f̂ from ids of the first `ids.len()` scales, at latent size (H, W).
+    pub fn decode(&self, tables: &CodeTables, ids: &[Tensor], (hh, ww): (usize, usize)) -> Result<Tensor> {
+        let mut f_hat: Option<Tensor> = None;
+        for idx in ids {
+            let (_, h, w) = idx.dims3()?;
+            let z = self.lookup(tables, idx)?;
+            let up = Resize2d::new(Mode::Bicubic, (h, w), (hh, ww), idx.device())?.apply(&z)?;
+            f_hat = Some(match f_hat {
+                None => up,
+                Some(acc) => (acc + up)?,
+            });
+        }
+        f_hat.ok_or_else(|| candle_core::Error::Msg("decode needs at least one scale".into()))
+    }
+
+    /// Training forward: straight-through soft one-hot, quantization and entropy losses, with
+    /// gradients across scales (the residual is not detached). Materialises (N, V) per scale.
+    pub fn forward_train(&self, f: &Tensor, scales: &[(usize, usize)]) -> Result<TrainOutput> {
+        let (b, c, hh, ww) = f.dims4()?;
+        let v = self.config.codebook_size;
+        let keys = self.norm_k.forward(&linear(&self.codebook, &self.to_k.0, &self.to_k.1)?)?;
+        let values = linear(&self.codebook, &self.to_v.0, &self.to_v.1)?;
+        let codes = Tensor::arange(0u32, v as u32, f.device())?.unsqueeze(0)?;
+        let mut residual = f.clone();
+        let mut f_hat = f.zeros_like()?;
+        let (mut ids, mut lq, mut lent) = (Vec::new(), Vec::new(), Vec::new());
+        for &(h, w) in scales {
+            let q = Resize2d::new(Mode::Area, (hh, ww), (h, w), f.device())?.apply(&residual)?;
+            let logits = (self.queries(&q)?.matmul(&keys.t()?)? * self.scale())?; // (N, V)
+            let p = softmax(&logits, 1)?;
+            let idx = logits.argmax_keepdim(1)?.to_dtype(DType::U32)?; // (N, 1)
+            let hard = idx.broadcast_eq(&codes)?.to_dtype(DType::F32)?;
+            let st = ((&hard - p.detach())? + &p)?;
+            let to_map = |t: Tensor| -> Result<Tensor> {
+                t.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?.contiguous()
+            };
+            let z = to_map(st.matmul(&values)?)?;
+            let z_hat = to_map(hard.matmul(&values)?)?;
+            lent.push(self.entropy_loss(&logits)?);
+            let l = ((&z - &q)?.sqr()?.mean_all()?
+                + (z_hat.detach() - &q)?.sqr()?.mean_all()?)?
+                .add(&((&z_hat - q.detach())?.sqr()?.mean_all()? * self.config.beta)?)?;
+            lq.push(l);
+            let up = Resize2d::new(Mode::Bicubic, (h, w), (hh, ww), f.device())?.apply(&z)?;
+            f_hat = (f_hat + &up)?;
+            residual = (residual - up)?;
+            ids.push(idx.reshape((b, h, w))?);
+        }
+        let k = scales.len() as f64;
+        Ok(TrainOutput {
+            ids,
+            f_hat,
+            loss_q: (Tensor::stack(&lq, 0)?.sum_all()? / k)?,
+            loss_entropy: (Tensor::stack(&lent, 0)?.sum_all()? / k)?,
+        })
+    }
+
+    /// MAGVIT-v2 style entropy loss on (N, V) logits, as the reference computes it (including the
+    /// no-op +1e-5 inside the log-softmax).
+    fn entropy_loss(&self, logits: &Tensor) -> Result<Tensor> {
+        let x = (logits / self.config.entropy_temperature)?;
+        let p = softmax(&x, 1)?;
+        let logp = log_softmax(&(&x + 1e-5)?, 1)?;
+        let h_sample = (p.mul(&logp)?.sum(1)?.neg()?).mean_all()?;
+        let p_avg = p.mean(0)?;
+        let h_avg = p_avg.mul(&(&p_avg + 1e-5)?.log()?)?.sum_all()?.neg()?;
+        h_sample - h_avg
+    }
+}
+
+/// A fresh quantizer's parameters, initialised as the reference does: codebook N(0, 1), linears
+/// U(±1/sqrt(C)) for weights and biases (PyTorch's default), norm gains 1 (and biases 0).
+pub fn init_parameters(config: &QuantizerConfig, seed: u64, device: &Device) -> Result<Vec<(String, Tensor)>> {
+    use rand::SeedableRng;
+    use rand_distr::Distribution;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let bound = 1.0 / (config.dim as f32).sqrt();
+    let uniform = rand_distr::Uniform::new(-bound, bound);
+    config
+        .parameter_shapes()
+        .into_iter()
+        .map(|(name, shape)| {
+            let n: usize = shape.iter().product();
+            let data: Vec<f32> = if name == "codebooks.weight" {
+                (0..n).map(|_| rand_distr::StandardNormal.sample(&mut rng)).collect()
+            } else if name.contains("norm_") {
+                vec![if name.ends_with("weight") { 1.0 } else { 0.0 }; n]
+            } else {
+                (0..n).map(|_| uniform.sample(&mut rng)).collect()
+            };
+            Ok((name, Tensor::from_vec(data, shape, device)?))
+        })
+        .collect()
+}

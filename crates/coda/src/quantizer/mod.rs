@@ -1,0 +1,9 @@
+//! The CODA quantizer: multi-scale residual quantization with attention-based code assignment
+//! (coda-method.md §4-6), the resampling it is built on, and its scale schedule.
+
+pub mod attention;
+pub mod resample;
+pub mod scales;
+
+pub use attention::{CodaQuantizer, CodeTables, NormKind, QuantizerConfig, TrainOutput};
+pub use scales::ScaleSpec;
