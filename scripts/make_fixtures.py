@@ -18,12 +18,13 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "reference"))
 from ldm_vae import MAR_KL16, AutoencoderKL as LdmVae  # noqa: E402
-from coda_quantizer import CodaQuantizer  # noqa: E402
+from coda_quantizer import CodaQuantizer, inject_lora  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fixtures")
 ROOT = os.path.join(FIXTURES, "vae")
 QROOT = os.path.join(FIXTURES, "quantizer")
+TROOT = os.path.join(FIXTURES, "tokenizer")
 
 MAR_SCALES = [1, 2, 3, 4, 5, 6, 8, 10, 13, 16]
 FLUX_SCALES = [1, 2, 3, 4, 6, 9, 13, 18, 24, 32]
@@ -159,12 +160,79 @@ def quantizer_fixture():
     save_io(os.path.join(QROOT, "quantizer_io.safetensors"), **io)
 
 
+def top2_gap(logits):
+    """Per position, the gap between the two largest logits: where it is tiny, float rounding may
+    legitimately pick either code."""
+    top = logits.topk(2, dim=1).values
+    return (top[:, 0] - top[:, 1]).contiguous()
+
+
+def tokenizer_fixture(name, vae, lora_modules, vocab, scale, shift, gen):
+    """A reduced tokenizer in the reference's checkpoint format: the base VAE, `vae_ema.pth` (VAE with
+    LoRACompatibleConv layers), `quantizer_ema.pth`, and reference ids, f_hat and decoded output."""
+    targets = inject_lora(vae, lora_modules, rank=4)
+    with torch.no_grad():
+        for n, m in vae.named_modules():
+            if n.endswith("lora_layer"):
+                m.up.weight.copy_(0.05 * torch.randn(m.up.weight.shape, generator=gen))
+    torch.save(contiguous(vae.state_dict()), os.path.join(TROOT, f"{name}_vae_ema.pth"))
+    q = CodaQuantizer(vocab, 4, 8)
+    with torch.no_grad():
+        for n in ("norm_q", "norm_k"):
+            getattr(q.attn, n).weight.copy_(1.0 + 0.3 * torch.randn(8, generator=gen))
+    torch.save(contiguous(q.state_dict()), os.path.join(TROOT, f"{name}_quantizer_ema.pth"))
+    x = torch.rand((2, 3, 32, 32), generator=gen) * 2 - 1
+    scales = [(1, 1), (2, 2), (3, 3), (5, 5), (8, 8)]
+    with torch.no_grad():
+        if hasattr(vae, "encoder") and hasattr(vae.encoder, "down_blocks"):
+            mean = vae.encode(x).latent_dist.mean
+            decode = lambda z: vae.decode(z).sample  # noqa: E731
+        else:
+            mean, _ = vae.encode(x)
+            decode = vae.decode
+        f = (mean - shift) * scale
+        ids, f_hat, _, _, logits = q(f, scales)
+        decoded = decode(f_hat / scale + shift)
+    io = {"x": x, "f": f, "f_hat": f_hat, "decoded": decoded}
+    for k, (i, lg) in enumerate(zip(ids, logits)):
+        io[f"ids_{k}"] = i.to(torch.int64)
+        io[f"gap_{k}"] = top2_gap(lg)
+    save_io(os.path.join(TROOT, f"{name}_io.safetensors"), **io)
+    print(f"{name}: {len(targets)} LoRA adapters")
+
+
+def tokenizer_fixtures():
+    from diffusers import AutoencoderKL
+
+    gen = torch.Generator().manual_seed(55)
+    # MAR structure: LDM layout, encoder attention at the coarsest level, quant convs, x0.2325.
+    torch.manual_seed(5)
+    cfg = dict(MAR_KL16, block_channels=[32, 32, 32], num_res_blocks=1, encoder_attention=[False, False, True],
+               decoder_attention=[False] * 3, z_channels=4, latent_channels=4)
+    mar = LdmVae(cfg).eval()
+    randomise_norms(mar, gen)
+    save_file(contiguous(mar.state_dict()), os.path.join(TROOT, "mar_base.safetensors"))
+    tokenizer_fixture("mar", mar, ["conv1", "conv2", "upsample", "downsample"], 128, 0.2325, 0.0, gen)
+    # FLUX structure: diffusers folder, no quant convs, (z - 0.1159) x 0.3611.
+    torch.manual_seed(6)
+    flux = AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(32, 32, 32), layers_per_block=1, latent_channels=4, norm_num_groups=32,
+        scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False,
+    ).eval()
+    randomise_norms(flux, gen)
+    flux.save_pretrained(os.path.join(TROOT, "flux_base"), safe_serialization=True)
+    tokenizer_fixture("flux", flux, ["conv1", "conv2"], 256, 0.3611, 0.1159, gen)
+
+
 if __name__ == "__main__":
     os.makedirs(ROOT, exist_ok=True)
     os.makedirs(QROOT, exist_ok=True)
+    os.makedirs(TROOT, exist_ok=True)
     ldm_fixture()
     diffusers_fixture()
     preset_counts()
     resample_fixture()
     quantizer_fixture()
+    tokenizer_fixtures()
     print("wrote", os.path.normpath(FIXTURES))

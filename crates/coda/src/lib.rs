@@ -28,6 +28,7 @@ pub mod evaluation;
 pub mod io;
 pub mod kernels;
 pub mod quantizer;
+pub mod tokenizer;
 pub mod vae;
 
 pub use error::{Error, Result};

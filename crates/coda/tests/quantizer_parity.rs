@@ -20,7 +20,14 @@ fn load(name: &str) -> HashMap<String, Tensor> {
 
 fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims());
-    (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 fn parse_size(s: &str) -> (usize, usize) {
@@ -36,21 +43,56 @@ fn resampling_matches_pytorch_values_and_gradients() {
     for key in io.keys().filter(|k| k.ends_with("_in")) {
         let base = key.strip_suffix("_in").unwrap();
         let parts: Vec<&str> = base.split('_').collect();
-        let mode = if parts[0] == "area" { Mode::Area } else { Mode::Bicubic };
-        let r = Resize2d::new(mode, parse_size(parts[1]), parse_size(parts[2]), &Device::Cpu).unwrap();
+        let mode = if parts[0] == "area" {
+            Mode::Area
+        } else {
+            Mode::Bicubic
+        };
+        let r = Resize2d::new(
+            mode,
+            parse_size(parts[1]),
+            parse_size(parts[2]),
+            &Device::Cpu,
+        )
+        .unwrap();
         let x = Var::from_tensor(&io[key]).unwrap();
         let y = r.apply(x.as_tensor()).unwrap();
         let want = &io[&format!("{base}_out")];
         let e = max_abs(&y, want);
         // Every square pair the presets use: 1e-6 absolute. The extra non-square pairs have larger
         // values (up to ~4), where 1e-6 is a few f32 ulps of summation order: 1e-6 relative.
-        let square = parts[1].split('x').all(|v| v == parts[1].split('x').next().unwrap());
-        let tol = if square { 1e-6 } else { 1e-6 * want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1.0) };
+        let square = parts[1]
+            .split('x')
+            .all(|v| v == parts[1].split('x').next().unwrap());
+        let tol = if square {
+            1e-6
+        } else {
+            1e-6 * want
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                .max(1.0)
+        };
         assert!(e <= tol, "{base}: max abs error {e} > {tol}");
-        let grads = (y * &io[&format!("{base}_g")]).unwrap().sum_all().unwrap().backward().unwrap();
+        let grads = (y * &io[&format!("{base}_g")])
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
         // A gradient entry sums up to (32/s)^2 products: the tolerance is relative to its scale.
         let want = &io[&format!("{base}_grad")];
-        let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1.0);
+        let scale = want
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            .max(1.0);
         let eg = max_abs(grads.get(&x).unwrap(), want) / scale;
         assert!(eg <= 1e-5, "{base}: gradient max relative error {eg}");
         worst_val = worst_val.max(e);
@@ -65,15 +107,40 @@ fn resampling_matches_pytorch_values_and_gradients() {
 fn resampling_gradient_matches_finite_differences() {
     let x = Tensor::randn(0f64, 1.0, (1, 1, 5, 7), &Device::Cpu).unwrap();
     for mode in [Mode::Area, Mode::Bicubic] {
-        let (src, dst) = if mode == Mode::Area { ((5, 7), (3, 4)) } else { ((5, 7), (9, 11)) };
+        let (src, dst) = if mode == Mode::Area {
+            ((5, 7), (3, 4))
+        } else {
+            ((5, 7), (9, 11))
+        };
         let r = Resize2d::new(mode, src, dst, &Device::Cpu).unwrap();
         let f = |t: &Tensor| -> f64 {
             let y = r.apply(&t.to_dtype(DType::F32).unwrap()).unwrap();
-            y.sqr().unwrap().sum_all().unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
+            y.sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_dtype(DType::F64)
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
         };
         let xv = Var::from_tensor(&x.to_dtype(DType::F32).unwrap()).unwrap();
-        let g = r.apply(xv.as_tensor()).unwrap().sqr().unwrap().sum_all().unwrap().backward().unwrap();
-        let analytic = g.get(&xv).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let g = r
+            .apply(xv.as_tensor())
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let analytic = g
+            .get(&xv)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         let flat = x.flatten_all().unwrap().to_vec1::<f64>().unwrap();
         for i in [0, 6, 17, 34] {
             let h = 1e-3;
@@ -83,14 +150,21 @@ fn resampling_gradient_matches_finite_differences() {
             m[i] -= h;
             let t = |v: Vec<f64>| Tensor::from_vec(v, (1, 1, 5, 7), &Device::Cpu).unwrap();
             let numeric = (f(&t(p)) - f(&t(m))) / (2.0 * h);
-            assert!((numeric - analytic[i] as f64).abs() < 1e-2 * (1.0 + numeric.abs()), "{mode:?} [{i}]: {numeric} vs {}", analytic[i]);
+            assert!(
+                (numeric - analytic[i] as f64).abs() < 1e-2 * (1.0 + numeric.abs()),
+                "{mode:?} [{i}]: {numeric} vs {}",
+                analytic[i]
+            );
         }
     }
 }
 
 fn small_quantizer(vars: bool) -> (CodaQuantizer, Vec<(String, Var)>) {
     let ts = coda::io::read_tensors(&fixtures().join("quantizer.pth"), &Device::Cpu).unwrap();
-    let cfg = QuantizerConfig { attn_dim: 8, ..QuantizerConfig::new(64, 4) };
+    let cfg = QuantizerConfig {
+        attn_dim: 8,
+        ..QuantizerConfig::new(64, 4)
+    };
     let mut var_list = Vec::new();
     let map: HashMap<String, Tensor> = ts
         .into_iter()
@@ -104,7 +178,8 @@ fn small_quantizer(vars: bool) -> (CodaQuantizer, Vec<(String, Var)>) {
             }
         })
         .collect();
-    let q = CodaQuantizer::new(cfg, VarBuilder::from_tensors(map, DType::F32, &Device::Cpu)).unwrap();
+    let q =
+        CodaQuantizer::new(cfg, VarBuilder::from_tensors(map, DType::F32, &Device::Cpu)).unwrap();
     (q, var_list)
 }
 
@@ -118,7 +193,15 @@ fn training_forward_matches_pytorch_ids_values_losses_and_gradients() {
     let out = q.forward_train(f.as_tensor(), &SCALES).unwrap();
     for (k, ids) in out.ids.iter().enumerate() {
         let want = io[&format!("ids_{k}")].to_dtype(DType::U32).unwrap();
-        let same = ids.eq(&want).unwrap().to_dtype(DType::F32).unwrap().mean_all().unwrap().to_scalar::<f32>().unwrap();
+        let same = ids
+            .eq(&want)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .mean_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert_eq!(same, 1.0, "scale {k}: id match rate {same}");
     }
     let e_fhat = max_abs(&out.f_hat, &io["f_hat"]);
@@ -132,11 +215,18 @@ fn training_forward_matches_pytorch_ids_values_losses_and_gradients() {
     let grads = total.backward().unwrap();
     let mut worst = max_abs(grads.get(&f).unwrap(), &io["grad_f"]);
     for (name, v) in &vars {
-        let e = max_abs(grads.get(v).unwrap_or_else(|| panic!("no gradient for {name}")), &io[&format!("grad_{name}")]);
+        let e = max_abs(
+            grads
+                .get(v)
+                .unwrap_or_else(|| panic!("no gradient for {name}")),
+            &io[&format!("grad_{name}")],
+        );
         assert!(e <= 1e-4, "gradient of {name}: max abs error {e}");
         worst = worst.max(e);
     }
-    println!("f_hat {e_fhat:.2e}, loss_q {e_lq:.2e}, loss_ent {e_le:.2e}, worst gradient {worst:.2e}");
+    println!(
+        "f_hat {e_fhat:.2e}, loss_q {e_lq:.2e}, loss_ent {e_le:.2e}, worst gradient {worst:.2e}"
+    );
     assert!(worst <= 1e-4);
 }
 
@@ -149,7 +239,11 @@ fn inference_encode_and_decode_match_training_forward_for_any_chunk_size() {
         let (ids, f_hat) = q.encode(&tables, &io["f"], &SCALES).unwrap();
         for (k, got) in ids.iter().enumerate() {
             let want = io[&format!("ids_{k}")].to_dtype(DType::U32).unwrap();
-            assert_eq!(got.to_vec3::<u32>().unwrap(), want.to_vec3::<u32>().unwrap(), "chunk {chunk} scale {k}");
+            assert_eq!(
+                got.to_vec3::<u32>().unwrap(),
+                want.to_vec3::<u32>().unwrap(),
+                "chunk {chunk} scale {k}"
+            );
         }
         assert!(max_abs(&f_hat, &io["f_hat"]) <= 1e-5);
         let decoded = q.decode(&tables, &ids, (8, 8)).unwrap();

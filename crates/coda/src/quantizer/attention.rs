@@ -100,14 +100,23 @@ impl Norm {
             NormKind::LayerNorm => (Some(vb.get(d, "weight")?), Some(vb.get(d, "bias")?)),
             NormKind::None => (None, None),
         };
-        Ok(Self { kind, weight, bias, eps })
+        Ok(Self {
+            kind,
+            weight,
+            bias,
+            eps,
+        })
     }
 
     /// Composite ops over the last dim, so that the gains are trainable.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match self.kind {
             NormKind::None => return Ok(x.clone()),
-            NormKind::RmsNorm => x.broadcast_mul(&(x.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?.sqrt()?.recip()?)?,
+            NormKind::RmsNorm => x.broadcast_mul(
+                &(x.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?
+                    .sqrt()?
+                    .recip()?,
+            )?,
             NormKind::LayerNorm => {
                 let c = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
                 c.broadcast_div(&(c.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?.sqrt()?)?
@@ -170,7 +179,10 @@ impl CodaQuantizer {
         let (v, c, d) = (config.codebook_size, config.dim, config.attn_dim);
         let a = vb.pp("attn");
         let lin = |name: &str, o: usize, i: usize| -> Result<(Tensor, Tensor)> {
-            Ok((a.pp(name).get((o, i), "weight")?, a.pp(name).get(o, "bias")?))
+            Ok((
+                a.pp(name).get((o, i), "weight")?,
+                a.pp(name).get(o, "bias")?,
+            ))
         };
         Ok(Self {
             codebook: vb.pp("codebooks").get((v, c), "weight")?,
@@ -198,7 +210,9 @@ impl CodaQuantizer {
 
     /// As [`tables`](Self::tables), comparing codes `chunk` at a time.
     pub fn tables_chunked(&self, chunk: usize) -> Result<CodeTables> {
-        let keys = self.norm_k.forward(&linear(&self.codebook, &self.to_k.0, &self.to_k.1)?)?;
+        let keys = self
+            .norm_k
+            .forward(&linear(&self.codebook, &self.to_k.0, &self.to_k.1)?)?;
         let keys = (keys * self.scale())?;
         let v = self.config.codebook_size;
         let mut key_chunks = Vec::new();
@@ -216,7 +230,8 @@ impl CodaQuantizer {
     fn queries(&self, q: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = q.dims4()?;
         let tokens = q.permute((0, 2, 3, 1))?.reshape((b * h * w, c))?;
-        self.norm_q.forward(&linear(&tokens, &self.to_q.0, &self.to_q.1)?)
+        self.norm_q
+            .forward(&linear(&tokens, &self.to_q.0, &self.to_q.1)?)
     }
 
     /// Hard assignment: argmax over codes of the attention logits, (B, h, w) u32. Runs over
@@ -248,11 +263,18 @@ impl CodaQuantizer {
     pub fn lookup(&self, tables: &CodeTables, ids: &Tensor) -> Result<Tensor> {
         let (b, h, w) = ids.dims3()?;
         let v = tables.values.index_select(&ids.flatten_all()?, 0)?;
-        v.reshape((b, h, w, self.config.dim))?.permute((0, 3, 1, 2))?.contiguous()
+        v.reshape((b, h, w, self.config.dim))?
+            .permute((0, 3, 1, 2))?
+            .contiguous()
     }
 
     /// Multi-scale residual encoding of a normalised latent f (B, C, H, W): ids per scale and f̂.
-    pub fn encode(&self, tables: &CodeTables, f: &Tensor, scales: &[(usize, usize)]) -> Result<(Vec<Tensor>, Tensor)> {
+    pub fn encode(
+        &self,
+        tables: &CodeTables,
+        f: &Tensor,
+        scales: &[(usize, usize)],
+    ) -> Result<(Vec<Tensor>, Tensor)> {
         let (_, _, hh, ww) = f.dims4()?;
         let mut residual = f.clone();
         let mut f_hat = f.zeros_like()?;
@@ -270,7 +292,12 @@ impl CodaQuantizer {
     }
 
     /// f̂ from ids of the first `ids.len()` scales, at latent size (H, W).
-    pub fn decode(&self, tables: &CodeTables, ids: &[Tensor], (hh, ww): (usize, usize)) -> Result<Tensor> {
+    pub fn decode(
+        &self,
+        tables: &CodeTables,
+        ids: &[Tensor],
+        (hh, ww): (usize, usize),
+    ) -> Result<Tensor> {
         let mut f_hat: Option<Tensor> = None;
         for idx in ids {
             let (_, h, w) = idx.dims3()?;
@@ -289,7 +316,9 @@ impl CodaQuantizer {
     pub fn forward_train(&self, f: &Tensor, scales: &[(usize, usize)]) -> Result<TrainOutput> {
         let (b, c, hh, ww) = f.dims4()?;
         let v = self.config.codebook_size;
-        let keys = self.norm_k.forward(&linear(&self.codebook, &self.to_k.0, &self.to_k.1)?)?;
+        let keys = self
+            .norm_k
+            .forward(&linear(&self.codebook, &self.to_k.0, &self.to_k.1)?)?;
         let values = linear(&self.codebook, &self.to_v.0, &self.to_v.1)?;
         let codes = Tensor::arange(0u32, v as u32, f.device())?.unsqueeze(0)?;
         let mut residual = f.clone();
@@ -308,8 +337,7 @@ impl CodaQuantizer {
             let z = to_map(st.matmul(&values)?)?;
             let z_hat = to_map(hard.matmul(&values)?)?;
             lent.push(self.entropy_loss(&logits)?);
-            let l = ((&z - &q)?.sqr()?.mean_all()?
-                + (z_hat.detach() - &q)?.sqr()?.mean_all()?)?
+            let l = ((&z - &q)?.sqr()?.mean_all()? + (z_hat.detach() - &q)?.sqr()?.mean_all()?)?
                 .add(&((&z_hat - q.detach())?.sqr()?.mean_all()? * self.config.beta)?)?;
             lq.push(l);
             let up = Resize2d::new(Mode::Bicubic, (h, w), (hh, ww), f.device())?.apply(&z)?;
@@ -341,7 +369,11 @@ impl CodaQuantizer {
 
 /// A fresh quantizer's parameters, initialised as the reference does: codebook N(0, 1), linears
 /// U(±1/sqrt(C)) for weights and biases (PyTorch's default), norm gains 1 (and biases 0).
-pub fn init_parameters(config: &QuantizerConfig, seed: u64, device: &Device) -> Result<Vec<(String, Tensor)>> {
+pub fn init_parameters(
+    config: &QuantizerConfig,
+    seed: u64,
+    device: &Device,
+) -> Result<Vec<(String, Tensor)>> {
     use rand::SeedableRng;
     use rand_distr::Distribution;
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
@@ -353,7 +385,9 @@ pub fn init_parameters(config: &QuantizerConfig, seed: u64, device: &Device) -> 
         .map(|(name, shape)| {
             let n: usize = shape.iter().product();
             let data: Vec<f32> = if name == "codebooks.weight" {
-                (0..n).map(|_| rand_distr::StandardNormal.sample(&mut rng)).collect()
+                (0..n)
+                    .map(|_| rand_distr::StandardNormal.sample(&mut rng))
+                    .collect()
             } else if name.contains("norm_") {
                 vec![if name.ends_with("weight") { 1.0 } else { 0.0 }; n]
             } else {

@@ -46,7 +46,12 @@ pub fn bicubic_matrix(n_in: usize, n_out: usize) -> Vec<f32> {
             let i0 = src.floor();
             let t = src - i0;
             let i0 = i0 as i64;
-            let w = [cubic_far(t + 1.0), cubic_near(t), cubic_near(1.0 - t), cubic_far(2.0 - t)];
+            let w = [
+                cubic_far(t + 1.0),
+                cubic_near(t),
+                cubic_near(1.0 - t),
+                cubic_far(2.0 - t),
+            ];
             for (k, wk) in w.iter().enumerate() {
                 let idx = (i0 - 1 + k as i64).clamp(0, n_in as i64 - 1) as usize;
                 m[dst * n_in + idx] += wk;
@@ -73,14 +78,25 @@ pub enum Mode {
 }
 
 impl Resize2d {
-    pub fn new(mode: Mode, (h_in, w_in): (usize, usize), (h_out, w_out): (usize, usize), device: &Device) -> Result<Self> {
+    pub fn new(
+        mode: Mode,
+        (h_in, w_in): (usize, usize),
+        (h_out, w_out): (usize, usize),
+        device: &Device,
+    ) -> Result<Self> {
         let f = match mode {
             Mode::Area => area_matrix,
             Mode::Bicubic => bicubic_matrix,
         };
         let rows = Tensor::from_vec(f(h_in, h_out), (h_out, h_in), device)?;
-        let cols_t = Tensor::from_vec(f(w_in, w_out), (w_out, w_in), device)?.t()?.contiguous()?;
-        Ok(Self { rows, cols_t, identity: (h_in, w_in) == (h_out, w_out) })
+        let cols_t = Tensor::from_vec(f(w_in, w_out), (w_out, w_in), device)?
+            .t()?
+            .contiguous()?;
+        Ok(Self {
+            rows,
+            cols_t,
+            identity: (h_in, w_in) == (h_out, w_out),
+        })
     }
 
     /// Resize the last two dims of (B, C, H, W).

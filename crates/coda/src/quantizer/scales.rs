@@ -73,7 +73,9 @@ impl ScaleSpec {
 
     pub fn for_latent(&self, h: usize, w: usize) -> Vec<(usize, usize)> {
         match self {
-            ScaleSpec::Fixed { sizes } if h == w && sizes.last() == Some(&h) => sizes.iter().map(|&s| (s, s)).collect(),
+            ScaleSpec::Fixed { sizes } if h == w && sizes.last() == Some(&h) => {
+                sizes.iter().map(|&s| (s, s)).collect()
+            }
             _ => derive(h, w, self.num_scales()),
         }
     }
@@ -83,10 +85,16 @@ impl ScaleSpec {
 pub fn parse_list(s: &str) -> Result<Vec<usize>, String> {
     let v: Vec<usize> = s
         .split(',')
-        .map(|t| t.trim().parse::<usize>().map_err(|e| format!("bad scale '{t}': {e}")))
+        .map(|t| {
+            t.trim()
+                .parse::<usize>()
+                .map_err(|e| format!("bad scale '{t}': {e}"))
+        })
         .collect::<Result<_, _>>()?;
     if v.is_empty() || v[0] == 0 || v.windows(2).any(|w| w[1] <= w[0]) {
-        return Err(format!("scales must be positive and strictly increasing, got {v:?}"));
+        return Err(format!(
+            "scales must be positive and strictly increasing, got {v:?}"
+        ));
     }
     Ok(v)
 }

@@ -91,7 +91,8 @@ impl AutoencoderKl {
                 self.config.in_channels, dims
             )));
         }
-        if !dims[2].is_multiple_of(f) || !dims[3].is_multiple_of(f) || dims[2] == 0 || dims[3] == 0 {
+        if !dims[2].is_multiple_of(f) || !dims[3].is_multiple_of(f) || dims[2] == 0 || dims[3] == 0
+        {
             return Err(Error::Invalid(format!(
                 "image size {}x{} is not a multiple of the VAE's downsampling factor {f}",
                 dims[3], dims[2]

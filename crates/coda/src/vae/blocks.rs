@@ -6,13 +6,25 @@ use candle_nn::VarBuilder;
 
 use crate::kernels;
 
-/// A 2-D convolution with bias.
+/// A LoRA adapter on a conv (coda-method.md §7): `down` has the wrapped conv's kernel, stride
+/// and padding, `up` is 1x1; both without bias, scale 1.
+#[derive(Clone, Debug)]
+pub struct Lora {
+    /// (r, cin, k, k)
+    pub down: Tensor,
+    /// (cout, r, 1, 1)
+    pub up: Tensor,
+}
+
+/// A 2-D convolution with bias, and a LoRA adapter where the weights carry one
+/// (`<path>.lora_layer.down.weight`, `<path>.lora_layer.up.weight`).
 #[derive(Clone, Debug)]
 pub struct Conv2d {
     pub weight: Tensor,
     pub bias: Tensor,
     pub stride: usize,
     pub padding: usize,
+    pub lora: Option<Lora>,
 }
 
 impl Conv2d {
@@ -24,11 +36,23 @@ impl Conv2d {
         stride: usize,
         padding: usize,
     ) -> Result<Self> {
+        // Which convs carry LoRA was checked against the config before building.
+        let lora = if vb.contains_tensor("lora_layer.down.weight") {
+            let l = vb.pp("lora_layer");
+            let r = l.pp("down").get_unchecked("weight")?.dim(0)?;
+            Some(Lora {
+                down: l.pp("down").get((r, cin, k, k), "weight")?,
+                up: l.pp("up").get((cout, r, 1, 1), "weight")?,
+            })
+        } else {
+            None
+        };
         Ok(Self {
             weight: vb.get((cout, cin, k, k), "weight")?,
             bias: vb.get(cout, "bias")?,
             stride,
             padding,
+            lora,
         })
     }
 }
@@ -36,7 +60,14 @@ impl Conv2d {
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
-        y.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)
+        let y = y.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)?;
+        match &self.lora {
+            None => Ok(y),
+            Some(l) => {
+                let h = x.conv2d(&l.down, self.padding, self.stride, 1, 1)?;
+                y + h.conv2d(&l.up, 0, 1, 1, 1)?
+            }
+        }
     }
 }
 

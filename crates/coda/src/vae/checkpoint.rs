@@ -105,7 +105,7 @@ impl VaeWeights {
             config.norm_groups = g;
         }
         config.validate(&weights_path)?;
-        check_tensors(&config, &tensors, &weights_path)?;
+        crate::io::check_tensor_shapes(&config.parameter_shapes(), &tensors, &weights_path)?;
         Ok(Self {
             config,
             tensors,
@@ -341,59 +341,5 @@ pub fn infer_config(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<Va
         scaling_factor: 1.0,
         shift_factor: 0.0,
         block_channels,
-    })
-}
-
-/// Compare a checkpoint with the parameters an architecture needs: every missing, unexpected
-/// and mis-shaped tensor is reported (the first 10 of each, and the counts).
-pub fn check_tensors(
-    config: &VaeConfig,
-    tensors: &HashMap<String, Tensor>,
-    path: &Path,
-) -> Result<()> {
-    let expected = config.parameter_shapes();
-    let expected_names: BTreeSet<&str> = expected.iter().map(|(k, _)| k.as_str()).collect();
-    let mut missing = Vec::new();
-    let mut mismatched = Vec::new();
-    for (k, shape) in &expected {
-        match tensors.get(k) {
-            None => missing.push(k.clone()),
-            Some(t) if t.dims() != shape.as_slice() => mismatched.push(format!(
-                "{k}: checkpoint has {:?}, architecture needs {:?}",
-                t.dims(),
-                shape
-            )),
-            Some(_) => {}
-        }
-    }
-    let mut unexpected: Vec<String> = tensors
-        .keys()
-        .filter(|k| !expected_names.contains(k.as_str()))
-        .cloned()
-        .collect();
-    unexpected.sort();
-    if missing.is_empty() && unexpected.is_empty() && mismatched.is_empty() {
-        return Ok(());
-    }
-    let mut report = String::new();
-    for (what, list) in [
-        ("shape mismatches", &mismatched),
-        ("missing tensors", &missing),
-        ("unexpected tensors", &unexpected),
-    ] {
-        if list.is_empty() {
-            continue;
-        }
-        report.push_str(&format!("  {} {what}:\n", list.len()));
-        for item in list.iter().take(10) {
-            report.push_str(&format!("    {item}\n"));
-        }
-        if list.len() > 10 {
-            report.push_str(&format!("    ... and {} more\n", list.len() - 10));
-        }
-    }
-    Err(Error::CheckpointMismatch {
-        path: path.into(),
-        report: report.trim_end().to_string(),
     })
 }

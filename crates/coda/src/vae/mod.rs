@@ -8,8 +8,10 @@ pub mod config;
 pub mod decoder;
 pub mod encoder;
 pub mod layout;
+pub mod lora;
 
 pub use autoencoder::{AutoencoderKl, Posterior};
 pub use checkpoint::{load_vae, ConfigOrigin, LoadOptions, VaeWeights};
 pub use config::{Preset, VaeConfig};
 pub use layout::KeyLayout;
+pub use lora::LoraConfig;

@@ -1,0 +1,203 @@
+//! `coda import`: official CODA checkpoints (the reference's `quantizer_ema.pth` and
+//! `vae_ema.pth` state dicts) into a tokenizer folder. Sizes (V, C, d_a, LoRA rank, which convs
+//! carry LoRA) are read from the tensors; the preset supplies the rest of the paper's settings.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+
+use super::config::{TokenizerConfig, FORMAT_VERSION};
+use crate::error::{Error, Result};
+use crate::quantizer::{NormKind, QuantizerConfig, ScaleSpec};
+use crate::vae::{layout, LoadOptions, LoraConfig, VaeWeights};
+
+/// The paper's two configurations (coda-method.md §10).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OfficialPreset {
+    Mar,
+    Flux,
+}
+
+impl std::str::FromStr for OfficialPreset {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "mar" | "mar-16384" | "mar-kl16" => Ok(Self::Mar),
+            "flux" | "flux-65536" => Ok(Self::Flux),
+            _ => Err(Error::Invalid(format!(
+                "unknown preset '{s}' (expected mar or flux)"
+            ))),
+        }
+    }
+}
+
+impl OfficialPreset {
+    pub fn scales(self) -> Vec<usize> {
+        match self {
+            Self::Mar => vec![1, 2, 3, 4, 5, 6, 8, 10, 13, 16],
+            Self::Flux => vec![1, 2, 3, 4, 6, 9, 13, 18, 24, 32],
+        }
+    }
+
+    pub fn lora_modules(self) -> Vec<String> {
+        let m: &[&str] = match self {
+            Self::Mar => &["conv1", "conv2", "upsample", "downsample"],
+            Self::Flux => &["conv1", "conv2"],
+        };
+        m.iter().map(|s| s.to_string()).collect()
+    }
+
+    /// (scaling, shift) of the latent normalisation.
+    pub fn normalisation(self) -> (f64, f64) {
+        match self {
+            Self::Mar => (0.2325, 0.0),
+            Self::Flux => (0.3611, 0.1159),
+        }
+    }
+
+    pub fn codebook_size(self) -> usize {
+        match self {
+            Self::Mar => 16384,
+            Self::Flux => 65536,
+        }
+    }
+}
+
+/// Read an official checkpoint into a tokenizer config and weights (not yet saved).
+pub fn import_official(
+    preset: OfficialPreset,
+    base_vae: &Path,
+    quantizer_path: &Path,
+    vae_weights_path: &Path,
+    scales: Option<Vec<usize>>,
+    device: &Device,
+) -> Result<(TokenizerConfig, HashMap<String, Tensor>)> {
+    let (scale, shift) = preset.normalisation();
+    let opts = LoadOptions {
+        scaling_factor: Some(scale),
+        shift_factor: Some(shift),
+        ..Default::default()
+    };
+    let base = VaeWeights::load(base_vae, &opts, device)?;
+    let mut tensors = base.tensors.clone();
+
+    // vae_ema.pth: the whole VAE with LoRACompatibleConv layers, in the base's key layout.
+    let raw = layout::strip_vae_prefix(crate::io::read_tensors(vae_weights_path, device)?);
+    let raw = match layout::detect_layout(raw.keys()) {
+        layout::KeyLayout::Diffusers => layout::diffusers_state_to_ldm(raw)?,
+        layout::KeyLayout::Ldm => raw,
+    };
+    let mut lora_paths = BTreeSet::new();
+    let mut unexpected = Vec::new();
+    let mut rank = None;
+    for (k, t) in raw {
+        if let Some(path) = k.strip_suffix(".lora_layer.down.weight") {
+            lora_paths.insert(path.to_string());
+            rank = Some(t.dim(0)?);
+            tensors.insert(k, t);
+        } else if k.ends_with(".lora_layer.up.weight") {
+            tensors.insert(k, t);
+        } else if let Some(old) = tensors.get(&k) {
+            if old.dims() != t.dims() {
+                return Err(Error::CheckpointMismatch {
+                    path: vae_weights_path.into(),
+                    report: format!(
+                        "  {k}: checkpoint has {:?}, base VAE has {:?}",
+                        t.dims(),
+                        old.dims()
+                    ),
+                });
+            }
+            tensors.insert(k, t);
+        } else {
+            unexpected.push(k);
+        }
+    }
+    if !unexpected.is_empty() {
+        unexpected.sort();
+        return Err(Error::CheckpointMismatch {
+            path: vae_weights_path.into(),
+            report: format!(
+                "  {} tensors not in the base VAE, e.g. {}",
+                unexpected.len(),
+                unexpected[..unexpected.len().min(10)].join(", ")
+            ),
+        });
+    }
+    let lora = match rank {
+        None => None,
+        Some(rank) => {
+            let preset_cfg = LoraConfig {
+                rank,
+                modules: preset.lora_modules(),
+            };
+            let preset_paths: BTreeSet<String> =
+                crate::vae::lora::targets(&base.config, &preset_cfg)
+                    .into_iter()
+                    .map(|t| t.path)
+                    .collect();
+            // The preset's substrings when they select exactly the adapted convs; else the list itself.
+            Some(if preset_paths == lora_paths {
+                preset_cfg
+            } else {
+                LoraConfig {
+                    rank,
+                    modules: lora_paths.into_iter().collect(),
+                }
+            })
+        }
+    };
+
+    // quantizer_ema.pth: codebooks.weight, attn.to_q/k/v, attn.norm_q/k.
+    let q = crate::io::read_tensors(quantizer_path, device)?;
+    let q: HashMap<String, Tensor> = q
+        .into_iter()
+        .map(|(k, t)| (k.strip_prefix("module.").unwrap_or(&k).to_string(), t))
+        .collect();
+    let dims = |k: &str| -> Result<Vec<usize>> {
+        q.get(k)
+            .map(|t| t.dims().to_vec())
+            .ok_or_else(|| Error::Checkpoint {
+                path: quantizer_path.into(),
+                reason: format!("no tensor '{k}' (expected a CODA quantizer state dict)"),
+            })
+    };
+    let cb = dims("codebooks.weight")?;
+    let norm = match (
+        q.contains_key("attn.norm_q.weight"),
+        q.contains_key("attn.norm_q.bias"),
+    ) {
+        (true, false) => NormKind::RmsNorm,
+        (true, true) => NormKind::LayerNorm,
+        _ => NormKind::None,
+    };
+    let qcfg = QuantizerConfig {
+        attn_dim: dims("attn.to_q.weight")?[0],
+        norm,
+        ..QuantizerConfig::new(cb[0], cb[1])
+    };
+    crate::io::check_tensor_shapes(&qcfg.parameter_shapes(), &q, quantizer_path)?;
+    for (k, t) in q {
+        tensors.insert(format!("quantizer.{k}"), t);
+    }
+    if qcfg.codebook_size != preset.codebook_size() {
+        tracing::warn!(
+            "codebook has {} codes; the {preset:?} preset's paper setting is {}",
+            qcfg.codebook_size,
+            preset.codebook_size()
+        );
+    }
+    let config = TokenizerConfig {
+        format_version: FORMAT_VERSION,
+        vae: base.config.clone(),
+        quantizer: qcfg,
+        scales: ScaleSpec::Fixed {
+            sizes: scales.unwrap_or_else(|| preset.scales()),
+        },
+        lora,
+        resolution: Some(256),
+    };
+    crate::io::check_tensor_shapes(&config.parameter_shapes(), &tensors, vae_weights_path)?;
+    Ok((config, tensors))
+}

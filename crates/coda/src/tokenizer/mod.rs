@@ -1,0 +1,291 @@
+//! The CODA tokenizer: VAE (with LoRA) + multi-scale attention quantizer, stored as a folder
+//! with `config.json` and `model.safetensors`; images to token ids and back.
+
+pub mod config;
+pub mod create;
+pub mod import;
+pub mod token_file;
+pub mod tokens;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use sha2::Digest;
+
+pub use config::{TokenizerConfig, FORMAT_VERSION};
+pub use tokens::Tokens;
+
+use crate::error::{Error, Result};
+use crate::quantizer::{CodaQuantizer, CodeTables};
+use crate::vae::AutoencoderKl;
+
+pub const CONFIG_FILE: &str = "config.json";
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+
+/// How to turn the posterior into the latent that gets quantized.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Posterior {
+    /// The mean: deterministic tokens (the default).
+    #[default]
+    Mean,
+    /// A seeded sample, as the reference does in training and evaluation.
+    Sample(u64),
+}
+
+/// Everything one encode pass produces.
+#[derive(Clone, Debug)]
+pub struct Encoded {
+    pub tokens: Tokens,
+    /// The normalised continuous latent f.
+    pub latent: Tensor,
+    /// The quantized normalised latent f̂.
+    pub latent_hat: Tensor,
+}
+
+pub struct Tokenizer {
+    config: TokenizerConfig,
+    vae: AutoencoderKl,
+    quantizer: CodaQuantizer,
+    tables: CodeTables,
+    hash: String,
+}
+
+/// A short content hash of the weights (sha256 over names, shapes and f32 values in name order),
+/// recorded in token files so that tokens are never decoded with the wrong tokenizer unnoticed.
+pub fn weights_hash(tensors: &HashMap<String, Tensor>) -> Result<String> {
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    let mut h = sha2::Sha256::new();
+    for n in names {
+        let t = tensors[n]
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_device(&Device::Cpu)?;
+        h.update(n.as_bytes());
+        h.update(format!("{:?}", tensors[n].dims()).as_bytes());
+        for v in t.to_vec1::<f32>()? {
+            h.update(v.to_le_bytes());
+        }
+    }
+    Ok(h.finalize()
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
+impl Tokenizer {
+    /// Load a tokenizer folder. LoRA adapters are fused into the convs (exact) for speed.
+    pub fn from_dir(dir: &Path, device: &Device) -> Result<Self> {
+        if !dir.exists() {
+            return Err(Error::NotFound { path: dir.into() });
+        }
+        let cfg_path = dir.join(CONFIG_FILE);
+        let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+        let config: TokenizerConfig = serde_json::from_str(&text).map_err(|e| Error::Config {
+            path: cfg_path.clone(),
+            reason: e.to_string(),
+        })?;
+        if config.format_version != FORMAT_VERSION {
+            return Err(Error::Config {
+                path: cfg_path,
+                reason: format!(
+                    "format_version {} (this build reads {FORMAT_VERSION})",
+                    config.format_version
+                ),
+            });
+        }
+        let weights = dir.join(WEIGHTS_FILE);
+        let tensors = crate::io::read_tensors(&weights, device)?;
+        Self::from_tensors(config, tensors, &weights, true)
+    }
+
+    /// Build from a config and weights (canonical VAE names, LoRA, `quantizer.*`), checking every
+    /// tensor first. `origin` names the source in errors.
+    pub fn from_tensors(
+        config: TokenizerConfig,
+        mut tensors: HashMap<String, Tensor>,
+        origin: &Path,
+        fuse_lora: bool,
+    ) -> Result<Self> {
+        config.vae.validate(origin)?;
+        if config.quantizer.dim != config.vae.latent_channels {
+            return Err(Error::Config {
+                path: origin.into(),
+                reason: format!(
+                    "quantizer dim {} != VAE latent channels {}",
+                    config.quantizer.dim, config.vae.latent_channels
+                ),
+            });
+        }
+        crate::io::check_tensor_shapes(&config.parameter_shapes(), &tensors, origin)?;
+        let hash = weights_hash(&tensors)?;
+        if fuse_lora {
+            crate::vae::lora::fuse(&mut tensors)?;
+        }
+        let device = tensors
+            .values()
+            .next()
+            .map(|t| t.device().clone())
+            .unwrap_or(Device::Cpu);
+        let vb = VarBuilder::from_tensors(tensors, DType::F32, &device);
+        let vae = AutoencoderKl::new(config.vae.clone(), vb.clone())?;
+        let quantizer = CodaQuantizer::new(config.quantizer.clone(), vb.pp("quantizer"))?;
+        let tables = quantizer.tables()?;
+        Ok(Self {
+            config,
+            vae,
+            quantizer,
+            tables,
+            hash,
+        })
+    }
+
+    /// Write a tokenizer folder (config.json + model.safetensors, each atomically).
+    pub fn save(
+        dir: &Path,
+        config: &TokenizerConfig,
+        tensors: &HashMap<String, Tensor>,
+    ) -> Result<()> {
+        crate::io::check_tensor_shapes(&config.parameter_shapes(), tensors, dir)?;
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let mut named: Vec<(String, Tensor)> = tensors
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        crate::io::write_safetensors(&dir.join(WEIGHTS_FILE), &named, None)?;
+        let json = serde_json::to_string_pretty(config).expect("config serialises");
+        crate::io::write_atomic(&dir.join(CONFIG_FILE), json.as_bytes())
+    }
+
+    pub fn config(&self) -> &TokenizerConfig {
+        &self.config
+    }
+
+    pub fn vae(&self) -> &AutoencoderKl {
+        &self.vae
+    }
+
+    pub fn quantizer(&self) -> &CodaQuantizer {
+        &self.quantizer
+    }
+
+    pub fn hash(&self) -> &str {
+        &self.hash
+    }
+
+    pub fn device(&self) -> &Device {
+        self.vae.device()
+    }
+
+    pub fn codebook_size(&self) -> usize {
+        self.config.quantizer.codebook_size
+    }
+
+    /// Bits per image: tokens x log2(V).
+    pub fn bits_per_image(&self, tokens_per_image: usize) -> f64 {
+        tokens_per_image as f64 * (self.codebook_size() as f64).log2()
+    }
+
+    /// The scales for an image of H x W pixels.
+    pub fn scales_for_image(&self, h: usize, w: usize) -> Result<Vec<(usize, usize)>> {
+        let f = self.config.vae.downsample_factor();
+        if h == 0 || w == 0 || !h.is_multiple_of(f) || !w.is_multiple_of(f) {
+            return Err(Error::Invalid(format!(
+                "image size {w}x{h} is not a multiple of the tokenizer's downsampling factor {f}"
+            )));
+        }
+        Ok(self.config.scales.for_latent(h / f, w / f))
+    }
+
+    /// Images in [-1, 1], (B, 3, H, W) -> token ids (posterior mean).
+    pub fn encode(&self, images: &Tensor) -> Result<Tokens> {
+        Ok(self.encode_with(images, Posterior::Mean)?.tokens)
+    }
+
+    pub fn encode_with(&self, images: &Tensor, posterior: Posterior) -> Result<Encoded> {
+        let (_, _, h, w) = images.dims4()?;
+        let scales = self.scales_for_image(h, w)?;
+        let post = self.vae.encode(images)?;
+        let z = match posterior {
+            Posterior::Mean => post.mean.clone(),
+            Posterior::Sample(seed) => post.sample(seed)?,
+        };
+        let latent = self.vae.normalize(&z)?;
+        let (ids, latent_hat) = self.quantizer.encode(&self.tables, &latent, &scales)?;
+        Ok(Encoded {
+            tokens: Tokens { scales, ids },
+            latent,
+            latent_hat,
+        })
+    }
+
+    /// Check tokens against this tokenizer: the schedule for their latent size, shapes, id range.
+    pub fn validate(&self, tokens: &Tokens) -> Result<()> {
+        let (h, w) = tokens.latent_size();
+        let expected = self.config.scales.for_latent(h, w);
+        if tokens.scales != expected {
+            return Err(Error::Invalid(format!(
+                "token scales {:?} do not match the tokenizer's schedule {:?} for a {h}x{w} latent",
+                tokens.scales, expected
+            )));
+        }
+        let b = tokens.batch();
+        let v = self.codebook_size() as u32;
+        for (k, (ids, &(sh, sw))) in tokens.ids.iter().zip(&tokens.scales).enumerate() {
+            if ids.dims() != [b, sh, sw] {
+                return Err(Error::Invalid(format!(
+                    "scale_{k} has shape {:?}, expected [{b}, {sh}, {sw}]",
+                    ids.dims()
+                )));
+            }
+            let max = ids
+                .to_dtype(DType::U32)?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<u32>()?;
+            if max >= v {
+                return Err(Error::Invalid(format!(
+                    "scale_{k} holds id {max}, but the codebook has {v} codes"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The quantized normalised latent f̂ from the first `k` scales.
+    pub fn latent_from_tokens(&self, tokens: &Tokens, k: usize) -> Result<Tensor> {
+        self.validate(tokens)?;
+        if k == 0 || k > tokens.scales.len() {
+            return Err(Error::Invalid(format!(
+                "cannot decode from {k} of {} scales",
+                tokens.scales.len()
+            )));
+        }
+        Ok(self
+            .quantizer
+            .decode(&self.tables, &tokens.ids[..k], tokens.latent_size())?)
+    }
+
+    /// f̂ -> images (unclamped, [-1, 1] scale).
+    pub fn decode_latent(&self, latent_hat: &Tensor) -> Result<Tensor> {
+        self.vae.decode(&self.vae.denormalize(latent_hat)?)
+    }
+
+    pub fn decode(&self, tokens: &Tokens) -> Result<Tensor> {
+        self.decode_prefix(tokens, tokens.scales.len())
+    }
+
+    /// Coarse-to-fine: decode from the first `k` scales only.
+    pub fn decode_prefix(&self, tokens: &Tokens, k: usize) -> Result<Tensor> {
+        self.decode_latent(&self.latent_from_tokens(tokens, k)?)
+    }
+}
+
+/// The file names recorded as a token file's sources.
+pub fn source_names(paths: &[PathBuf]) -> Vec<String> {
+    paths.iter().map(|p| p.display().to_string()).collect()
+}

@@ -1,0 +1,166 @@
+//! Token files: safetensors with `scale_{k}` [N, h_k, w_k] and `tokens` [N, L] (flat, scale-major),
+//! u16 when the codebook has at most 65536 codes, else u32, plus metadata. numpy/safetensors in
+//! Python read them as they are.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use safetensors::tensor::TensorView;
+use safetensors::Dtype;
+
+use super::tokens::Tokens;
+use crate::error::{Error, Result};
+
+/// What a token file says about where its tokens came from.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenFileMeta {
+    pub codebook_size: usize,
+    pub tokenizer_hash: String,
+    /// The image file names, one per row.
+    pub sources: Vec<String>,
+}
+
+pub fn write(path: &Path, tokens: &Tokens, meta: &TokenFileMeta) -> Result<()> {
+    let wide = meta.codebook_size > 65536;
+    let n = tokens.batch();
+    let per_scale = tokens.to_vecs()?;
+    let encode = |v: &[u32]| -> Vec<u8> {
+        if wide {
+            v.iter().flat_map(|x| x.to_le_bytes()).collect()
+        } else {
+            v.iter().flat_map(|&x| (x as u16).to_le_bytes()).collect()
+        }
+    };
+    let dtype = if wide { Dtype::U32 } else { Dtype::U16 };
+    let mut buffers: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (k, (ids, &(h, w))) in per_scale.iter().zip(&tokens.scales).enumerate() {
+        buffers.push((format!("scale_{k}"), vec![n, h, w], encode(ids)));
+    }
+    // Flat rows: for each image, its ids of every scale in order.
+    let l = tokens.len_per_image();
+    let mut flat = Vec::with_capacity(n * l);
+    for i in 0..n {
+        for (ids, &(h, w)) in per_scale.iter().zip(&tokens.scales) {
+            flat.extend_from_slice(&ids[i * h * w..(i + 1) * h * w]);
+        }
+    }
+    buffers.push(("tokens".into(), vec![n, l], encode(&flat)));
+    let views: Vec<(String, TensorView)> = buffers
+        .iter()
+        .map(|(k, shape, bytes)| {
+            Ok((
+                k.clone(),
+                TensorView::new(dtype, shape.clone(), bytes)
+                    .map_err(|e| Error::Invalid(e.to_string()))?,
+            ))
+        })
+        .collect::<Result<_>>()?;
+    let scales: Vec<[usize; 2]> = tokens.scales.iter().map(|&(h, w)| [h, w]).collect();
+    let metadata = HashMap::from([
+        ("format".to_string(), "coda-tokens".to_string()),
+        ("version".to_string(), "1".to_string()),
+        (
+            "scales".to_string(),
+            serde_json::to_string(&scales).unwrap(),
+        ),
+        ("codebook_size".to_string(), meta.codebook_size.to_string()),
+        ("tokenizer_hash".to_string(), meta.tokenizer_hash.clone()),
+        (
+            "sources".to_string(),
+            serde_json::to_string(&meta.sources).unwrap(),
+        ),
+    ]);
+    let bytes = safetensors::tensor::serialize(views, Some(metadata))
+        .map_err(|e| Error::Invalid(format!("cannot serialise {}: {e}", path.display())))?;
+    crate::io::write_atomic(path, &bytes)
+}
+
+/// Read a token file, checking that its tensors agree with each other and with its metadata.
+pub fn read(path: &Path, device: &Device) -> Result<(Tokens, TokenFileMeta)> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bad = |reason: String| Error::Checkpoint {
+        path: path.into(),
+        reason,
+    };
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|e| bad(format!("not a token file ({e})")))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| bad(format!("not a token file ({e})")))?;
+    let md = header.metadata().clone().unwrap_or_default();
+    let get = |k: &str| {
+        md.get(k)
+            .cloned()
+            .ok_or_else(|| bad(format!("metadata has no '{k}' (not a coda token file?)")))
+    };
+    let scales: Vec<[usize; 2]> = serde_json::from_str(&get("scales")?)
+        .map_err(|e| bad(format!("bad 'scales' metadata: {e}")))?;
+    let scales: Vec<(usize, usize)> = scales.into_iter().map(|[h, w]| (h, w)).collect();
+    let meta = TokenFileMeta {
+        codebook_size: get("codebook_size")?
+            .parse()
+            .map_err(|e| bad(format!("bad 'codebook_size': {e}")))?,
+        tokenizer_hash: get("tokenizer_hash")?,
+        sources: serde_json::from_str(&get("sources")?).unwrap_or_default(),
+    };
+    let load = |name: &str| -> Result<(Vec<usize>, Vec<u32>)> {
+        let t = st
+            .tensor(name)
+            .map_err(|_| bad(format!("missing tensor '{name}'")))?;
+        let data: Vec<u32> = match t.dtype() {
+            Dtype::U16 => t
+                .data()
+                .chunks_exact(2)
+                .map(|c| u16::from_le_bytes([c[0], c[1]]) as u32)
+                .collect(),
+            Dtype::U32 => t
+                .data()
+                .chunks_exact(4)
+                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            d => {
+                return Err(bad(format!(
+                    "tensor '{name}' has dtype {d:?}, expected U16 or U32"
+                )))
+            }
+        };
+        Ok((t.shape().to_vec(), data))
+    };
+    let (flat_shape, flat) = load("tokens")?;
+    let n = flat_shape.first().copied().unwrap_or(0);
+    let l: usize = scales.iter().map(|(h, w)| h * w).sum();
+    if flat_shape != [n, l] {
+        return Err(bad(format!(
+            "tensor 'tokens' has shape {flat_shape:?}, the scales need [{n}, {l}]"
+        )));
+    }
+    if let Some(pos) = flat.iter().position(|&v| v as usize >= meta.codebook_size) {
+        return Err(bad(format!(
+            "tensor 'tokens' holds id {} at {pos}, but the codebook has {} codes",
+            flat[pos], meta.codebook_size
+        )));
+    }
+    let flat_t = Tensor::from_vec(flat, (n, l), device)?;
+    let tokens = Tokens::from_flat(&flat_t, &scales)?;
+    // The per-scale tensors must say the same as the flat one.
+    for (k, (&(h, w), ids)) in scales.iter().zip(tokens.to_vecs()?).enumerate() {
+        let name = format!("scale_{k}");
+        let (shape, data) = load(&name)?;
+        if shape != [n, h, w] {
+            return Err(bad(format!(
+                "tensor '{name}' has shape {shape:?}, expected [{n}, {h}, {w}]"
+            )));
+        }
+        if data != ids {
+            return Err(bad(format!("tensor '{name}' disagrees with 'tokens'")));
+        }
+    }
+    if st.names().len() != scales.len() + 1 {
+        return Err(bad(format!(
+            "{} tensors for {} scales",
+            st.names().len(),
+            scales.len()
+        )));
+    }
+    Ok((tokens, meta))
+}
