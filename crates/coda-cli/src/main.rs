@@ -17,8 +17,17 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Round-trip an image through a continuous VAE and report PSNR.
+    /// Images (files or folders) to a token file.
+    Encode(commands::encode::Args),
+    /// A token file back to images.
+    Decode(commands::decode::Args),
+    /// Round-trip an image through a tokenizer (or a continuous VAE) and report PSNR.
     Reconstruct(commands::reconstruct::Args),
+    /// Create tokenizers.
+    #[command(subcommand)]
+    Tokenizer(commands::tokenizer::Command),
+    /// Import an official CODA checkpoint (quantizer_ema.pth + vae_ema.pth).
+    Import(commands::import::Args),
     /// Print a checkpoint's architecture, parameter count and latent shape.
     Info(commands::info::Args),
     /// Measure VAE encode and decode speed (a benchmark, not a test).
@@ -32,7 +41,11 @@ fn main() {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Encode(a) => commands::encode::run(a),
+        Command::Decode(a) => commands::decode::run(a),
         Command::Reconstruct(a) => commands::reconstruct::run(a),
+        Command::Tokenizer(c) => commands::tokenizer::run(c),
+        Command::Import(a) => commands::import::run(a),
         Command::Info(a) => commands::info::run(a),
         Command::Bench(a) => commands::bench::run(a),
     };

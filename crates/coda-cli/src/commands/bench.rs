@@ -54,7 +54,7 @@ pub fn peak_rss_mib() -> f64 {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let device = super::device()?;
-    let vae = VaeWeights::load(&args.vae.vae, &args.vae.options(), &device)?.build()?;
+    let vae = VaeWeights::load(args.vae.path()?, &args.vae.options(), &device)?.build()?;
     let f = vae.config().downsample_factor();
     let mut lines = Vec::new();
     for &b in &args.batch {

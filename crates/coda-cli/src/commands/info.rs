@@ -15,7 +15,7 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let w = VaeWeights::load(
-        &args.vae.vae,
+        args.vae.path()?,
         &args.vae.options(),
         &candle_core::Device::Cpu,
     )?;

@@ -1,8 +1,12 @@
 //! One module per subcommand, plus the options they share.
 
 pub mod bench;
+pub mod decode;
+pub mod encode;
+pub mod import;
 pub mod info;
 pub mod reconstruct;
+pub mod tokenizer;
 
 use std::path::PathBuf;
 
@@ -13,7 +17,7 @@ use coda::vae::{LoadOptions, Preset};
 pub struct VaeArgs {
     /// A diffusers folder (config.json + weights), or a single .safetensors / .pth / .ckpt file.
     #[arg(long)]
-    pub vae: PathBuf,
+    pub vae: Option<PathBuf>,
     /// Architecture preset: mar-kl16, flux or sd. Without it, a diffusers config.json is used,
     /// or the architecture is inferred from the tensors.
     #[arg(long)]
@@ -30,6 +34,12 @@ pub struct VaeArgs {
 }
 
 impl VaeArgs {
+    pub fn path(&self) -> anyhow::Result<&std::path::Path> {
+        self.vae
+            .as_deref()
+            .ok_or_else(|| anyhow::anyhow!("--vae PATH is required"))
+    }
+
     pub fn options(&self) -> LoadOptions {
         LoadOptions {
             preset: self.preset,
@@ -49,4 +59,26 @@ pub fn device() -> anyhow::Result<candle_core::Device> {
         }
     }
     Ok(candle_core::Device::Cpu)
+}
+
+/// A progress bar on stderr for `n` items (hidden when stderr is not a terminal).
+pub fn progress(n: usize, what: &str) -> indicatif::ProgressBar {
+    let pb = indicatif::ProgressBar::new(n as u64);
+    pb.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:30}] {pos}/{len} ({per_sec}, eta {eta})",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    pb.set_message(what.to_string());
+    pb
+}
+
+/// Load and prepare images in parallel; the first failure is an error naming its file.
+pub fn load_images(paths: &[PathBuf], size: Option<u32>) -> anyhow::Result<Vec<image::RgbImage>> {
+    coda::data::load_prepared(paths, size)
+        .into_iter()
+        .map(|r| r.map_err(anyhow::Error::from))
+        .collect()
 }

@@ -1,30 +1,39 @@
-//! `coda reconstruct`: image -> VAE -> image, with PSNR.
+//! `coda reconstruct`: image -> tokens -> image with a tokenizer, or the continuous round trip
+//! with a VAE; prints PSNR (and token count and bits per image for a tokenizer).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Context;
 use candle_core::Tensor;
 use coda::data;
+use coda::tokenizer::{Posterior, Tokenizer};
 use coda::vae::VaeWeights;
+use image::RgbImage;
 
 use super::VaeArgs;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
+    /// A tokenizer folder (config.json + model.safetensors).
+    #[arg(long, conflicts_with = "vae")]
+    pub tokenizer: Option<PathBuf>,
     #[command(flatten)]
     pub vae: VaeArgs,
     /// Resize the shorter side to N (Lanczos) and centre-crop N x N. Without it the image is used
-    /// at its own size, which must be a multiple of the VAE's downsampling factor.
+    /// at its own size, which must be a multiple of the model's downsampling factor.
     #[arg(long)]
     pub size: Option<u32>,
     /// Output PNG (default: <image stem>_recon.png in the current folder).
     #[arg(short, long)]
     pub output: Option<PathBuf>,
-    /// Also write float32 tensors: `image` [1,3,H,W] (decoder output, unclamped, [-1,1]) and
-    /// `latent` [1,C,h,w] (the normalised latent).
+    /// Also write float32 tensors: `image` [1,3,H,W] (decoder output, unclamped, [-1,1]),
+    /// `latent` [1,C,h,w] (the normalised latent) and, with a tokenizer, `latent_hat` (quantized).
     #[arg(long)]
     pub raw: Option<PathBuf>,
+    /// With a tokenizer: also write <output stem>_progressive.png, decoded from 1, 2, ..., K scales.
+    #[arg(long, requires = "tokenizer")]
+    pub progressive: bool,
     /// Sample the posterior instead of taking its mean.
     #[arg(long)]
     pub sample: bool,
@@ -34,29 +43,28 @@ pub struct Args {
     pub image: PathBuf,
 }
 
+fn sibling(path: &Path, suffix: &str) -> PathBuf {
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().to_string())
+        .unwrap_or_default();
+    path.with_file_name(format!("{stem}{suffix}.png"))
+}
+
+/// Images side by side, left to right.
+pub fn strip(images: &[RgbImage]) -> RgbImage {
+    let (w, h) = images[0].dimensions();
+    let mut out = RgbImage::new(w * images.len() as u32, h);
+    for (i, img) in images.iter().enumerate() {
+        image::imageops::replace(&mut out, img, (i as u32 * w) as i64, 0);
+    }
+    out
+}
+
 pub fn run(args: Args) -> anyhow::Result<()> {
     let device = super::device()?;
-    let img = data::load_image(&args.image)?;
-    let img = data::prepare(img, args.size);
-    let weights = VaeWeights::load(&args.vae.vae, &args.vae.options(), &device)?;
-    let vae = weights.build()?;
+    let img = data::prepare(data::load_image(&args.image)?, args.size);
     let x = data::images_to_tensor(std::slice::from_ref(&img), &device)?;
-
-    let t0 = Instant::now();
-    let post = vae.encode(&x)?;
-    let z = if args.sample {
-        post.sample(args.seed)?
-    } else {
-        post.mode().clone()
-    };
-    let latent = vae.normalize(&z)?;
-    let t_enc = t0.elapsed();
-    let t1 = Instant::now();
-    let recon = vae.decode(&vae.denormalize(&latent)?)?;
-    let t_dec = t1.elapsed();
-
-    let out_img = data::tensor_to_images(&recon)?.remove(0);
-    let psnr = coda::evaluation::psnr_u8(&img, &out_img);
     let output = args.output.clone().unwrap_or_else(|| {
         let stem = args
             .image
@@ -65,40 +73,108 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .unwrap_or("image".into());
         PathBuf::from(format!("{stem}_recon.png"))
     });
-    if let Some(raw) = &args.raw {
-        let tensors: Vec<(String, Tensor)> = vec![
-            ("image".into(), recon.clone()),
-            ("latent".into(), latent.clone()),
-        ];
-        coda::io::write_safetensors(raw, &tensors, None)
-            .with_context(|| format!("writing {}", raw.display()))?;
+    let posterior = if args.sample {
+        Posterior::Sample(args.seed)
+    } else {
+        Posterior::Mean
+    };
+    let mut raw: Vec<(String, Tensor)> = Vec::new();
+    let mut lines: Vec<String> = Vec::new();
+    let mut extra_outputs: Vec<(PathBuf, RgbImage)> = Vec::new();
+
+    let t0 = Instant::now();
+    let recon = if let Some(dir) = &args.tokenizer {
+        let tok = Tokenizer::from_dir(dir, &device)?;
+        let enc = tok.encode_with(&x, posterior)?;
+        let recon = tok.decode_latent(&enc.latent_hat)?;
+        let n = enc.tokens.len_per_image();
+        lines.push(format!(
+            "tokenizer  {} (hash {})",
+            dir.display(),
+            tok.hash()
+        ));
+        lines.push(format!(
+            "tokens     {n} over {} scales ({}), codebook {}",
+            enc.tokens.scales.len(),
+            enc.tokens
+                .scales
+                .iter()
+                .map(|&(h, w)| if h == w {
+                    format!("{h}")
+                } else {
+                    format!("{h}x{w}")
+                })
+                .collect::<Vec<_>>()
+                .join(","),
+            tok.codebook_size()
+        ));
+        lines.push(format!("bits       {:.0} per image", tok.bits_per_image(n)));
+        if args.progressive {
+            let steps = (1..=enc.tokens.scales.len())
+                .map(|k| Ok(data::tensor_to_images(&tok.decode_prefix(&enc.tokens, k)?)?.remove(0)))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            extra_outputs.push((sibling(&output, "_progressive"), strip(&steps)));
+        }
+        raw.push(("latent".into(), enc.latent));
+        raw.push(("latent_hat".into(), enc.latent_hat));
+        recon
+    } else {
+        let path = args
+            .vae
+            .path()
+            .context("give --tokenizer DIR or --vae PATH")?;
+        let weights = VaeWeights::load(path, &args.vae.options(), &device)?;
+        let vae = weights.build()?;
+        let post = vae.encode(&x)?;
+        let z = match posterior {
+            Posterior::Mean => post.mean.clone(),
+            Posterior::Sample(seed) => post.sample(seed)?,
+        };
+        let latent = vae.normalize(&z)?;
+        lines.push(format!(
+            "vae        {} ({} layout, architecture: {})",
+            weights.weights_path.display(),
+            weights.layout,
+            weights.origin
+        ));
+        lines.push(format!("latent     {:?}", latent.dims()));
+        let recon = vae.decode(&vae.denormalize(&latent)?)?;
+        raw.push(("latent".into(), latent));
+        recon
+    };
+    let elapsed = t0.elapsed();
+
+    let out_img = data::tensor_to_images(&recon)?.remove(0);
+    let psnr = coda::evaluation::psnr_u8(&img, &out_img);
+    if let Some(raw_path) = &args.raw {
+        raw.insert(0, ("image".into(), recon.clone()));
+        coda::io::write_safetensors(raw_path, &raw, None)
+            .with_context(|| format!("writing {}", raw_path.display()))?;
     }
     data::save_png(&output, &out_img)?;
+    for (p, img) in &extra_outputs {
+        data::save_png(p, img)?;
+    }
 
     let (w, h) = img.dimensions();
     println!("image      {} ({w}x{h})", args.image.display());
+    for l in lines {
+        println!("{l}");
+    }
     println!(
-        "vae        {} ({} layout, architecture: {})",
-        weights.weights_path.display(),
-        weights.layout,
-        weights.origin
-    );
-    println!(
-        "latent     {:?} ({})",
-        latent.dims(),
+        "posterior  {}",
         if args.sample {
-            "posterior sample"
+            format!("sample (seed {})", args.seed)
         } else {
-            "posterior mean"
+            "mean".into()
         }
     );
-    println!(
-        "time       encode {:.1} ms, decode {:.1} ms",
-        t_enc.as_secs_f64() * 1e3,
-        t_dec.as_secs_f64() * 1e3
-    );
+    println!("time       {:.2} s", elapsed.as_secs_f64());
     println!("PSNR       {psnr:.2} dB (8-bit RGB, output rounded)");
     println!("wrote      {}", output.display());
+    for (p, _) in &extra_outputs {
+        println!("wrote      {}", p.display());
+    }
     if let Some(raw) = &args.raw {
         println!("wrote      {}", raw.display());
     }

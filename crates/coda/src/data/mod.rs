@@ -1,5 +1,8 @@
-//! Images in and out: decoding, resizing and cropping, conversion to and from tensors.
+//! Images in and out: decoding, resizing and cropping, conversion to and from tensors, and
+//! gathering image files from folders.
 
+pub mod folder;
 pub mod image_io;
 
+pub use folder::{collect_images, load_prepared};
 pub use image_io::{images_to_tensor, load_image, prepare, save_png, tensor_to_images};

@@ -101,7 +101,10 @@ pub fn read(path: &Path, device: &Device) -> Result<(Tokens, TokenFileMeta)> {
             .parse()
             .map_err(|e| bad(format!("bad 'codebook_size': {e}")))?,
         tokenizer_hash: get("tokenizer_hash")?,
-        sources: serde_json::from_str(&get("sources")?).unwrap_or_default(),
+        sources: md
+            .get("sources")
+            .and_then(|s| serde_json::from_str(s).ok())
+            .unwrap_or_default(),
     };
     let load = |name: &str| -> Result<(Vec<usize>, Vec<u32>)> {
         let t = st
@@ -163,4 +166,85 @@ pub fn read(path: &Path, device: &Device) -> Result<(Tokens, TokenFileMeta)> {
         )));
     }
     Ok((tokens, meta))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tokens(v: u32) -> Tokens {
+        let scales = vec![(1, 1), (2, 3)];
+        let flat: Vec<u32> = (0..14).map(|i| (i * 7919) % v).collect();
+        Tokens::from_flat(
+            &Tensor::from_vec(flat, (2, 7), &Device::Cpu).unwrap(),
+            &scales,
+        )
+        .unwrap()
+    }
+
+    fn meta(v: usize) -> TokenFileMeta {
+        TokenFileMeta {
+            codebook_size: v,
+            tokenizer_hash: "abc".into(),
+            sources: vec!["a.png".into(), "b.png".into()],
+        }
+    }
+
+    #[test]
+    fn round_trips_u16_and_u32() {
+        let dir = tempfile::tempdir().unwrap();
+        for v in [65536usize, 100_000] {
+            let p = dir.path().join(format!("t{v}.safetensors"));
+            let t = tokens(v as u32);
+            write(&p, &t, &meta(v)).unwrap();
+            let (back, m) = read(&p, &Device::Cpu).unwrap();
+            assert_eq!(m, meta(v));
+            assert_eq!(
+                back.flat().unwrap().to_vec2::<u32>().unwrap(),
+                t.flat().unwrap().to_vec2::<u32>().unwrap()
+            );
+            let bytes = std::fs::read(&p).unwrap();
+            let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+            let want = if v <= 65536 { Dtype::U16 } else { Dtype::U32 };
+            assert_eq!(st.tensor("tokens").unwrap().dtype(), want);
+        }
+    }
+
+    #[test]
+    fn ids_out_of_range_and_inconsistent_tensors_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t.safetensors");
+        // Written claiming a codebook of 10 while ids go up to 99.
+        write(&p, &tokens(100), &meta(10)).unwrap();
+        let err = read(&p, &Device::Cpu).unwrap_err().to_string();
+        assert!(
+            err.contains("'tokens' holds id") && err.contains("10 codes"),
+            "{err}"
+        );
+        // Scales metadata that contradicts the tensors: the error names the tensor.
+        write(&p, &tokens(100), &meta(100)).unwrap();
+        let good = std::fs::read(&p).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&good).unwrap();
+        let views: Vec<(String, TensorView)> = st
+            .tensors()
+            .into_iter()
+            .map(|(k, v)| {
+                (
+                    k,
+                    TensorView::new(v.dtype(), v.shape().to_vec(), v.data()).unwrap(),
+                )
+            })
+            .collect();
+        let md = HashMap::from([
+            ("scales".to_string(), "[[1,1],[3,2]]".to_string()),
+            ("codebook_size".to_string(), "100".to_string()),
+            ("tokenizer_hash".to_string(), "abc".to_string()),
+        ]);
+        std::fs::write(&p, safetensors::tensor::serialize(views, Some(md)).unwrap()).unwrap();
+        let err = read(&p, &Device::Cpu).unwrap_err().to_string();
+        assert!(
+            err.contains("scale_1") && err.contains("[2, 3, 2]"),
+            "{err}"
+        );
+    }
 }

@@ -25,13 +25,18 @@ impl Posterior {
         &self.mean
     }
 
-    /// `mean + exp(logvar / 2) * eps`, with eps from a seeded generator, so that a seed gives the
-    /// same sample on every run and thread count.
+    /// `mean + exp(logvar / 2) * eps`. Image `b` of the batch draws its eps from a generator
+    /// seeded with `seed + b`, so a sample depends on the seed and the image's position only,
+    /// never on the batch size or thread count.
     pub fn sample(&self, seed: u64) -> Result<Tensor> {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let b = self.mean.dim(0)?;
+        let per_image = self.mean.elem_count() / b.max(1);
         let normal = rand_distr::StandardNormal;
-        let n = self.mean.elem_count();
-        let eps: Vec<f32> = (0..n).map(|_| normal.sample(&mut rng)).collect();
+        let mut eps: Vec<f32> = Vec::with_capacity(self.mean.elem_count());
+        for i in 0..b {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed.wrapping_add(i as u64));
+            eps.extend((0..per_image).map(|_| -> f32 { normal.sample(&mut rng) }));
+        }
         let eps = Tensor::from_vec(eps, self.mean.shape(), self.mean.device())?
             .to_dtype(self.mean.dtype())?;
         let std = (&self.logvar * 0.5)?.exp()?;

@@ -1,0 +1,92 @@
+//! `coda decode`: a token file -> PNG images.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+
+use coda::data;
+use coda::tokenizer::{token_file, Tokenizer};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// A tokenizer folder.
+    #[arg(long)]
+    pub tokenizer: PathBuf,
+    /// Output folder for the PNGs (created if missing).
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// Decode from the first K scales only (coarse to fine).
+    #[arg(long)]
+    pub scales: Option<usize>,
+    /// Decode even if the token file was written by a different tokenizer.
+    #[arg(long)]
+    pub force: bool,
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    pub tokens: PathBuf,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let device = super::device()?;
+    let tok = Tokenizer::from_dir(&args.tokenizer, &device)?;
+    let (tokens, meta) = token_file::read(&args.tokens, &device)?;
+    anyhow::ensure!(
+        meta.codebook_size == tok.codebook_size(),
+        "{}: tokens for a codebook of {} codes, the tokenizer has {}",
+        args.tokens.display(),
+        meta.codebook_size,
+        tok.codebook_size()
+    );
+    if meta.tokenizer_hash != tok.hash() {
+        anyhow::ensure!(
+            args.force,
+            "{} was written by tokenizer {}, not {} (this one); --force decodes anyway",
+            args.tokens.display(),
+            meta.tokenizer_hash,
+            tok.hash()
+        );
+        eprintln!(
+            "warning: decoding tokens of tokenizer {} with {}",
+            meta.tokenizer_hash,
+            tok.hash()
+        );
+    }
+    tok.validate(&tokens)?;
+    let k = args.scales.unwrap_or(tokens.scales.len());
+    std::fs::create_dir_all(&args.output)?;
+    // Output names from the source images' stems, made unique; else the row index.
+    let mut used = HashSet::new();
+    let names: Vec<String> = (0..tokens.batch())
+        .map(|i| {
+            let stem = meta.sources.get(i).and_then(|s| {
+                PathBuf::from(s)
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().to_string())
+            });
+            let mut name = stem.unwrap_or_else(|| format!("{i:06}"));
+            if !used.insert(name.clone()) {
+                name = format!("{name}_{i}");
+                used.insert(name.clone());
+            }
+            name
+        })
+        .collect();
+    let pb = super::progress(tokens.batch(), "decode");
+    let mut start = 0;
+    while start < tokens.batch() {
+        let n = args.batch.max(1).min(tokens.batch() - start);
+        let images = data::tensor_to_images(&tok.decode_prefix(&tokens.slice(start, n)?, k)?)?;
+        for (j, img) in images.iter().enumerate() {
+            data::save_png(&args.output.join(format!("{}.png", names[start + j])), img)?;
+        }
+        start += n;
+        pb.inc(n as u64);
+    }
+    pb.finish_and_clear();
+    println!(
+        "decoded {} images from {k} of {} scales into {}",
+        tokens.batch(),
+        tokens.scales.len(),
+        args.output.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,83 @@
+//! `coda encode`: images (files or folders) -> one token file, in batches.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context;
+use coda::data;
+use coda::tokenizer::{token_file, Posterior, Tokenizer, Tokens};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// A tokenizer folder.
+    #[arg(long)]
+    pub tokenizer: PathBuf,
+    /// The token file to write (safetensors; written atomically).
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// Resize the shorter side to N and centre-crop (default: the tokenizer's resolution).
+    #[arg(long)]
+    pub size: Option<u32>,
+    /// Keep every image at its own size (all must then share one size).
+    #[arg(long, conflicts_with = "size")]
+    pub no_resize: bool,
+    /// Images per model call.
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// Sample the posterior instead of taking its mean (image number r uses seed + r).
+    #[arg(long)]
+    pub sample: bool,
+    #[arg(long, default_value_t = 0, requires = "sample")]
+    pub seed: u64,
+    /// Image files or folders (searched recursively, in sorted order).
+    #[arg(required = true)]
+    pub images: Vec<PathBuf>,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let device = super::device()?;
+    let tok = Tokenizer::from_dir(&args.tokenizer, &device)?;
+    let paths = data::collect_images(&args.images)?;
+    anyhow::ensure!(!paths.is_empty(), "no image files among {:?}", args.images);
+    let size = if args.no_resize {
+        None
+    } else {
+        args.size.or(tok.config().resolution.map(|r| r as u32))
+    };
+    let pb = super::progress(paths.len(), "encode");
+    let t0 = Instant::now();
+    let mut parts: Vec<Tokens> = Vec::new();
+    for (i, chunk) in paths.chunks(args.batch.max(1)).enumerate() {
+        let first_row = i * args.batch.max(1);
+        let images = super::load_images(chunk, size)?;
+        let x = data::images_to_tensor(&images, &device)
+            .with_context(|| format!("batch starting at {}", chunk[0].display()))?;
+        // Row r samples with seed + r: the same tokens whatever the batch size.
+        let posterior = if args.sample {
+            Posterior::Sample(args.seed.wrapping_add(first_row as u64))
+        } else {
+            Posterior::Mean
+        };
+        parts.push(tok.encode_with(&x, posterior)?.tokens);
+        pb.inc(chunk.len() as u64);
+    }
+    pb.finish_and_clear();
+    let tokens = Tokens::cat(&parts)?;
+    let meta = token_file::TokenFileMeta {
+        codebook_size: tok.codebook_size(),
+        tokenizer_hash: tok.hash().to_string(),
+        sources: coda::tokenizer::source_names(&paths),
+    };
+    token_file::write(&args.output, &tokens, &meta)?;
+    let secs = t0.elapsed().as_secs_f64();
+    let n = tokens.len_per_image();
+    println!(
+        "encoded {} images: {n} tokens each over {} scales, {:.0} bits per image; {:.2} images/s",
+        paths.len(),
+        tokens.scales.len(),
+        tok.bits_per_image(n),
+        paths.len() as f64 / secs
+    );
+    println!("wrote   {}", args.output.display());
+    Ok(())
+}

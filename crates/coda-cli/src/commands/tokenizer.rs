@@ -1,0 +1,111 @@
+//! `coda tokenizer new`: a fresh tokenizer around a VAE, the starting point of `coda adapt`.
+
+use std::path::PathBuf;
+
+use coda::quantizer::{scales, QuantizerConfig, ScaleSpec};
+use coda::tokenizer::{create::new_tokenizer, Tokenizer};
+use coda::vae::{LoraConfig, Preset, VaeWeights};
+
+use super::VaeArgs;
+
+#[derive(clap::Subcommand, Debug)]
+pub enum Command {
+    /// Make a new tokenizer: random codebook (N(0,1)), LoRA adapters that start as the identity.
+    New(NewArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct NewArgs {
+    #[command(flatten)]
+    pub vae: VaeArgs,
+    /// V: the number of codes.
+    #[arg(long)]
+    pub codebook_size: usize,
+    /// A fixed scale list for the training resolution, e.g. 1,2,3,4,5,6,8,10,13,16; other sizes
+    /// use the derived rule with as many scales. Default: derived for any size.
+    #[arg(long)]
+    pub scales: Option<String>,
+    /// Number of scales of the derived rule.
+    #[arg(long, default_value_t = scales::DEFAULT_NUM_SCALES, conflicts_with = "scales")]
+    pub num_scales: usize,
+    /// d_a: attention dimension of queries and keys.
+    #[arg(long, default_value_t = 32)]
+    pub attn_dim: usize,
+    /// LoRA rank (0: no adapters).
+    #[arg(long, default_value_t = 32)]
+    pub lora_rank: usize,
+    /// Convs whose module path contains one of these get LoRA (default: conv1,conv2, plus
+    /// upsample,downsample for the mar-kl16 preset, as in the paper).
+    #[arg(long, value_delimiter = ',')]
+    pub lora_modules: Option<Vec<String>>,
+    /// Training image size, the default --size of encode.
+    #[arg(long, default_value_t = 256)]
+    pub resolution: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// The tokenizer folder to write.
+    #[arg(short, long)]
+    pub output: PathBuf,
+}
+
+pub fn run(cmd: Command) -> anyhow::Result<()> {
+    let Command::New(args) = cmd;
+    let weights = VaeWeights::load(
+        args.vae.path()?,
+        &args.vae.options(),
+        &candle_core::Device::Cpu,
+    )?;
+    let scale_spec = match &args.scales {
+        Some(s) => ScaleSpec::Fixed {
+            sizes: scales::parse_list(s).map_err(anyhow::Error::msg)?,
+        },
+        None => ScaleSpec::Derived {
+            num_scales: args.num_scales,
+        },
+    };
+    let lora = (args.lora_rank > 0).then(|| LoraConfig {
+        rank: args.lora_rank,
+        modules: args.lora_modules.clone().unwrap_or_else(|| {
+            let mut m = vec!["conv1".to_string(), "conv2".to_string()];
+            if args.vae.preset == Some(Preset::MarKl16) {
+                m.extend(["upsample".to_string(), "downsample".to_string()]);
+            }
+            m
+        }),
+    });
+    let qcfg = QuantizerConfig {
+        attn_dim: args.attn_dim,
+        ..QuantizerConfig::new(args.codebook_size, weights.config.latent_channels)
+    };
+    anyhow::ensure!(args.codebook_size > 0, "--codebook-size must be positive");
+    let (config, tensors) = new_tokenizer(
+        &weights,
+        qcfg,
+        scale_spec,
+        lora,
+        Some(args.resolution),
+        args.seed,
+    )?;
+    Tokenizer::save(&args.output, &config, &tensors)?;
+    let f = config.vae.downsample_factor();
+    let latent = args.resolution / f;
+    let sc = config.scales.for_latent(latent, latent);
+    let n: usize = sc.iter().map(|(h, w)| h * w).sum();
+    println!(
+        "new tokenizer: V = {}, {} latent channels, LoRA {}",
+        args.codebook_size,
+        config.vae.latent_channels,
+        config
+            .lora
+            .as_ref()
+            .map(|l| format!("rank {} on {}", l.rank, l.modules.join(",")))
+            .unwrap_or("none".into())
+    );
+    let sides: Vec<usize> = sc.iter().map(|s| s.0).collect();
+    println!(
+        "at {r}x{r}: scales {sides:?}, {n} tokens",
+        r = args.resolution
+    );
+    println!("wrote {}", args.output.display());
+    Ok(())
+}

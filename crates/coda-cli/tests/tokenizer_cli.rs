@@ -1,0 +1,351 @@
+//! `coda tokenizer new`, `encode`, `decode`, `reconstruct --tokenizer` and `import`, end to end on
+//! the bundled photos with the random-weight fixture VAEs.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use candle_core::Device;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
+}
+
+fn coda_env(args: &[&str], cwd: &Path, threads: &str) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_coda"))
+        .args(args)
+        .current_dir(cwd)
+        .env("RAYON_NUM_THREADS", threads)
+        .output()
+        .unwrap()
+}
+
+fn ok(args: &[&str], cwd: &Path) -> String {
+    let o = coda_env(args, cwd, "2");
+    assert!(
+        o.status.success(),
+        "coda {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn fail(args: &[&str], cwd: &Path) -> String {
+    let o = coda_env(args, cwd, "2");
+    assert!(!o.status.success(), "coda {args:?} should fail");
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A fresh V=64 tokenizer on the f4 diffusers fixture, working at 32x32.
+fn new_tokenizer(dir: &Path) -> PathBuf {
+    let vae = repo().join("fixtures/vae/diffusers");
+    ok(
+        &[
+            "tokenizer",
+            "new",
+            "--vae",
+            vae.to_str().unwrap(),
+            "--codebook-size",
+            "64",
+            "--lora-rank",
+            "4",
+            "--resolution",
+            "32",
+            "-o",
+            "tok",
+        ],
+        dir,
+    );
+    dir.join("tok")
+}
+
+fn photos() -> String {
+    repo().join("assets/photos").display().to_string()
+}
+
+#[test]
+fn encode_then_decode_reproduces_the_reconstruction() {
+    let d = tempfile::tempdir().unwrap();
+    new_tokenizer(d.path());
+    let out = ok(
+        &[
+            "encode",
+            "--tokenizer",
+            "tok",
+            "-o",
+            "t.safetensors",
+            &photos(),
+        ],
+        d.path(),
+    );
+    assert!(
+        out.contains("encoded 2 images: 204 tokens each over 8 scales"),
+        "{out}"
+    );
+    ok(
+        &["decode", "--tokenizer", "tok", "-o", "dec", "t.safetensors"],
+        d.path(),
+    );
+    let lady = repo().join("assets/photos/ladybird.jpg");
+    let rec = ok(
+        &[
+            "reconstruct",
+            "--tokenizer",
+            "tok",
+            "--size",
+            "32",
+            "--progressive",
+            "-o",
+            "r.png",
+            lady.to_str().unwrap(),
+        ],
+        d.path(),
+    );
+    assert!(
+        rec.contains("PSNR") && rec.contains("bits       1224 per image"),
+        "{rec}"
+    );
+    let a = image::open(d.path().join("dec/ladybird.png"))
+        .unwrap()
+        .to_rgb8();
+    let b = image::open(d.path().join("r.png")).unwrap().to_rgb8();
+    assert_eq!(a, b, "decode(encode(x)) is the reconstruction");
+    let strip = image::open(d.path().join("r_progressive.png")).unwrap();
+    assert_eq!((strip.width(), strip.height()), (32 * 8, 32));
+    // Coarse decoding from a prefix of the scales.
+    ok(
+        &[
+            "decode",
+            "--tokenizer",
+            "tok",
+            "--scales",
+            "2",
+            "-o",
+            "coarse",
+            "t.safetensors",
+        ],
+        d.path(),
+    );
+    assert!(d.path().join("coarse/cups.png").exists());
+}
+
+#[test]
+fn tokens_are_identical_for_any_thread_count_and_batch_size() {
+    let d = tempfile::tempdir().unwrap();
+    new_tokenizer(d.path());
+    let mut flats = Vec::new();
+    for (threads, batch, sample) in [
+        ("1", "1", false),
+        ("2", "2", false),
+        ("1", "1", true),
+        ("2", "2", true),
+    ] {
+        let name = format!("t{threads}{sample}.safetensors");
+        let mut args = vec![
+            "encode",
+            "--tokenizer",
+            "tok",
+            "-o",
+            name.as_str(),
+            "--batch",
+            batch,
+        ];
+        if sample {
+            args.extend(["--sample", "--seed", "3"]);
+        }
+        let p = photos();
+        args.push(&p);
+        let o = coda_env(&args, d.path(), threads);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let (t, _) =
+            coda::tokenizer::token_file::read(&d.path().join(&name), &Device::Cpu).unwrap();
+        flats.push(t.flat().unwrap().to_vec2::<u32>().unwrap());
+    }
+    assert_eq!(
+        flats[0], flats[1],
+        "mean: same tokens on 1 and 2 threads, batch 1 and 2"
+    );
+    assert_eq!(
+        flats[2], flats[3],
+        "seeded sample: same tokens on 1 and 2 threads, batch 1 and 2"
+    );
+}
+
+#[test]
+fn token_files_of_another_tokenizer_or_with_bad_ids_are_refused() {
+    let d = tempfile::tempdir().unwrap();
+    new_tokenizer(d.path());
+    ok(
+        &[
+            "encode",
+            "--tokenizer",
+            "tok",
+            "-o",
+            "t.safetensors",
+            &photos(),
+        ],
+        d.path(),
+    );
+    let vae = repo().join("fixtures/vae/diffusers");
+    ok(
+        &[
+            "tokenizer",
+            "new",
+            "--vae",
+            vae.to_str().unwrap(),
+            "--codebook-size",
+            "64",
+            "--seed",
+            "9",
+            "--resolution",
+            "32",
+            "-o",
+            "other",
+        ],
+        d.path(),
+    );
+    let err = fail(
+        &[
+            "decode",
+            "--tokenizer",
+            "other",
+            "-o",
+            "dec",
+            "t.safetensors",
+        ],
+        d.path(),
+    );
+    assert!(err.contains("--force"), "{err}");
+    ok(
+        &[
+            "decode",
+            "--tokenizer",
+            "other",
+            "--force",
+            "-o",
+            "dec",
+            "t.safetensors",
+        ],
+        d.path(),
+    );
+    ok(
+        &[
+            "tokenizer",
+            "new",
+            "--vae",
+            vae.to_str().unwrap(),
+            "--codebook-size",
+            "32",
+            "--resolution",
+            "32",
+            "-o",
+            "small",
+        ],
+        d.path(),
+    );
+    let err = fail(
+        &[
+            "decode",
+            "--tokenizer",
+            "small",
+            "-o",
+            "dec2",
+            "t.safetensors",
+        ],
+        d.path(),
+    );
+    assert!(
+        err.contains("codebook of 64 codes, the tokenizer has 32"),
+        "{err}"
+    );
+    assert!(!d.path().join("dec2").exists());
+}
+
+#[test]
+fn corrupt_image_in_a_batch_names_the_file_and_writes_no_token_file() {
+    let d = tempfile::tempdir().unwrap();
+    new_tokenizer(d.path());
+    std::fs::create_dir(d.path().join("imgs")).unwrap();
+    std::fs::copy(
+        repo().join("assets/photos/cups.jpg"),
+        d.path().join("imgs/a.jpg"),
+    )
+    .unwrap();
+    std::fs::write(d.path().join("imgs/b.png"), b"not a png").unwrap();
+    let err = fail(
+        &[
+            "encode",
+            "--tokenizer",
+            "tok",
+            "-o",
+            "t.safetensors",
+            "imgs",
+        ],
+        d.path(),
+    );
+    assert!(err.contains("b.png"), "{err}");
+    assert!(!d.path().join("t.safetensors").exists());
+}
+
+#[test]
+fn import_writes_a_working_tokenizer_folder() {
+    let d = tempfile::tempdir().unwrap();
+    let t = repo().join("fixtures/tokenizer");
+    let s = |n: &str| t.join(n).display().to_string();
+    let out = ok(
+        &[
+            "import",
+            "--preset",
+            "flux",
+            "--vae",
+            &s("flux_base"),
+            "--quantizer",
+            &s("flux_quantizer_ema.pth"),
+            "--vae-weights",
+            &s("flux_vae_ema.pth"),
+            "--scales",
+            "1,2,3,5,8",
+            "-o",
+            "imp",
+        ],
+        d.path(),
+    );
+    assert!(
+        out.contains("V = 256") && out.contains("LoRA rank 4 on 26 convs (conv1,conv2)"),
+        "{out}"
+    );
+    let rec = ok(
+        &[
+            "reconstruct",
+            "--tokenizer",
+            "imp",
+            "--size",
+            "32",
+            &format!("{}/cups.jpg", photos()),
+        ],
+        d.path(),
+    );
+    assert!(
+        rec.contains("103 over 5 scales (1,2,3,5,8), codebook 256"),
+        "{rec}"
+    );
+    let err = fail(
+        &[
+            "import",
+            "--preset",
+            "flux",
+            "--vae",
+            &s("flux_base"),
+            "--quantizer",
+            &s("flux_vae_ema.pth"),
+            "--vae-weights",
+            &s("flux_vae_ema.pth"),
+            "-o",
+            "bad",
+        ],
+        d.path(),
+    );
+    assert!(err.contains("codebooks.weight"), "{err}");
+}
