@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::{DType, Tensor};
+use coda::tokenizer::Tokenizer;
 use coda::vae::VaeWeights;
 use serde_json::json;
 
@@ -14,6 +15,10 @@ use super::VaeArgs;
 pub struct Args {
     #[command(flatten)]
     pub vae: VaeArgs,
+    /// Measure a tokenizer folder instead: full encode (image -> ids), quantizer assignment
+    /// alone, and full decode (ids -> image).
+    #[arg(long, conflicts_with = "vae")]
+    pub tokenizer: Option<PathBuf>,
     #[arg(long, default_value_t = 256)]
     pub size: usize,
     /// Batch sizes to measure.
@@ -52,7 +57,36 @@ pub fn peak_rss_mib() -> f64 {
         .unwrap_or(0.0)
 }
 
+fn run_tokenizer(args: &Args, dir: &std::path::Path) -> anyhow::Result<Vec<String>> {
+    let device = super::device()?;
+    let tok = Tokenizer::from_dir(dir, &device)?;
+    let f = tok.config().vae.downsample_factor();
+    let mut lines = Vec::new();
+    for &b in &args.batch {
+        let x = Tensor::rand(-1f32, 1f32, (b, 3, args.size, args.size), &device)?;
+        let enc = tok.encode_with(&x, coda::tokenizer::Posterior::Mean)?;
+        let tables = tok.quantizer().tables()?;
+        let scales = enc.tokens.scales.clone();
+        let encode = median_ms(|| { tok.encode(&x)?; Ok(()) }, args.iters)?;
+        let assign = median_ms(|| { tok.quantizer().encode(&tables, &enc.latent, &scales)?; Ok(()) }, args.iters)?;
+        let decode = median_ms(|| { tok.decode(&enc.tokens)?; Ok(()) }, args.iters)?;
+        println!("batch {b}: tokenizer encode {encode:.1} ms (assignment {assign:.1} ms), decode {decode:.1} ms, peak RSS {:.0} MiB", peak_rss_mib());
+        lines.push(json!({
+            "impl": "coda-rs", "size": args.size, "batch": b, "latent": [tok.config().vae.latent_channels, args.size / f, args.size / f],
+            "tok_encode_ms": encode, "assign_ms": assign, "tok_decode_ms": decode, "peak_rss_mib": peak_rss_mib(),
+        }).to_string());
+    }
+    Ok(lines)
+}
+
 pub fn run(args: Args) -> anyhow::Result<()> {
+    if let Some(dir) = args.tokenizer.clone() {
+        let lines = run_tokenizer(&args, &dir)?;
+        if let Some(p) = &args.json {
+            coda::io::write_atomic(p, (lines.join("\n") + "\n").as_bytes())?;
+        }
+        return Ok(());
+    }
     let device = super::device()?;
     let vae = VaeWeights::load(args.vae.path()?, &args.vae.options(), &device)?.build()?;
     let f = vae.config().downsample_factor();

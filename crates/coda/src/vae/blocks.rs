@@ -4,7 +4,7 @@
 use candle_core::{Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
-use crate::kernels;
+use crate::kernels::{self, ConvGeometry};
 
 /// A LoRA adapter on a conv (coda-method.md §7): `down` has the wrapped conv's kernel, stride
 /// and padding, `up` is 1x1; both without bias, scale 1.
@@ -57,17 +57,26 @@ impl Conv2d {
     }
 }
 
-impl Module for Conv2d {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
-        let y = y.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)?;
+impl Conv2d {
+    /// The conv on an input that is first upsampled and/or padded as `g` says (the samplers'
+    /// geometry); the LoRA adapter sees the same upsampled, padded input, as in the reference.
+    pub fn forward_geometry(&self, x: &Tensor, g: ConvGeometry) -> Result<Tensor> {
+        let y = kernels::conv2d(x, &self.weight, &self.bias, g)?;
         match &self.lora {
             None => Ok(y),
             Some(l) => {
-                let h = x.conv2d(&l.down, self.padding, self.stride, 1, 1)?;
-                y + h.conv2d(&l.up, 0, 1, 1, 1)?
+                let zero = self.bias.zeros_like()?;
+                let down_bias = Tensor::zeros(l.down.dim(0)?, l.down.dtype(), l.down.device())?;
+                let h = kernels::conv2d(x, &l.down, &down_bias, g)?;
+                y + kernels::conv2d(&h, &l.up, &zero, ConvGeometry::same(1, 0))?
             }
         }
+    }
+}
+
+impl Module for Conv2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_geometry(x, ConvGeometry::same(self.stride, self.padding))
     }
 }
 
@@ -217,9 +226,8 @@ impl Downsample {
 
 impl Module for Downsample {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        x.pad_with_zeros(D::Minus1, 0, 1)?
-            .pad_with_zeros(D::Minus2, 0, 1)?
-            .apply(&self.conv)
+        let g = ConvGeometry { stride: 2, pad: (0, 1, 0, 1), upsample: 1 };
+        self.conv.forward_geometry(x, g)
     }
 }
 
@@ -239,8 +247,9 @@ impl Upsample {
 
 impl Module for Upsample {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (_, _, h, w) = x.dims4()?;
-        x.upsample_nearest2d(2 * h, 2 * w)?.apply(&self.conv)
+        // The 2x nearest upsampling is folded into the conv's gather: no 4x-sized copy.
+        let g = ConvGeometry { stride: 1, pad: (1, 1, 1, 1), upsample: 2 };
+        self.conv.forward_geometry(x, g)
     }
 }
 

@@ -1,0 +1,245 @@
+//! Convolution forward as a tiled im2col over a GEMM microkernel (the `gemm` crate, which picks
+//! AVX-512 or AVX2+FMA at run time). No full im2col buffer is ever built: each task gathers a
+//! (K x T) column tile for T output pixels, K = C_in·k·k, into a per-thread buffer, and multiplies
+//! it straight into the NCHW output, bias included. The zero padding (also the asymmetric
+//! (0,1,0,1) of the VAE's downsampler) and a nearest-neighbour upsampling of the input are folded
+//! into the gather, so neither a padded nor an upsampled copy of the input exists.
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+/// How the input is mapped onto the conv's taps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvGeometry {
+    pub stride: usize,
+    /// Zero padding (top, bottom, left, right).
+    pub pad: (usize, usize, usize, usize),
+    /// Nearest-neighbour upsampling factor applied to the input before the conv (1 = none).
+    pub upsample: usize,
+}
+
+impl ConvGeometry {
+    pub fn same(stride: usize, pad: usize) -> Self {
+        Self { stride, pad: (pad, pad, pad, pad), upsample: 1 }
+    }
+
+    /// Output (height, width) for an input of (h, w).
+    pub fn output_size(&self, h: usize, w: usize, kh: usize, kw: usize) -> (usize, usize) {
+        let (t, b, l, r) = self.pad;
+        let vh = h * self.upsample + t + b;
+        let vw = w * self.upsample + l + r;
+        ((vh - kh) / self.stride + 1, (vw - kw) / self.stride + 1)
+    }
+}
+
+/// Shared output pointer: tasks write disjoint column ranges of the output.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+/// Output pixels per column tile: the tile buffer stays within ~1 MiB (L2) and the GEMM's n
+/// dimension stays large enough to run at full speed.
+fn tile_width(k: usize, pixels: usize) -> usize {
+    let t = (1 << 18) / k.max(1);
+    t.clamp(64, 1024).min(pixels).max(1)
+}
+
+/// y = conv(x, w) + b over contiguous NCHW f32 slices. Returns (out, oh, ow).
+#[allow(clippy::too_many_arguments)]
+pub fn conv2d_forward(
+    x: &[f32],
+    (n, cin, h, w): (usize, usize, usize, usize),
+    weight: &[f32],
+    (cout, kh, kw): (usize, usize, usize),
+    bias: &[f32],
+    g: ConvGeometry,
+) -> (Vec<f32>, usize, usize) {
+    let (oh, ow) = g.output_size(h, w, kh, kw);
+    let pixels = oh * ow;
+    let k = cin * kh * kw;
+    let mut out = vec![0f32; n * cout * pixels];
+    let direct = kh == 1 && kw == 1 && g == ConvGeometry::same(1, 0);
+    let t = tile_width(k, pixels);
+    let tiles_per_image = pixels.div_ceil(t);
+    let out_ptr = OutPtr(out.as_mut_ptr());
+    (0..n * tiles_per_image).into_par_iter().for_each_init(
+        || vec![0f32; if direct { 0 } else { k * t }],
+        |col, task| {
+            let (b, tile) = (task / tiles_per_image, task % tiles_per_image);
+            let p0 = tile * t;
+            let tw = t.min(pixels - p0);
+            let xb = &x[b * cin * h * w..(b + 1) * cin * h * w];
+            let out_ptr = out_ptr;
+            // SAFETY: this task owns columns p0..p0+tw of image b of the output.
+            let dst = unsafe { out_ptr.0.add(b * cout * pixels + p0) };
+            for co in 0..cout {
+                for j in 0..tw {
+                    unsafe { *dst.add(co * pixels + j) = bias[co] };
+                }
+            }
+            let (rhs, rhs_rs) = if direct {
+                (xb[p0..].as_ptr(), pixels as isize)
+            } else {
+                gather(col, xb, (cin, h, w), (kh, kw), (ow, p0, tw), g);
+                (col.as_ptr(), tw as isize)
+            };
+            unsafe {
+                gemm::gemm(
+                    cout, tw, k,
+                    dst, 1, pixels as isize,
+                    true,
+                    weight.as_ptr(), 1, k as isize,
+                    rhs, 1, rhs_rs,
+                    1.0, 1.0,
+                    false, false, false,
+                    gemm::Parallelism::None,
+                );
+            }
+        },
+    );
+    (out, oh, ow)
+}
+
+/// Fill `col` (K rows of `tw` values) with the taps of output pixels p0..p0+tw.
+fn gather(
+    col: &mut [f32],
+    x: &[f32],
+    (cin, h, w): (usize, usize, usize),
+    (kh, kw): (usize, usize),
+    (ow, p0, tw): (usize, usize, usize),
+    g: ConvGeometry,
+) {
+    let (pt, _, pl, _) = g.pad;
+    let (vh, vw) = ((h * g.upsample) as isize, (w * g.upsample) as isize);
+    let up = g.upsample as isize;
+    for ci in 0..cin {
+        let plane = &x[ci * h * w..(ci + 1) * h * w];
+        for ky in 0..kh {
+            for kx in 0..kw {
+                let row = &mut col[((ci * kh + ky) * kw + kx) * tw..][..tw];
+                let mut j = 0;
+                while j < tw {
+                    // One output row segment at a time.
+                    let p = p0 + j;
+                    let (oy, ox0) = (p / ow, p % ow);
+                    let seg = (ow - ox0).min(tw - j);
+                    let vy = (oy * g.stride + ky) as isize - pt as isize;
+                    let dst = &mut row[j..j + seg];
+                    if vy < 0 || vy >= vh {
+                        dst.fill(0.0);
+                    } else {
+                        let src = &plane[(vy / up) as usize * w..][..w];
+                        for (i, d) in dst.iter_mut().enumerate() {
+                            let vx = ((ox0 + i) * g.stride + kx) as isize - pl as isize;
+                            *d = if vx < 0 || vx >= vw { 0.0 } else { src[(vx / up) as usize] };
+                        }
+                    }
+                    j += seg;
+                }
+            }
+        }
+    }
+}
+
+struct Conv2dOp {
+    geometry: ConvGeometry,
+}
+
+fn contiguous<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+    let CpuStorage::F32(d) = s else { candle_core::bail!("coda-conv2d: f32 only") };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&d[a..b]),
+        None => candle_core::bail!("coda-conv2d: non-contiguous input"),
+    }
+}
+
+impl CustomOp3 for Conv2dOp {
+    fn name(&self) -> &'static str {
+        "coda-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, wt, b) = (contiguous(xs, xl)?, contiguous(ws, wl)?, contiguous(bs, bl)?);
+        let [n, cin, h, w] = *xl.dims() else { candle_core::bail!("coda-conv2d: input must be 4-D") };
+        let [cout, wcin, kh, kw] = *wl.dims() else { candle_core::bail!("coda-conv2d: weight must be 4-D") };
+        if wcin != cin || b.len() != cout {
+            candle_core::bail!("coda-conv2d: input {:?}, weight {:?}, bias {:?} disagree", xl.dims(), wl.dims(), bl.dims());
+        }
+        let (out, oh, ow) = conv2d_forward(x, (n, cin, h, w), wt, (cout, kh, kw), b, self.geometry);
+        Ok((CpuStorage::F32(out), Shape::from((n, cout, oh, ow))))
+    }
+}
+
+/// conv(upsample(pad(x))) + bias with our kernel on the CPU for f32 inference; the same from
+/// candle's ops elsewhere (other devices, dtypes, or when gradients are tracked).
+pub fn conv2d(x: &Tensor, weight: &Tensor, bias: &Tensor, g: ConvGeometry) -> candle_core::Result<Tensor> {
+    let fast = x.device().is_cpu()
+        && x.dtype() == candle_core::DType::F32
+        && !x.track_op()
+        && !weight.track_op()
+        && !bias.track_op();
+    if fast {
+        x.contiguous()?.apply_op3_no_bwd(&weight.contiguous()?, &bias.contiguous()?, &Conv2dOp { geometry: g })
+    } else {
+        conv2d_composite(x, weight, bias, g)
+    }
+}
+
+/// The same computation from candle's ops (differentiable, any device): the reference the kernel
+/// is tested against.
+pub fn conv2d_composite(x: &Tensor, weight: &Tensor, bias: &Tensor, g: ConvGeometry) -> candle_core::Result<Tensor> {
+    let mut x = x.clone();
+    if g.upsample > 1 {
+        let (_, _, h, w) = x.dims4()?;
+        x = x.upsample_nearest2d(h * g.upsample, w * g.upsample)?;
+    }
+    let (t, b, l, r) = g.pad;
+    let symmetric = t == b && l == r && t == l;
+    let padding = if symmetric { t } else { 0 };
+    if !symmetric {
+        x = x.pad_with_zeros(2, t, b)?.pad_with_zeros(3, l, r)?;
+    }
+    let y = x.conv2d(weight, padding, g.stride, 1, 1)?;
+    y.broadcast_add(&bias.reshape((1, (), 1, 1))?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn kernel_matches_candle_on_odd_shapes() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        // (n, cin, h, w, cout, k, geometry): non-square, sizes not divisible by tiles, channel
+        // counts that are not multiples of 16, batch 1 and 3.
+        let cases = [
+            (1, 3, 17, 23, 5, 3, ConvGeometry::same(1, 1)),
+            (3, 20, 9, 14, 33, 3, ConvGeometry::same(1, 1)),
+            (2, 19, 31, 40, 7, 1, ConvGeometry::same(1, 0)),
+            (3, 13, 16, 22, 18, 3, ConvGeometry { stride: 2, pad: (0, 1, 0, 1), upsample: 1 }),
+            (1, 6, 7, 5, 9, 3, ConvGeometry { stride: 1, pad: (1, 1, 1, 1), upsample: 2 }),
+            (1, 8, 45, 47, 40, 3, ConvGeometry::same(1, 1)),
+        ];
+        for (n, cin, h, w, cout, k, g) in cases {
+            let x = Tensor::randn(0f32, 1.0, (n, cin, h, w), &dev)?;
+            let wt = Tensor::randn(0f32, 0.2, (cout, cin, k, k), &dev)?;
+            let b = Tensor::randn(0f32, 0.5, cout, &dev)?;
+            let fast = conv2d(&x, &wt, &b, g)?;
+            let slow = conv2d_composite(&x, &wt, &b, g)?;
+            assert_eq!(fast.dims(), slow.dims(), "{:?}", (n, cin, h, w, cout, k, g));
+            let err = (fast - slow)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(err < 1e-4, "{:?}: max err {err}", (n, cin, h, w, cout, k, g));
+        }
+        Ok(())
+    }
+}
