@@ -130,13 +130,41 @@ fn gather(
                         dst.fill(0.0);
                     } else {
                         let src = &plane[(vy / up) as usize * w..][..w];
-                        for (i, d) in dst.iter_mut().enumerate() {
-                            let vx = ((ox0 + i) * g.stride + kx) as isize - pl as isize;
-                            *d = if vx < 0 || vx >= vw { 0.0 } else { src[(vx / up) as usize] };
-                        }
+                        fill_row(dst, src, ox0, kx as isize - pl as isize, g.stride, g.upsample, vw);
                     }
                     j += seg;
                 }
+            }
+        }
+    }
+}
+
+/// dst[i] = input row at virtual column (ox0 + i)·stride + off (zero outside [0, vw)), where the
+/// virtual row is `src` upsampled `up` times. The valid range is found first, so the inner loops
+/// are branch-free copies (a memcpy in the common stride-1 case).
+#[inline]
+fn fill_row(dst: &mut [f32], src: &[f32], ox0: usize, off: isize, stride: usize, up: usize, vw: isize) {
+    let s = stride as isize;
+    let n = dst.len() as isize;
+    let vx0 = ox0 as isize * s + off;
+    // First and one-past-last i with 0 <= vx0 + i·s < vw.
+    let lo = if vx0 >= 0 { 0 } else { (-vx0 + s - 1) / s }.min(n);
+    let hi = if vx0 >= vw { 0 } else { ((vw - vx0 + s - 1) / s).min(n) }.max(lo);
+    let (lo, hi) = (lo as usize, hi as usize);
+    dst[..lo].fill(0.0);
+    dst[hi..].fill(0.0);
+    let start = (vx0 + lo as isize * s) as usize;
+    let d = &mut dst[lo..hi];
+    match (stride, up) {
+        (1, 1) => d.copy_from_slice(&src[start..start + d.len()]),
+        (1, 2) => {
+            for (i, v) in d.iter_mut().enumerate() {
+                *v = src[(start + i) >> 1];
+            }
+        }
+        _ => {
+            for (i, v) in d.iter_mut().enumerate() {
+                *v = src[(start + i * stride) / up];
             }
         }
     }

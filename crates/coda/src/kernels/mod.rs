@@ -3,6 +3,7 @@
 
 pub mod conv2d;
 pub mod group_norm;
+pub mod simd;
 
 pub use conv2d::{conv2d, conv2d_composite, ConvGeometry};
 pub use group_norm::{group_norm, group_norm_composite};
