@@ -246,6 +246,14 @@ fn inference_encode_and_decode_match_training_forward_for_any_chunk_size() {
             );
         }
         assert!(max_abs(&f_hat, &io["f_hat"]) <= 1e-5);
+        // The candle-ops path (used off the CPU) agrees with the kernel.
+        let f_lat = &io["f"];
+        for &s in &SCALES {
+            let qm = coda::quantizer::resample::Resize2d::new(Mode::Area, (8, 8), s, &Device::Cpu).unwrap().apply(f_lat).unwrap();
+            let a = q.assign(&tables, &qm).unwrap().to_vec3::<u32>().unwrap();
+            let b = q.assign_composite(&tables, &qm).unwrap().to_vec3::<u32>().unwrap();
+            assert_eq!(a, b, "chunk {chunk}, scale {s:?}");
+        }
         let decoded = q.decode(&tables, &ids, (8, 8)).unwrap();
         assert!(max_abs(&decoded, &f_hat) <= 1e-6);
     }

@@ -140,8 +140,10 @@ fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
 /// What inference needs: normalised, pre-scaled keys and the value table, both (V, ·).
 #[derive(Clone, Debug)]
 pub struct CodeTables {
-    /// Keys transposed, (d_a, V) in chunks of codes, scaled by 1/sqrt(d_a).
-    key_chunks: Vec<Tensor>,
+    /// Normalised keys scaled by 1/sqrt(d_a), (V, d_a).
+    keys: Tensor,
+    /// Codes compared per step.
+    chunk: usize,
     /// `to_v(E)`: the vector each code decodes to, (V, C).
     pub values: Tensor,
 }
@@ -213,17 +215,9 @@ impl CodaQuantizer {
         let keys = self
             .norm_k
             .forward(&linear(&self.codebook, &self.to_k.0, &self.to_k.1)?)?;
-        let keys = (keys * self.scale())?;
-        let v = self.config.codebook_size;
-        let mut key_chunks = Vec::new();
-        let mut start = 0;
-        while start < v {
-            let n = chunk.max(1).min(v - start);
-            key_chunks.push(keys.narrow(0, start, n)?.t()?.contiguous()?);
-            start += n;
-        }
+        let keys = (keys * self.scale())?.contiguous()?;
         let values = linear(&self.codebook, &self.to_v.0, &self.to_v.1)?.contiguous()?;
-        Ok(CodeTables { key_chunks, values })
+        Ok(CodeTables { keys, chunk: chunk.max(1), values })
     }
 
     /// Normalised queries (N, d_a) of a (B, C, h, w) feature map, in (b, y, x) order.
@@ -239,13 +233,36 @@ impl CodaQuantizer {
     /// the lowest index, as `torch.argmax`.
     pub fn assign(&self, tables: &CodeTables, q: &Tensor) -> Result<Tensor> {
         let (b, _, h, w) = q.dims4()?;
-        let queries = self.queries(q)?;
+        let queries = self.queries(q)?.contiguous()?;
+        if queries.device().is_cpu() && queries.dtype() == DType::F32 {
+            // The fused GEMM + running argmax kernel.
+            let (n, d) = queries.dims2()?;
+            let ids = crate::kernels::assign::argmax_dot(
+                &queries.flatten_all()?.to_vec1::<f32>()?,
+                n,
+                &tables.keys.flatten_all()?.to_vec1::<f32>()?,
+                tables.keys.dim(0)?,
+                d,
+                tables.chunk,
+            );
+            return Tensor::from_vec(ids, (b, h, w), q.device());
+        }
+        self.assign_composite(tables, q)
+    }
+
+    /// The same assignment from candle ops, chunk by chunk (other devices; and the reference
+    /// the kernel is tested against).
+    pub fn assign_composite(&self, tables: &CodeTables, q: &Tensor) -> Result<Tensor> {
+        let (b, _, h, w) = q.dims4()?;
+        let queries = self.queries(q)?.contiguous()?;
+        let v = tables.keys.dim(0)?;
         let mut best: Option<(Tensor, Tensor)> = None;
-        let mut offset = 0u32;
-        for kc in &tables.key_chunks {
-            let logits = queries.matmul(kc)?;
+        let mut start = 0;
+        while start < v {
+            let n = tables.chunk.min(v - start);
+            let logits = queries.matmul(&tables.keys.narrow(0, start, n)?.t()?)?;
             let m = logits.max_keepdim(1)?;
-            let i = (logits.argmax_keepdim(1)?.to_dtype(DType::U32)? + offset as f64)?;
+            let i = (logits.argmax_keepdim(1)?.to_dtype(DType::U32)? + start as f64)?;
             best = Some(match best {
                 None => (m, i),
                 Some((bm, bi)) => {
@@ -253,9 +270,9 @@ impl CodaQuantizer {
                     (better.where_cond(&m, &bm)?, better.where_cond(&i, &bi)?)
                 }
             });
-            offset += kc.dim(1)? as u32;
+            start += n;
         }
-        let (_, ids) = best.expect("a codebook has at least one chunk");
+        let (_, ids) = best.expect("a codebook has at least one code");
         ids.reshape((b, h, w))
     }
 
