@@ -16,16 +16,37 @@ fn time<F: FnMut()>(mut f: F, iters: usize) -> f64 {
 
 fn main() -> candle_core::Result<()> {
     let dev = Device::Cpu;
-    for &(c, hw, k) in &[(128usize, 256usize, 3usize), (256, 128, 3), (512, 64, 3), (512, 32, 3), (128, 256, 1)] {
+    for &(c, hw, k) in &[
+        (128usize, 256usize, 3usize),
+        (256, 128, 3),
+        (512, 64, 3),
+        (512, 32, 3),
+        (128, 256, 1),
+    ] {
         let x = Tensor::randn(0f32, 1.0, (1, c, hw, hw), &dev)?;
         let w = Tensor::randn(0f32, 0.05, (c, c, k, k), &dev)?;
         let b = Tensor::zeros(c, candle_core::DType::F32, &dev)?;
         let g = ConvGeometry::same(1, k / 2);
         let flops = 2.0 * (c * c * k * k * hw * hw) as f64;
-        let ours = time(|| { conv2d(&x, &w, &b, g).unwrap(); }, 3);
-        let candle = time(|| { x.conv2d(&w, k / 2, 1, 1, 1).unwrap(); }, 2);
+        let ours = time(
+            || {
+                conv2d(&x, &w, &b, g).unwrap();
+            },
+            3,
+        );
+        let candle = time(
+            || {
+                x.conv2d(&w, k / 2, 1, 1, 1).unwrap();
+            },
+            2,
+        );
         let gw = Tensor::ones(c, candle_core::DType::F32, &dev)?;
-        let gn = time(|| { group_norm(&x, &gw, &b, 32, 1e-6, true).unwrap(); }, 5);
+        let gn = time(
+            || {
+                group_norm(&x, &gw, &b, 32, 1e-6, true).unwrap();
+            },
+            5,
+        );
         println!(
             "conv {c}x{hw}x{hw} k{k}: ours {:.1} ms ({:.0} GFLOP/s), candle {:.1} ms ({:.0} GFLOP/s); groupnorm+silu {:.2} ms",
             ours * 1e3, flops / ours / 1e9, candle * 1e3, flops / candle / 1e9, gn * 1e3

@@ -1,12 +1,14 @@
 //! Bad checkpoints and inputs get errors that name the file, the key and both shapes.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use coda::vae::{LoadOptions, Preset, VaeWeights};
 
 fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/vae")
+    common::fixtures("vae")
 }
 
 fn load_err(path: &Path, opts: &LoadOptions) -> String {

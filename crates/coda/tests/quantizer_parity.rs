@@ -2,8 +2,11 @@
 //! size pair of both presets (<= 1e-6, gradients too), and the CODA quantizer's ids, f̂, losses
 //! and parameter gradients.
 
+mod common;
+use common::max_abs;
+
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarBuilder;
@@ -11,23 +14,11 @@ use coda::quantizer::resample::{Mode, Resize2d};
 use coda::quantizer::{CodaQuantizer, QuantizerConfig};
 
 fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/quantizer")
+    common::fixtures("quantizer")
 }
 
 fn load(name: &str) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(fixtures().join(name), &Device::Cpu).unwrap()
-}
-
-fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 fn parse_size(s: &str) -> (usize, usize) {
@@ -249,9 +240,16 @@ fn inference_encode_and_decode_match_training_forward_for_any_chunk_size() {
         // The candle-ops path (used off the CPU) agrees with the kernel.
         let f_lat = &io["f"];
         for &s in &SCALES {
-            let qm = coda::quantizer::resample::Resize2d::new(Mode::Area, (8, 8), s, &Device::Cpu).unwrap().apply(f_lat).unwrap();
+            let qm = coda::quantizer::resample::Resize2d::new(Mode::Area, (8, 8), s, &Device::Cpu)
+                .unwrap()
+                .apply(f_lat)
+                .unwrap();
             let a = q.assign(&tables, &qm).unwrap().to_vec3::<u32>().unwrap();
-            let b = q.assign_composite(&tables, &qm).unwrap().to_vec3::<u32>().unwrap();
+            let b = q
+                .assign_composite(&tables, &qm)
+                .unwrap()
+                .to_vec3::<u32>()
+                .unwrap();
             assert_eq!(a, b, "chunk {chunk}, scale {s:?}");
         }
         let decoded = q.decode(&tables, &ids, (8, 8)).unwrap();

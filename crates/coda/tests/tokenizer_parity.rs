@@ -2,6 +2,9 @@
 //! through `coda import`'s code path, against the PyTorch reference: token ids identical except
 //! at near-ties (top-2 logit gap < 1e-5), decoded images within 1e-4.
 
+mod common;
+use common::max_abs;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -10,7 +13,7 @@ use coda::tokenizer::import::{import_official, OfficialPreset};
 use coda::tokenizer::{Tokenizer, Tokens};
 
 fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/tokenizer")
+    common::fixtures("tokenizer")
 }
 
 fn io(name: &str) -> HashMap<String, Tensor> {
@@ -19,18 +22,6 @@ fn io(name: &str) -> HashMap<String, Tensor> {
         &Device::Cpu,
     )
     .unwrap()
-}
-
-fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 const SCALES: [usize; 5] = [1, 2, 3, 5, 8];

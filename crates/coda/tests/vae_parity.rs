@@ -2,8 +2,11 @@
 //! checkpoint layouts, safetensors and .pth) are loaded through the same code paths users hit.
 //! Tolerance: max abs error <= 1e-4 for the posterior mean, logvar and the decoder output.
 
+mod common;
+use common::max_abs;
+
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
 use coda::vae::{ConfigOrigin, KeyLayout, LoadOptions, Preset, VaeConfig, VaeWeights};
@@ -11,23 +14,11 @@ use coda::vae::{ConfigOrigin, KeyLayout, LoadOptions, Preset, VaeConfig, VaeWeig
 const TOL: f32 = 1e-4;
 
 fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/vae")
+    common::fixtures("vae")
 }
 
 fn io(name: &str) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(fixtures().join(name), &Device::Cpu).unwrap()
-}
-
-fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 /// Encode and decode the fixture input and compare every output with PyTorch's.

@@ -67,9 +67,27 @@ fn run_tokenizer(args: &Args, dir: &std::path::Path) -> anyhow::Result<Vec<Strin
         let enc = tok.encode_with(&x, coda::tokenizer::Posterior::Mean)?;
         let tables = tok.quantizer().tables()?;
         let scales = enc.tokens.scales.clone();
-        let encode = median_ms(|| { tok.encode(&x)?; Ok(()) }, args.iters)?;
-        let assign = median_ms(|| { tok.quantizer().encode(&tables, &enc.latent, &scales)?; Ok(()) }, args.iters)?;
-        let decode = median_ms(|| { tok.decode(&enc.tokens)?; Ok(()) }, args.iters)?;
+        let encode = median_ms(
+            || {
+                tok.encode(&x)?;
+                Ok(())
+            },
+            args.iters,
+        )?;
+        let assign = median_ms(
+            || {
+                tok.quantizer().encode(&tables, &enc.latent, &scales)?;
+                Ok(())
+            },
+            args.iters,
+        )?;
+        let decode = median_ms(
+            || {
+                tok.decode(&enc.tokens)?;
+                Ok(())
+            },
+            args.iters,
+        )?;
         println!("batch {b}: tokenizer encode {encode:.1} ms (assignment {assign:.1} ms), decode {decode:.1} ms, peak RSS {:.0} MiB", peak_rss_mib());
         lines.push(json!({
             "impl": "coda-rs", "size": args.size, "batch": b, "latent": [tok.config().vae.latent_channels, args.size / f, args.size / f],

@@ -16,7 +16,10 @@ fn row_max(row: &[f32]) -> f32 {
             *l = l.max(v);
         }
     }
-    let mut m = chunks.remainder().iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    let mut m = chunks
+        .remainder()
+        .iter()
+        .fold(f32::NEG_INFINITY, |a, &b| a.max(b));
     for l in lanes {
         m = m.max(l);
     }
@@ -32,7 +35,10 @@ fn scan_tile(buf: &[f32], rows: usize, cols: usize, c0: usize, best: &mut [(f32,
         let row = &buf[r * cols..(r + 1) * cols];
         let m = row_max(row);
         if m > best[r].0 {
-            let j = row.iter().position(|&v| v == m).expect("the max is in the row");
+            let j = row
+                .iter()
+                .position(|&v| v == m)
+                .expect("the max is in the row");
             best[r] = (m, (c0 + j) as u32);
         }
     }
@@ -40,7 +46,13 @@ fn scan_tile(buf: &[f32], rows: usize, cols: usize, c0: usize, best: &mut [(f32,
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn scan_tile_avx2(buf: &[f32], rows: usize, cols: usize, c0: usize, best: &mut [(f32, u32)]) {
+unsafe fn scan_tile_avx2(
+    buf: &[f32],
+    rows: usize,
+    cols: usize,
+    c0: usize,
+    best: &mut [(f32, u32)],
+) {
     scan_tile(buf, rows, cols, c0, best)
 }
 
@@ -84,13 +96,24 @@ pub fn argmax_dot(q: &[f32], n: usize, keys: &[f32], v: usize, d: usize, chunk: 
                     // SAFETY: buf holds rows x cols; q rows q0.. and key rows c0.. are in bounds.
                     unsafe {
                         gemm::gemm(
-                            rows, cols, d,
-                            buf.as_mut_ptr(), 1, cols as isize,
+                            rows,
+                            cols,
+                            d,
+                            buf.as_mut_ptr(),
+                            1,
+                            cols as isize,
                             false,
-                            q[q0 * d..].as_ptr(), 1, d as isize,
-                            keys[c0 * d..].as_ptr(), d as isize, 1,
-                            0.0, 1.0,
-                            false, false, false,
+                            q[q0 * d..].as_ptr(),
+                            1,
+                            d as isize,
+                            keys[c0 * d..].as_ptr(),
+                            d as isize,
+                            1,
+                            0.0,
+                            1.0,
+                            false,
+                            false,
+                            false,
                             gemm::Parallelism::None,
                         );
                     }
@@ -141,11 +164,22 @@ mod tests {
     fn matches_naive_argmax_on_odd_shapes() {
         use rand::{Rng, SeedableRng};
         let mut rng = rand::rngs::StdRng::seed_from_u64(5);
-        for &(n, v, d, chunk) in &[(1, 1, 1, 4), (3, 1000, 7, 64), (130, 517, 32, 100), (65, 4099, 16, 1024), (200, 50, 3, 7)] {
+        for &(n, v, d, chunk) in &[
+            (1, 1, 1, 4),
+            (3, 1000, 7, 64),
+            (130, 517, 32, 100),
+            (65, 4099, 16, 1024),
+            (200, 50, 3, 7),
+        ] {
             // Integer-valued data: exact dot products, so exact ties are tested too.
             let q: Vec<f32> = (0..n * d).map(|_| rng.gen_range(-3..4) as f32).collect();
             let k: Vec<f32> = (0..v * d).map(|_| rng.gen_range(-3..4) as f32).collect();
-            assert_eq!(argmax_dot(&q, n, &k, v, d, chunk), naive(&q, n, &k, v, d), "{:?}", (n, v, d, chunk));
+            assert_eq!(
+                argmax_dot(&q, n, &k, v, d, chunk),
+                naive(&q, n, &k, v, d),
+                "{:?}",
+                (n, v, d, chunk)
+            );
         }
     }
 }

@@ -20,7 +20,11 @@ pub struct ConvGeometry {
 
 impl ConvGeometry {
     pub fn same(stride: usize, pad: usize) -> Self {
-        Self { stride, pad: (pad, pad, pad, pad), upsample: 1 }
+        Self {
+            stride,
+            pad: (pad, pad, pad, pad),
+            upsample: 1,
+        }
     }
 
     /// Output (height, width) for an input of (h, w).
@@ -38,6 +42,14 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
+impl OutPtr {
+    /// A method, so that closures capture the whole (Sync) wrapper, not the raw pointer field.
+    fn at(&self, offset: usize) -> *mut f32 {
+        // SAFETY: callers stay within the output buffer.
+        unsafe { self.0.add(offset) }
+    }
+}
+
 /// Output pixels per column tile: the tile buffer stays within ~1 MiB (L2) and the GEMM's n
 /// dimension stays large enough to run at full speed.
 fn tile_width(k: usize, pixels: usize) -> usize {
@@ -45,7 +57,8 @@ fn tile_width(k: usize, pixels: usize) -> usize {
     t.clamp(64, 1024).min(pixels).max(1)
 }
 
-/// y = conv(x, w) + b over contiguous NCHW f32 slices. Returns (out, oh, ow).
+/// y = conv(x, w) + b (+ residual) over contiguous NCHW f32 slices. Returns (out, oh, ow). The
+/// residual, of the output's shape, is added for free: it initialises the GEMM's accumulator.
 #[allow(clippy::too_many_arguments)]
 pub fn conv2d_forward(
     x: &[f32],
@@ -53,6 +66,7 @@ pub fn conv2d_forward(
     weight: &[f32],
     (cout, kh, kw): (usize, usize, usize),
     bias: &[f32],
+    residual: Option<&[f32]>,
     g: ConvGeometry,
 ) -> (Vec<f32>, usize, usize) {
     let (oh, ow) = g.output_size(h, w, kh, kw);
@@ -70,12 +84,18 @@ pub fn conv2d_forward(
             let p0 = tile * t;
             let tw = t.min(pixels - p0);
             let xb = &x[b * cin * h * w..(b + 1) * cin * h * w];
-            let out_ptr = out_ptr;
+            let base = b * cout * pixels + p0;
             // SAFETY: this task owns columns p0..p0+tw of image b of the output.
-            let dst = unsafe { out_ptr.0.add(b * cout * pixels + p0) };
-            for co in 0..cout {
-                for j in 0..tw {
-                    unsafe { *dst.add(co * pixels + j) = bias[co] };
+            let dst = out_ptr.at(base);
+            for (co, &bc) in bias.iter().enumerate() {
+                let row = unsafe { std::slice::from_raw_parts_mut(dst.add(co * pixels), tw) };
+                match residual {
+                    Some(r) => {
+                        for (o, &rv) in row.iter_mut().zip(&r[base + co * pixels..][..tw]) {
+                            *o = bc + rv;
+                        }
+                    }
+                    None => row.fill(bc),
                 }
             }
             let (rhs, rhs_rs) = if direct {
@@ -86,13 +106,24 @@ pub fn conv2d_forward(
             };
             unsafe {
                 gemm::gemm(
-                    cout, tw, k,
-                    dst, 1, pixels as isize,
+                    cout,
+                    tw,
+                    k,
+                    dst,
+                    1,
+                    pixels as isize,
                     true,
-                    weight.as_ptr(), 1, k as isize,
-                    rhs, 1, rhs_rs,
-                    1.0, 1.0,
-                    false, false, false,
+                    weight.as_ptr(),
+                    1,
+                    k as isize,
+                    rhs,
+                    1,
+                    rhs_rs,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
                     gemm::Parallelism::None,
                 );
             }
@@ -130,7 +161,15 @@ fn gather(
                         dst.fill(0.0);
                     } else {
                         let src = &plane[(vy / up) as usize * w..][..w];
-                        fill_row(dst, src, ox0, kx as isize - pl as isize, g.stride, g.upsample, vw);
+                        fill_row(
+                            dst,
+                            src,
+                            ox0,
+                            kx as isize - pl as isize,
+                            g.stride,
+                            g.upsample,
+                            vw,
+                        );
                     }
                     j += seg;
                 }
@@ -143,13 +182,26 @@ fn gather(
 /// virtual row is `src` upsampled `up` times. The valid range is found first, so the inner loops
 /// are branch-free copies (a memcpy in the common stride-1 case).
 #[inline]
-fn fill_row(dst: &mut [f32], src: &[f32], ox0: usize, off: isize, stride: usize, up: usize, vw: isize) {
+fn fill_row(
+    dst: &mut [f32],
+    src: &[f32],
+    ox0: usize,
+    off: isize,
+    stride: usize,
+    up: usize,
+    vw: isize,
+) {
     let s = stride as isize;
     let n = dst.len() as isize;
     let vx0 = ox0 as isize * s + off;
     // First and one-past-last i with 0 <= vx0 + i·s < vw.
     let lo = if vx0 >= 0 { 0 } else { (-vx0 + s - 1) / s }.min(n);
-    let hi = if vx0 >= vw { 0 } else { ((vw - vx0 + s - 1) / s).min(n) }.max(lo);
+    let hi = if vx0 >= vw {
+        0
+    } else {
+        ((vw - vx0 + s - 1) / s).min(n)
+    }
+    .max(lo);
     let (lo, hi) = (lo as usize, hi as usize);
     dst[..lo].fill(0.0);
     dst[hi..].fill(0.0);
@@ -172,14 +224,7 @@ fn fill_row(dst: &mut [f32], src: &[f32], ox0: usize, off: isize, stride: usize,
 
 struct Conv2dOp {
     geometry: ConvGeometry,
-}
-
-fn contiguous<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    let CpuStorage::F32(d) = s else { candle_core::bail!("coda-conv2d: f32 only") };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&d[a..b]),
-        None => candle_core::bail!("coda-conv2d: non-contiguous input"),
-    }
+    residual: Option<Tensor>,
 }
 
 impl CustomOp3 for Conv2dOp {
@@ -196,35 +241,102 @@ impl CustomOp3 for Conv2dOp {
         bs: &CpuStorage,
         bl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (x, wt, b) = (contiguous(xs, xl)?, contiguous(ws, wl)?, contiguous(bs, bl)?);
-        let [n, cin, h, w] = *xl.dims() else { candle_core::bail!("coda-conv2d: input must be 4-D") };
-        let [cout, wcin, kh, kw] = *wl.dims() else { candle_core::bail!("coda-conv2d: weight must be 4-D") };
+        let f = |s, l| super::f32_slice("coda-conv2d", s, l);
+        let (x, wt, b) = (f(xs, xl)?, f(ws, wl)?, f(bs, bl)?);
+        let [n, cin, h, w] = *xl.dims() else {
+            candle_core::bail!("coda-conv2d: input must be 4-D")
+        };
+        let [cout, wcin, kh, kw] = *wl.dims() else {
+            candle_core::bail!("coda-conv2d: weight must be 4-D")
+        };
         if wcin != cin || b.len() != cout {
-            candle_core::bail!("coda-conv2d: input {:?}, weight {:?}, bias {:?} disagree", xl.dims(), wl.dims(), bl.dims());
+            candle_core::bail!(
+                "coda-conv2d: input {:?}, weight {:?}, bias {:?} disagree",
+                xl.dims(),
+                wl.dims(),
+                bl.dims()
+            );
         }
-        let (out, oh, ow) = conv2d_forward(x, (n, cin, h, w), wt, (cout, kh, kw), b, self.geometry);
+        let (oh, ow) = self.geometry.output_size(h, w, kh, kw);
+        let guard = self.residual.as_ref().map(|r| r.storage_and_layout());
+        let residual = match &guard {
+            None => None,
+            Some((storage, layout)) => {
+                let candle_core::Storage::Cpu(cpu) = &**storage else {
+                    candle_core::bail!("coda-conv2d: residual not on the CPU")
+                };
+                if layout.dims() != [n, cout, oh, ow] {
+                    candle_core::bail!(
+                        "coda-conv2d: residual {:?} for an output of {:?}",
+                        layout.dims(),
+                        [n, cout, oh, ow]
+                    );
+                }
+                Some(super::f32_slice("coda-conv2d", cpu, layout)?)
+            }
+        };
+        let (out, oh, ow) = conv2d_forward(
+            x,
+            (n, cin, h, w),
+            wt,
+            (cout, kh, kw),
+            b,
+            residual,
+            self.geometry,
+        );
         Ok((CpuStorage::F32(out), Shape::from((n, cout, oh, ow))))
     }
 }
 
 /// conv(upsample(pad(x))) + bias with our kernel on the CPU for f32 inference; the same from
 /// candle's ops elsewhere (other devices, dtypes, or when gradients are tracked).
-pub fn conv2d(x: &Tensor, weight: &Tensor, bias: &Tensor, g: ConvGeometry) -> candle_core::Result<Tensor> {
+pub fn conv2d(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    g: ConvGeometry,
+) -> candle_core::Result<Tensor> {
+    conv2d_residual(x, weight, bias, None, g)
+}
+
+/// As [`conv2d`], plus a residual of the output's shape, added inside the kernel.
+pub fn conv2d_residual(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    residual: Option<&Tensor>,
+    g: ConvGeometry,
+) -> candle_core::Result<Tensor> {
+    let inputs = [Some(x), Some(weight), Some(bias), residual];
     let fast = x.device().is_cpu()
-        && x.dtype() == candle_core::DType::F32
-        && !x.track_op()
-        && !weight.track_op()
-        && !bias.track_op();
+        && inputs
+            .iter()
+            .flatten()
+            .all(|t| t.dtype() == candle_core::DType::F32 && !t.track_op());
     if fast {
-        x.contiguous()?.apply_op3_no_bwd(&weight.contiguous()?, &bias.contiguous()?, &Conv2dOp { geometry: g })
+        let op = Conv2dOp {
+            geometry: g,
+            residual: residual.map(|r| r.contiguous()).transpose()?,
+        };
+        x.contiguous()?
+            .apply_op3_no_bwd(&weight.contiguous()?, &bias.contiguous()?, &op)
     } else {
-        conv2d_composite(x, weight, bias, g)
+        let y = conv2d_composite(x, weight, bias, g)?;
+        match residual {
+            Some(r) => y + r,
+            None => Ok(y),
+        }
     }
 }
 
 /// The same computation from candle's ops (differentiable, any device): the reference the kernel
 /// is tested against.
-pub fn conv2d_composite(x: &Tensor, weight: &Tensor, bias: &Tensor, g: ConvGeometry) -> candle_core::Result<Tensor> {
+pub fn conv2d_composite(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    g: ConvGeometry,
+) -> candle_core::Result<Tensor> {
     let mut x = x.clone();
     if g.upsample > 1 {
         let (_, _, h, w) = x.dims4()?;
@@ -254,8 +366,32 @@ mod tests {
             (1, 3, 17, 23, 5, 3, ConvGeometry::same(1, 1)),
             (3, 20, 9, 14, 33, 3, ConvGeometry::same(1, 1)),
             (2, 19, 31, 40, 7, 1, ConvGeometry::same(1, 0)),
-            (3, 13, 16, 22, 18, 3, ConvGeometry { stride: 2, pad: (0, 1, 0, 1), upsample: 1 }),
-            (1, 6, 7, 5, 9, 3, ConvGeometry { stride: 1, pad: (1, 1, 1, 1), upsample: 2 }),
+            (
+                3,
+                13,
+                16,
+                22,
+                18,
+                3,
+                ConvGeometry {
+                    stride: 2,
+                    pad: (0, 1, 0, 1),
+                    upsample: 1,
+                },
+            ),
+            (
+                1,
+                6,
+                7,
+                5,
+                9,
+                3,
+                ConvGeometry {
+                    stride: 1,
+                    pad: (1, 1, 1, 1),
+                    upsample: 2,
+                },
+            ),
             (1, 8, 45, 47, 40, 3, ConvGeometry::same(1, 1)),
         ];
         for (n, cin, h, w, cout, k, g) in cases {
@@ -264,9 +400,20 @@ mod tests {
             let b = Tensor::randn(0f32, 0.5, cout, &dev)?;
             let fast = conv2d(&x, &wt, &b, g)?;
             let slow = conv2d_composite(&x, &wt, &b, g)?;
+            let res = slow.randn_like(0.0, 1.0)?;
+            let fused = conv2d_residual(&x, &wt, &b, Some(&res), g)?;
+            let e_res = (fused - (&slow + &res)?)?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f32>()?;
+            assert!(e_res < 1e-4, "residual: max err {e_res}");
             assert_eq!(fast.dims(), slow.dims(), "{:?}", (n, cin, h, w, cout, k, g));
             let err = (fast - slow)?.abs()?.max_all()?.to_scalar::<f32>()?;
-            assert!(err < 1e-4, "{:?}: max err {err}", (n, cin, h, w, cout, k, g));
+            assert!(
+                err < 1e-4,
+                "{:?}: max err {err}",
+                (n, cin, h, w, cout, k, g)
+            );
         }
         Ok(())
     }

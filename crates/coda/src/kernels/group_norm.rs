@@ -13,14 +13,6 @@ struct GroupNormOp {
     silu: bool,
 }
 
-fn contiguous<'a>(data: &'a [f32], l: &Layout) -> candle_core::Result<&'a [f32]> {
-    match l.contiguous_offsets() {
-        Some((s, e)) => Ok(&data[s..e]),
-        None => candle_core::bail!("coda-group-norm: non-contiguous input"),
-    }
-}
-
-
 /// A sum over 8 interleaved lanes, so that the compiler can keep it in one vector register.
 #[inline(always)]
 fn sum8(values: impl Iterator<Item = f32>) -> f32 {
@@ -33,13 +25,29 @@ fn sum8(values: impl Iterator<Item = f32>) -> f32 {
 
 /// Normalise one (batch, group) block of `cpg` channels of `hw` values.
 #[inline(always)]
-fn normalize_block(o: &mut [f32], xi: &[f32], w: &[f32], b: &[f32], hw: usize, eps: f64, silu: bool) {
+fn normalize_block(
+    o: &mut [f32],
+    xi: &[f32],
+    w: &[f32],
+    b: &[f32],
+    hw: usize,
+    eps: f64,
+    silu: bool,
+) {
     let n = xi.len() as f64;
     // Two passes with f64 totals over f32 partial sums of 256 values: accurate to ~1e-7 relative
     // (PyTorch's own GroupNorm accumulates similarly) and vectorisable.
-    let mean = xi.chunks(256).map(|c| sum8(c.iter().copied()) as f64).sum::<f64>() / n;
+    let mean = xi
+        .chunks(256)
+        .map(|c| sum8(c.iter().copied()) as f64)
+        .sum::<f64>()
+        / n;
     let m = mean as f32;
-    let var = xi.chunks(256).map(|c| sum8(c.iter().map(|&v| (v - m) * (v - m))) as f64).sum::<f64>() / n;
+    let var = xi
+        .chunks(256)
+        .map(|c| sum8(c.iter().map(|&v| (v - m) * (v - m))) as f64)
+        .sum::<f64>()
+        / n;
     let rstd = 1.0 / (var + eps).sqrt();
     for (ci, (oc, xc)) in o.chunks_mut(hw).zip(xi.chunks(hw)).enumerate() {
         let scale = (w[ci] as f64 * rstd) as f32;
@@ -58,7 +66,15 @@ fn normalize_block(o: &mut [f32], xi: &[f32], w: &[f32], b: &[f32], hw: usize, e
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn normalize_block_avx2(o: &mut [f32], xi: &[f32], w: &[f32], b: &[f32], hw: usize, eps: f64, silu: bool) {
+unsafe fn normalize_block_avx2(
+    o: &mut [f32],
+    xi: &[f32],
+    w: &[f32],
+    b: &[f32],
+    hw: usize,
+    eps: f64,
+    silu: bool,
+) {
     normalize_block(o, xi, w, b, hw, eps, silu)
 }
 
@@ -76,10 +92,8 @@ impl CustomOp3 for GroupNormOp {
         bs: &CpuStorage,
         bl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) = (xs, ws, bs) else {
-            candle_core::bail!("coda-group-norm: f32 only");
-        };
-        let (x, w, b) = (contiguous(x, xl)?, contiguous(w, wl)?, contiguous(b, bl)?);
+        let f = |s, l| super::f32_slice("coda-group-norm", s, l);
+        let (x, w, b) = (f(xs, xl)?, f(ws, wl)?, f(bs, bl)?);
         let dims = xl.dims();
         let c = dims[1];
         let hw: usize = dims[2..].iter().product();
@@ -95,7 +109,9 @@ impl CustomOp3 for GroupNormOp {
                 #[cfg(target_arch = "x86_64")]
                 if super::simd::has_avx2_fma() {
                     // SAFETY: the CPU has the features.
-                    return unsafe { normalize_block_avx2(o, xi, wg, bgc, hw, self.eps, self.silu) };
+                    return unsafe {
+                        normalize_block_avx2(o, xi, wg, bgc, hw, self.eps, self.silu)
+                    };
                 }
                 normalize_block(o, xi, wg, bgc, hw, self.eps, self.silu)
             });

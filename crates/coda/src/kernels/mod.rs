@@ -6,5 +6,20 @@ pub mod conv2d;
 pub mod group_norm;
 pub mod simd;
 
-pub use conv2d::{conv2d, conv2d_composite, ConvGeometry};
+pub use conv2d::{conv2d, conv2d_composite, conv2d_residual, ConvGeometry};
 pub use group_norm::{group_norm, group_norm_composite};
+
+/// The f32 data of a contiguous CPU tensor as a slice, for custom ops.
+pub(crate) fn f32_slice<'a>(
+    op: &str,
+    s: &'a candle_core::CpuStorage,
+    l: &candle_core::Layout,
+) -> candle_core::Result<&'a [f32]> {
+    let candle_core::CpuStorage::F32(d) = s else {
+        candle_core::bail!("{op}: f32 only")
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&d[a..b]),
+        None => candle_core::bail!("{op}: non-contiguous input"),
+    }
+}

@@ -217,7 +217,11 @@ impl CodaQuantizer {
             .forward(&linear(&self.codebook, &self.to_k.0, &self.to_k.1)?)?;
         let keys = (keys * self.scale())?.contiguous()?;
         let values = linear(&self.codebook, &self.to_v.0, &self.to_v.1)?.contiguous()?;
-        Ok(CodeTables { keys, chunk: chunk.max(1), values })
+        Ok(CodeTables {
+            keys,
+            chunk: chunk.max(1),
+            values,
+        })
     }
 
     /// Normalised queries (N, d_a) of a (B, C, h, w) feature map, in (b, y, x) order.

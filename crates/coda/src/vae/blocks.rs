@@ -61,7 +61,25 @@ impl Conv2d {
     /// The conv on an input that is first upsampled and/or padded as `g` says (the samplers'
     /// geometry); the LoRA adapter sees the same upsampled, padded input, as in the reference.
     pub fn forward_geometry(&self, x: &Tensor, g: ConvGeometry) -> Result<Tensor> {
-        let y = kernels::conv2d(x, &self.weight, &self.bias, g)?;
+        self.forward_full(x, None, g)
+    }
+
+    /// conv(x) + residual, the add done inside the kernel.
+    pub fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        self.forward_full(
+            x,
+            Some(residual),
+            ConvGeometry::same(self.stride, self.padding),
+        )
+    }
+
+    fn forward_full(
+        &self,
+        x: &Tensor,
+        residual: Option<&Tensor>,
+        g: ConvGeometry,
+    ) -> Result<Tensor> {
+        let y = kernels::conv2d_residual(x, &self.weight, &self.bias, residual, g)?;
         match &self.lora {
             None => Ok(y),
             Some(l) => {
@@ -152,11 +170,12 @@ impl ResnetBlock {
 impl Module for ResnetBlock {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = self.norm1.forward_silu(x)?.apply(&self.conv1)?;
-        let h = self.norm2.forward_silu(&h)?.apply(&self.conv2)?;
-        match &self.nin_shortcut {
-            Some(s) => x.apply(s)? + h,
-            None => x + h,
-        }
+        let shortcut = match &self.nin_shortcut {
+            Some(s) => x.apply(s)?,
+            None => x.clone(),
+        };
+        self.conv2
+            .forward_residual(&self.norm2.forward_silu(&h)?, &shortcut)
     }
 }
 
@@ -226,7 +245,11 @@ impl Downsample {
 
 impl Module for Downsample {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let g = ConvGeometry { stride: 2, pad: (0, 1, 0, 1), upsample: 1 };
+        let g = ConvGeometry {
+            stride: 2,
+            pad: (0, 1, 0, 1),
+            upsample: 1,
+        };
         self.conv.forward_geometry(x, g)
     }
 }
@@ -248,7 +271,11 @@ impl Upsample {
 impl Module for Upsample {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         // The 2x nearest upsampling is folded into the conv's gather: no 4x-sized copy.
-        let g = ConvGeometry { stride: 1, pad: (1, 1, 1, 1), upsample: 2 };
+        let g = ConvGeometry {
+            stride: 1,
+            pad: (1, 1, 1, 1),
+            upsample: 2,
+        };
         self.conv.forward_geometry(x, g)
     }
 }
