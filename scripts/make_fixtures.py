@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Write the parity fixtures that the Rust tests compare against.
 
-Run by hand (needs torch, diffusers, safetensors from PyPI):
+Run by hand (needs torch, diffusers, safetensors, scikit-image from PyPI):
 
-    pip install torch diffusers safetensors
+    pip install torch diffusers safetensors scikit-image
     python scripts/make_fixtures.py            # writes fixtures/vae/
 
 Everything is random-weight and seeded, so re-running gives the same files up to PyTorch's
@@ -25,6 +25,7 @@ FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fixtu
 ROOT = os.path.join(FIXTURES, "vae")
 QROOT = os.path.join(FIXTURES, "quantizer")
 TROOT = os.path.join(FIXTURES, "tokenizer")
+EROOT = os.path.join(FIXTURES, "evaluation")
 
 MAR_SCALES = [1, 2, 3, 4, 5, 6, 8, 10, 13, 16]
 FLUX_SCALES = [1, 2, 3, 4, 6, 9, 13, 18, 24, 32]
@@ -225,14 +226,40 @@ def tokenizer_fixtures():
     tokenizer_fixture("flux", flux, ["conv1", "conv2"], 256, 0.3611, 0.1159, gen)
 
 
+def metrics_fixture():
+    """PSNR and SSIM of reconstruction pairs under both protocols, from scikit-image."""
+    import numpy as np
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+    rng = np.random.default_rng(66)
+    out, expected = {}, {}
+    for i, (h, w, noise) in enumerate([(37, 45, 0.05), (64, 64, 0.3), (11, 13, 0.01)]):
+        x = rng.uniform(-1.05, 1.05, (3, h, w)).astype(np.float32)
+        y = (x + noise * rng.standard_normal((3, h, w))).astype(np.float32)
+        out[f"x_{i}"], out[f"y_{i}"] = torch.from_numpy(x), torch.from_numpy(y)
+        for name, conv, rng_ in (
+            ("uint8", lambda a: (np.clip((a + 1) / 2, 0, 1) * 255).astype(np.uint8), 255),
+            ("float", lambda a: np.clip((a.astype(np.float64) + 1) / 2, 0, 1), 1),
+        ):
+            a, b = conv(x).transpose(1, 2, 0), conv(y).transpose(1, 2, 0)
+            expected[f"psnr_{name}_{i}"] = float(peak_signal_noise_ratio(a, b, data_range=rng_))
+            expected[f"ssim_{name}_{i}"] = float(structural_similarity(
+                a, b, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=rng_, channel_axis=-1))
+    save_io(os.path.join(EROOT, "pairs.safetensors"), **out)
+    with open(os.path.join(EROOT, "expected.json"), "w") as f:
+        json.dump(expected, f, indent=1)
+
+
 if __name__ == "__main__":
     os.makedirs(ROOT, exist_ok=True)
     os.makedirs(QROOT, exist_ok=True)
     os.makedirs(TROOT, exist_ok=True)
+    os.makedirs(EROOT, exist_ok=True)
     ldm_fixture()
     diffusers_fixture()
     preset_counts()
     resample_fixture()
     quantizer_fixture()
     tokenizer_fixtures()
+    metrics_fixture()
     print("wrote", os.path.normpath(FIXTURES))

@@ -1,5 +1,11 @@
-//! Reconstruction metrics.
+//! Reconstruction metrics (PSNR and SSIM under the reference's and the float protocol) and
+//! codebook statistics.
 
+pub mod codebook;
+pub mod protocol;
 pub mod psnr;
+pub mod ssim;
 
+pub use codebook::{CodebookReport, CodebookStats};
+pub use protocol::{psnr_ssim, Protocol};
 pub use psnr::psnr_u8;

@@ -10,20 +10,8 @@ pub fn psnr_u8(a: &RgbImage, b: &RgbImage) -> f64 {
         b.dimensions(),
         "PSNR needs same-sized images"
     );
-    let n = a.as_raw().len() as f64;
-    let sse: f64 = a
-        .as_raw()
-        .iter()
-        .zip(b.as_raw())
-        .map(|(&x, &y)| {
-            let d = x as f64 - y as f64;
-            d * d
-        })
-        .sum();
-    if sse == 0.0 {
-        return f64::INFINITY;
-    }
-    20.0 * (255.0 / (sse / n).sqrt()).log10()
+    let f = |img: &RgbImage| -> Vec<f64> { img.as_raw().iter().map(|&v| v as f64).collect() };
+    super::protocol::psnr(&f(a), &f(b), 255.0)
 }
 
 #[cfg(test)]

@@ -1,0 +1,45 @@
+//! PSNR and SSIM against scikit-image (fixtures from scripts/make_fixtures.py), under the
+//! reference's uint8-truncation protocol and the float protocol, on odd sizes.
+
+mod common;
+
+use std::collections::HashMap;
+
+use coda::evaluation::{psnr_ssim, Protocol};
+
+#[test]
+fn psnr_and_ssim_match_scikit_image() {
+    let pairs = common::load(&common::fixtures("evaluation").join("pairs.safetensors"));
+    let expected: HashMap<String, f64> = serde_json::from_str(
+        &std::fs::read_to_string(common::fixtures("evaluation").join("expected.json")).unwrap(),
+    )
+    .unwrap();
+    for i in 0..3 {
+        let x = &pairs[&format!("x_{i}")];
+        let y = &pairs[&format!("y_{i}")];
+        let chw = x.dims3().unwrap();
+        let (xv, yv) = (
+            x.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            y.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        );
+        for (name, p) in [
+            ("uint8", Protocol::Uint8Truncated),
+            ("float", Protocol::Float),
+        ] {
+            let (psnr, ssim) = psnr_ssim(&xv, &yv, chw, p);
+            let (ep, es) = (
+                expected[&format!("psnr_{name}_{i}")],
+                expected[&format!("ssim_{name}_{i}")],
+            );
+            println!("pair {i} {name}: psnr {psnr:.6} (skimage {ep:.6}), ssim {ssim:.8} (skimage {es:.8})");
+            assert!(
+                (psnr - ep).abs() < 1e-9,
+                "pair {i} {name}: PSNR {psnr} vs {ep}"
+            );
+            assert!(
+                (ssim - es).abs() < 1e-9,
+                "pair {i} {name}: SSIM {ssim} vs {es}"
+            );
+        }
+    }
+}
