@@ -23,6 +23,8 @@ enum Command {
     Decode(commands::decode::Args),
     /// Round-trip an image through a tokenizer (or a continuous VAE) and report PSNR.
     Reconstruct(commands::reconstruct::Args),
+    /// Reconstruction metrics of a tokenizer or a VAE over a folder of images, as JSON.
+    Eval(commands::eval::Args),
     /// Create tokenizers.
     #[command(subcommand)]
     Tokenizer(commands::tokenizer::Command),
@@ -44,6 +46,7 @@ fn main() {
         Command::Encode(a) => commands::encode::run(a),
         Command::Decode(a) => commands::decode::run(a),
         Command::Reconstruct(a) => commands::reconstruct::run(a),
+        Command::Eval(a) => commands::eval::run(a),
         Command::Tokenizer(c) => commands::tokenizer::run(c),
         Command::Import(a) => commands::import::run(a),
         Command::Info(a) => commands::info::run(a),

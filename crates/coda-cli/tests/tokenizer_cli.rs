@@ -349,3 +349,81 @@ fn import_writes_a_working_tokenizer_folder() {
     );
     assert!(err.contains("codebooks.weight"), "{err}");
 }
+
+#[test]
+fn eval_records_metrics_and_protocol_and_skips_unreadable_images() {
+    let d = tempfile::tempdir().unwrap();
+    new_tokenizer(d.path());
+    std::fs::create_dir(d.path().join("imgs")).unwrap();
+    for f in ["cups.jpg", "ladybird.jpg"] {
+        std::fs::copy(
+            repo().join("assets/photos").join(f),
+            d.path().join("imgs").join(f),
+        )
+        .unwrap();
+    }
+    std::fs::write(d.path().join("imgs/broken.png"), b"not a png").unwrap();
+    let out = ok(
+        &[
+            "eval",
+            "--tokenizer",
+            "tok",
+            "--data",
+            "imgs",
+            "--size",
+            "32",
+            "--json",
+            "e.json",
+        ],
+        d.path(),
+    );
+    assert!(out.contains("2 images (1 skipped)"), "{out}");
+    let j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.path().join("e.json")).unwrap()).unwrap();
+    assert_eq!(j["data"]["images"], 2);
+    assert_eq!(j["data"]["skipped"].as_array().unwrap().len(), 1);
+    assert_eq!(j["model"]["tokens_per_image"], 204);
+    assert_eq!(j["posterior"], "mean");
+    for p in ["uint8_truncated", "float"] {
+        assert!(j["metrics"]["psnr"][p].as_f64().unwrap() > 0.0);
+        let s = j["metrics"]["ssim"][p].as_f64().unwrap();
+        assert!(s > -1.0 && s <= 1.0);
+    }
+    let usage = j["metrics"]["codebook"]["usage_per_scale"]
+        .as_array()
+        .unwrap();
+    assert_eq!(usage.len(), 8);
+    // The same harness evaluates the continuous parent VAE.
+    let vae = repo().join("fixtures/vae/diffusers");
+    ok(
+        &[
+            "eval",
+            "--vae",
+            vae.to_str().unwrap(),
+            "--data",
+            "imgs",
+            "--size",
+            "32",
+            "--json",
+            "v.json",
+        ],
+        d.path(),
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.path().join("v.json")).unwrap()).unwrap();
+    assert_eq!(v["model"]["kind"], "vae");
+    std::fs::create_dir(d.path().join("empty")).unwrap();
+    let err = fail(
+        &[
+            "eval",
+            "--tokenizer",
+            "tok",
+            "--data",
+            "empty",
+            "--json",
+            "x.json",
+        ],
+        d.path(),
+    );
+    assert!(err.contains("no image files"), "{err}");
+}

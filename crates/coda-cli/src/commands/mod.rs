@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod decode;
 pub mod encode;
+pub mod eval;
 pub mod import;
 pub mod info;
 pub mod reconstruct;

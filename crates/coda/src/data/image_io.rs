@@ -105,6 +105,24 @@ pub fn prepare(img: RgbImage, size: Option<u32>) -> RgbImage {
     image::imageops::crop_imm(&resized, left, top, size, size).to_image()
 }
 
+/// The reference's training (and, by accident, evaluation) crop: resize the shorter side to
+/// round(1.125 · size) with Lanczos3, then a random `size` x `size` crop, drawn from `seed`.
+pub fn prepare_random_crop(img: RgbImage, size: u32, seed: u64) -> RgbImage {
+    use rand::{Rng, SeedableRng};
+    let big = (1.125 * size as f64).round() as u32;
+    let (w, h) = img.dimensions();
+    let (nw, nh) = if w <= h {
+        (big, ((big as u64 * h as u64) / w as u64) as u32)
+    } else {
+        (((big as u64 * w as u64) / h as u64) as u32, big)
+    };
+    let resized = image::imageops::resize(&img, nw, nh, FilterType::Lanczos3);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let left = rng.gen_range(0..=nw - size);
+    let top = rng.gen_range(0..=nh - size);
+    image::imageops::crop_imm(&resized, left, top, size, size).to_image()
+}
+
 /// Stack same-sized RGB images into a (B, 3, H, W) f32 tensor in [-1, 1].
 pub fn images_to_tensor(images: &[RgbImage], device: &Device) -> Result<Tensor> {
     let Some(first) = images.first() else {

@@ -5,4 +5,6 @@ pub mod folder;
 pub mod image_io;
 
 pub use folder::{collect_images, load_prepared};
-pub use image_io::{images_to_tensor, load_image, prepare, save_png, tensor_to_images};
+pub use image_io::{
+    images_to_tensor, load_image, prepare, prepare_random_crop, save_png, tensor_to_images,
+};

@@ -1,0 +1,217 @@
+//! `coda eval`: reconstruction metrics of a tokenizer or a continuous VAE over a folder of
+//! images, with the protocol recorded next to every number.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context;
+use coda::data;
+use coda::evaluation::{psnr_ssim, CodebookStats, Protocol};
+use coda::tokenizer::{Posterior, Tokenizer};
+use coda::vae::{AutoencoderKl, VaeWeights};
+use serde_json::json;
+
+use super::VaeArgs;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// A tokenizer folder.
+    #[arg(long, conflicts_with = "vae")]
+    pub tokenizer: Option<PathBuf>,
+    #[command(flatten)]
+    pub vae: VaeArgs,
+    /// Images: a folder (searched recursively, sorted; ImageNet layout works) or files.
+    #[arg(long, required = true, num_args = 1..)]
+    pub data: Vec<PathBuf>,
+    #[arg(long, default_value_t = 256)]
+    pub size: u32,
+    /// Use the first N images only.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// The reference's crop instead of the centre crop: shorter side to 1.125·size, then a random
+    /// crop (image r seeded with --seed + r).
+    #[arg(long)]
+    pub random_crop: bool,
+    /// Sample the posterior (image r with seed --seed + r) instead of taking its mean.
+    #[arg(long)]
+    pub sample: bool,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Where to write the results (JSON, atomically).
+    #[arg(long)]
+    pub json: PathBuf,
+}
+
+enum Model {
+    Tokenizer(Box<Tokenizer>),
+    Vae(Box<AutoencoderKl>, String),
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let device = super::device()?;
+    let model = match &args.tokenizer {
+        Some(dir) => Model::Tokenizer(Box::new(Tokenizer::from_dir(dir, &device)?)),
+        None => {
+            let path = args
+                .vae
+                .path()
+                .context("give --tokenizer DIR or --vae PATH")?;
+            let w = VaeWeights::load(path, &args.vae.options(), &device)?;
+            Model::Vae(Box::new(w.build()?), path.display().to_string())
+        }
+    };
+    let mut paths = data::collect_images(&args.data)?;
+    if let Some(n) = args.limit {
+        paths.truncate(n);
+    }
+    anyhow::ensure!(!paths.is_empty(), "no image files in {:?}", args.data);
+
+    let mut codebook = match &model {
+        Model::Tokenizer(t) => Some(CodebookStats::new(t.codebook_size())),
+        Model::Vae(..) => None,
+    };
+    let protocols = [Protocol::Uint8Truncated, Protocol::Float];
+    let mut sums = [[0f64; 2]; 2]; // [protocol][psnr, ssim]
+    let (mut count, mut skipped, mut tokens_per_image) = (0usize, Vec::new(), 0usize);
+    let pb = super::progress(paths.len(), "eval");
+    let t0 = Instant::now();
+    for (bi, chunk) in paths.chunks(args.batch.max(1)).enumerate() {
+        let first = bi * args.batch.max(1);
+        let loaded = data::load_prepared(chunk, None);
+        let mut images = Vec::new();
+        let mut rows = Vec::new();
+        for (j, r) in loaded.into_iter().enumerate() {
+            match r {
+                Ok(img) => {
+                    let seed = args.seed.wrapping_add((first + j) as u64);
+                    images.push(if args.random_crop {
+                        data::prepare_random_crop(img, args.size, seed)
+                    } else {
+                        data::prepare(img, Some(args.size))
+                    });
+                    rows.push(first + j);
+                }
+                Err(e) => {
+                    pb.suspend(|| eprintln!("warning: skipped: {e}"));
+                    skipped.push(chunk[j].display().to_string());
+                }
+            }
+        }
+        pb.inc(chunk.len() as u64);
+        if images.is_empty() {
+            continue;
+        }
+        let x = data::images_to_tensor(&images, &device)?;
+        let posterior = if args.sample {
+            Posterior::Sample(args.seed.wrapping_add(rows[0] as u64))
+        } else {
+            Posterior::Mean
+        };
+        let recon = match &model {
+            Model::Tokenizer(t) => {
+                let enc = t.encode_with(&x, posterior)?;
+                tokens_per_image = enc.tokens.len_per_image();
+                if let Some(c) = codebook.as_mut() {
+                    c.add(&enc.tokens)?;
+                }
+                t.decode_latent(&enc.latent_hat)?
+            }
+            Model::Vae(vae, _) => {
+                let post = vae.encode(&x)?;
+                let z = match posterior {
+                    Posterior::Mean => post.mean.clone(),
+                    Posterior::Sample(s) => post.sample(s)?,
+                };
+                vae.decode(&z)?
+            }
+        };
+        let (c, h, w) = (3, args.size as usize, args.size as usize);
+        let xs = x.flatten_all()?.to_vec1::<f32>()?;
+        let rs = recon.flatten_all()?.to_vec1::<f32>()?;
+        for i in 0..images.len() {
+            let (a, b) = (
+                &xs[i * c * h * w..(i + 1) * c * h * w],
+                &rs[i * c * h * w..(i + 1) * c * h * w],
+            );
+            for (pi, p) in protocols.iter().enumerate() {
+                let (psnr, ssim) = psnr_ssim(a, b, (c, h, w), *p);
+                sums[pi][0] += psnr;
+                sums[pi][1] += ssim;
+            }
+            count += 1;
+        }
+    }
+    pb.finish_and_clear();
+    anyhow::ensure!(
+        count > 0,
+        "none of the {} images could be read",
+        paths.len()
+    );
+    let secs = t0.elapsed().as_secs_f64();
+    let mean = |pi: usize, m: usize| sums[pi][m] / count as f64;
+
+    let (model_json, codebook_json) = match &model {
+        Model::Tokenizer(t) => {
+            let r = codebook.as_ref().map(|c| c.report());
+            (
+                json!({"kind": "tokenizer", "path": args.tokenizer, "weights_hash": t.hash(),
+                       "codebook_size": t.codebook_size(), "tokens_per_image": tokens_per_image,
+                       "bits_per_image": t.bits_per_image(tokens_per_image)}),
+                json!(r),
+            )
+        }
+        Model::Vae(_, path) => (
+            json!({"kind": "vae", "path": path}),
+            serde_json::Value::Null,
+        ),
+    };
+    let result = json!({
+        "software": {"name": "coda-rs", "version": env!("CARGO_PKG_VERSION")},
+        "model": model_json,
+        "data": {
+            "paths": args.data, "images": count, "skipped": skipped,
+            "resize": if args.random_crop { format!("shorter side to {} (Lanczos3), random crop {}, seed {}", (1.125 * args.size as f64).round(), args.size, args.seed) }
+                      else { format!("shorter side to {} (Lanczos3), centre crop {}", args.size, args.size) },
+        },
+        "posterior": if args.sample { format!("sample, seed {} + image index", args.seed) } else { "mean".into() },
+        "metrics": {
+            "psnr": {"uint8_truncated": mean(0, 0), "float": mean(1, 0)},
+            "ssim": {"uint8_truncated": mean(0, 1), "float": mean(1, 1)},
+            "codebook": codebook_json,
+            "rfid": null,
+            "lpips": null,
+        },
+        "protocol": {
+            "psnr": "per image, 20 log10(R / sqrt(MSE)) over all pixels and channels, then the mean over images",
+            "ssim": "Gaussian 11x11, sigma 1.5, valid region, per channel then mean (skimage/MATLAB style)",
+            "uint8_truncated": "clamp((x+1)/2, 0, 1) * 255 truncated to uint8, R = 255 (the reference's)",
+            "float": "clamp((x+1)/2, 0, 1) as float, R = 1",
+            "rfid": "not computed by this version",
+            "lpips": "not computed by this version",
+        },
+        "images_per_second": count as f64 / secs,
+    });
+    coda::io::write_atomic(
+        &args.json,
+        serde_json::to_string_pretty(&result)?.as_bytes(),
+    )?;
+    println!(
+        "{count} images ({} skipped), {:.2} images/s",
+        skipped.len(),
+        count as f64 / secs
+    );
+    println!(
+        "PSNR  {:.2} dB (uint8, truncated)  {:.2} dB (float)",
+        mean(0, 0),
+        mean(1, 0)
+    );
+    println!("SSIM  {:.4} (uint8)  {:.4} (float)", mean(0, 1), mean(1, 1));
+    if let Some(r) = codebook.map(|c| c.report()) {
+        println!("codebook usage {:.2}% over all scales, perplexity {:.1}; {} tokens, {:.0} bits per image",
+            r.usage_all, r.perplexity_all, tokens_per_image, match &model { Model::Tokenizer(t) => t.bits_per_image(tokens_per_image), _ => 0.0 });
+    }
+    println!("wrote {}", args.json.display());
+    Ok(())
+}
