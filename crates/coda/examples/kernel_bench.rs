@@ -3,7 +3,7 @@
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
-use coda::kernels::{conv2d, group_norm, ConvGeometry};
+use coda::kernels::{conv2d, group_norm, group_norm_composite, ConvGeometry};
 
 fn time<F: FnMut()>(mut f: F, iters: usize) -> f64 {
     f();
@@ -51,6 +51,35 @@ fn main() -> candle_core::Result<()> {
             "conv {c}x{hw}x{hw} k{k}: ours {:.1} ms ({:.0} GFLOP/s), candle {:.1} ms ({:.0} GFLOP/s); groupnorm+silu {:.2} ms",
             ours * 1e3, flops / ours / 1e9, candle * 1e3, flops / candle / 1e9, gn * 1e3
         );
+    }
+    // GroupNorm+SiLU forward and backward, as training runs it.
+    for &(n, c, hw) in &[(4usize, 128usize, 64usize), (4, 256, 32)] {
+        let x = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1.0, (n, c, hw, hw), &dev)?)?;
+        let w = candle_core::Var::from_tensor(&Tensor::ones(c, candle_core::DType::F32, &dev)?)?;
+        let b = candle_core::Var::from_tensor(&Tensor::zeros(c, candle_core::DType::F32, &dev)?)?;
+        let ours = time(
+            || {
+                group_norm(&x, &w, &b, 32, 1e-6, true)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+            },
+            3,
+        );
+        let composite = time(
+            || {
+                group_norm_composite(&x, &w, &b, 32, 1e-6, true)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+            },
+            3,
+        );
+        println!("groupnorm+silu fwd+bwd {n}x{c}x{hw}x{hw}: ours {:.1} ms, candle composite {:.1} ms ({:.1}x)", ours * 1e3, composite * 1e3, composite / ours);
     }
     Ok(())
 }

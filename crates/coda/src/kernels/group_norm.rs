@@ -117,11 +117,171 @@ impl CustomOp3 for GroupNormOp {
             });
         Ok((CpuStorage::F32(out), xl.shape().clone()))
     }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dims = x.dims().to_vec();
+        let (n, c) = (dims[0], dims[1]);
+        let vec = |t: &Tensor| t.contiguous()?.flatten_all()?.to_vec1::<f32>();
+        let (xv, wv, bv, gv) = (vec(x)?, vec(w)?, vec(b)?, vec(grad)?);
+        let (dx, dw, db) = group_norm_backward(
+            &xv,
+            &wv,
+            &bv,
+            &gv,
+            (n, c, xv.len() / (n * c)),
+            self.groups,
+            self.eps,
+            self.silu,
+        );
+        let dev = x.device();
+        Ok((
+            Some(Tensor::from_vec(dx, dims.as_slice(), dev)?),
+            Some(Tensor::from_vec(dw, c, dev)?),
+            Some(Tensor::from_vec(db, c, dev)?),
+        ))
+    }
+}
+
+/// One (batch, group) block of the backward pass: writes dx, returns the block's (dw, db) per
+/// channel. f32 element math with f64 running sums, as the forward pass.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn backward_block(
+    dxb: &mut [f32],
+    xb: &[f32],
+    gb: &[f32],
+    w: &[f32],
+    b: &[f32],
+    hw: usize,
+    eps: f64,
+    silu: bool,
+) -> (Vec<f64>, Vec<f64>) {
+    let cnt = xb.len() as f64;
+    let mean = xb
+        .chunks(256)
+        .map(|c| sum8(c.iter().copied()) as f64)
+        .sum::<f64>()
+        / cnt;
+    let m = mean as f32;
+    let var = xb
+        .chunks(256)
+        .map(|c| sum8(c.iter().map(|&v| (v - m) * (v - m))) as f64)
+        .sum::<f64>()
+        / cnt;
+    let rstd = (1.0 / (var + eps).sqrt()) as f32;
+    let cpg = w.len();
+    let (mut dw, mut db) = (vec![0f64; cpg], vec![0f64; cpg]);
+    let (mut sum_g, mut sum_gx) = (0f64, 0f64);
+    for ci in 0..cpg {
+        let (wc, bc) = (w[ci], b[ci]);
+        let range = ci * hw..(ci + 1) * hw;
+        let (xc, gc) = (&xb[range.clone()], &gb[range.clone()]);
+        let dc = &mut dxb[range];
+        // dy (through SiLU) into dx as scratch.
+        for ((d, &xv), &go) in dc.iter_mut().zip(xc).zip(gc) {
+            let xhat = (xv - m) * rstd;
+            *d = if silu {
+                let y = xhat * wc + bc;
+                let sig = 1.0 / (1.0 + super::simd::exp(-y));
+                go * sig * (1.0 + y * (1.0 - sig))
+            } else {
+                go
+            };
+        }
+        let sdy = sum8(dc.iter().copied()) as f64;
+        let sdyx = sum8(dc.iter().zip(xc).map(|(&d, &xv)| d * (xv - m) * rstd)) as f64;
+        dw[ci] = sdyx;
+        db[ci] = sdy;
+        sum_g += sdy * wc as f64;
+        sum_gx += sdyx * wc as f64;
+        for d in dc.iter_mut() {
+            *d *= wc;
+        }
+    }
+    let (mg, mgx) = ((sum_g / cnt) as f32, (sum_gx / cnt) as f32);
+    for (d, &xv) in dxb.iter_mut().zip(xb) {
+        let xhat = (xv - m) * rstd;
+        *d = rstd * (*d - mg - xhat * mgx);
+    }
+    (dw, db)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn backward_block_avx2(
+    dxb: &mut [f32],
+    xb: &[f32],
+    gb: &[f32],
+    w: &[f32],
+    b: &[f32],
+    hw: usize,
+    eps: f64,
+    silu: bool,
+) -> (Vec<f64>, Vec<f64>) {
+    backward_block(dxb, xb, gb, w, b, hw, eps, silu)
+}
+
+/// Gradients of GroupNorm(+SiLU) with respect to input, weight and bias, given the output
+/// gradient. Per (batch, group) block of N values, with x̂ = (x - μ)·rstd and g = dy·w:
+/// dx = rstd·(g - mean(g) - x̂·mean(g·x̂)); dw_c = Σ dy·x̂; db_c = Σ dy; through SiLU,
+/// dy = dout·σ(y)·(1 + y·(1 - σ(y))).
+#[allow(clippy::too_many_arguments)]
+pub fn group_norm_backward(
+    x: &[f32],
+    w: &[f32],
+    b: &[f32],
+    dout: &[f32],
+    (n, c, hw): (usize, usize, usize),
+    groups: usize,
+    eps: f64,
+    silu: bool,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let cpg = c / groups;
+    let block = cpg * hw;
+    let mut dx = vec![0f32; x.len()];
+    // Per block: (dw, db) partials for its channels.
+    let partials: Vec<(Vec<f64>, Vec<f64>)> = dx
+        .par_chunks_mut(block)
+        .zip(x.par_chunks(block).zip(dout.par_chunks(block)))
+        .enumerate()
+        .map(|(bg, (dxb, (xb, gb)))| {
+            let g0 = (bg % groups) * cpg;
+            let (wg, bgc) = (&w[g0..g0 + cpg], &b[g0..g0 + cpg]);
+            #[cfg(target_arch = "x86_64")]
+            if super::simd::has_avx2_fma() {
+                // SAFETY: the CPU has the features.
+                return unsafe { backward_block_avx2(dxb, xb, gb, wg, bgc, hw, eps, silu) };
+            }
+            backward_block(dxb, xb, gb, wg, bgc, hw, eps, silu)
+        })
+        .collect();
+    let (mut dw, mut db) = (vec![0f64; c], vec![0f64; c]);
+    for (bg, (pw, pb)) in partials.iter().enumerate() {
+        let g0 = (bg % groups) * cpg;
+        for ci in 0..cpg {
+            dw[g0 + ci] += pw[ci];
+            db[g0 + ci] += pb[ci];
+        }
+    }
+    let _ = n;
+    (
+        dx,
+        dw.into_iter().map(|v| v as f32).collect(),
+        db.into_iter().map(|v| v as f32).collect(),
+    )
 }
 
 /// GroupNorm over an (N, C, ...) tensor with per-channel affine weight and bias, optionally
-/// followed by SiLU. Uses the fused kernel for contiguous f32 tensors on the CPU, and the
-/// composite version elsewhere (other devices, or when gradients are needed).
+/// followed by SiLU. Uses the fused kernel (forward and backward) for f32 tensors on the CPU,
+/// and the composite version on other devices.
 pub fn group_norm(
     x: &Tensor,
     weight: &Tensor,
@@ -134,14 +294,15 @@ pub fn group_norm(
     if groups == 0 || c % groups != 0 {
         candle_core::bail!("group_norm: {c} channels not divisible into {groups} groups");
     }
-    let fused = x.device().is_cpu() && x.dtype() == DType::F32 && !x.track_op();
+    let fused = x.device().is_cpu() && x.dtype() == DType::F32;
     if fused {
         let x = x.contiguous()?;
-        x.apply_op3_no_bwd(
-            &weight.contiguous()?,
-            &bias.contiguous()?,
-            &GroupNormOp { groups, eps, silu },
-        )
+        let op = GroupNormOp { groups, eps, silu };
+        if x.track_op() || weight.track_op() || bias.track_op() {
+            x.apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)
+        } else {
+            x.apply_op3_no_bwd(&weight.contiguous()?, &bias.contiguous()?, &op)
+        }
     } else {
         group_norm_composite(x, weight, bias, groups, eps, silu)
     }
@@ -181,6 +342,121 @@ pub fn group_norm_composite(
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    #[test]
+    fn backward_matches_autograd_of_the_composite_version() -> candle_core::Result<()> {
+        use candle_core::Var;
+        let dev = Device::Cpu;
+        for &(n, c, h, w, g) in &[(2, 8, 3, 5, 4), (1, 32, 4, 4, 32), (3, 6, 7, 2, 2)] {
+            for silu in [false, true] {
+                let x = Var::from_tensor(&(Tensor::randn(0f32, 2.0, (n, c, h, w), &dev)? + 0.7)?)?;
+                let wt = Var::from_tensor(&Tensor::randn(1f32, 0.5, c, &dev)?)?;
+                let b = Var::from_tensor(&Tensor::randn(0f32, 0.5, c, &dev)?)?;
+                let probe = Tensor::randn(0f32, 1.0, (n, c, h, w), &dev)?;
+                let loss = |f: &dyn Fn() -> candle_core::Result<Tensor>| -> candle_core::Result<candle_core::backprop::GradStore> {
+                    (f()? * &probe)?.sum_all()?.backward()
+                };
+                let ga = loss(&|| {
+                    group_norm(x.as_tensor(), wt.as_tensor(), b.as_tensor(), g, 1e-6, silu)
+                })?;
+                let gb = loss(&|| {
+                    group_norm_composite(
+                        x.as_tensor(),
+                        wt.as_tensor(),
+                        b.as_tensor(),
+                        g,
+                        1e-6,
+                        silu,
+                    )
+                })?;
+                for (name, v) in [("x", &x), ("w", &wt), ("b", &b)] {
+                    let (a, r) = (ga.get(v).unwrap(), gb.get(v).unwrap());
+                    let err = (a - r)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                    let scale = r.abs()?.max_all()?.to_scalar::<f32>()?.max(1.0);
+                    assert!(
+                        err / scale < 1e-4,
+                        "{name} {:?} silu {silu}: {err}",
+                        (n, c, h, w, g)
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn backward_matches_finite_differences() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let (n, c, hw, g) = (2usize, 4usize, 6usize, 2usize);
+        let x: Vec<f32> = Tensor::randn(0f32, 1.5, n * c * hw, &dev)?.to_vec1()?;
+        let w: Vec<f32> = Tensor::randn(1f32, 0.3, c, &dev)?.to_vec1()?;
+        let b: Vec<f32> = Tensor::randn(0f32, 0.3, c, &dev)?.to_vec1()?;
+        let probe: Vec<f32> = Tensor::randn(0f32, 1.0, n * c * hw, &dev)?.to_vec1()?;
+        let f = |x: &[f32], w: &[f32], b: &[f32]| -> f64 {
+            let t = Tensor::from_vec(x.to_vec(), (n, c, hw), &dev).unwrap();
+            let y = group_norm(
+                &t,
+                &Tensor::new(w, &dev).unwrap(),
+                &Tensor::new(b, &dev).unwrap(),
+                g,
+                1e-6,
+                true,
+            )
+            .unwrap();
+            y.flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .zip(&probe)
+                .map(|(a, p)| (*a as f64) * (*p as f64))
+                .sum()
+        };
+        let (dx, dw, db) = group_norm_backward(&x, &w, &b, &probe, (n, c, hw), g, 1e-6, true);
+        let h = 1e-2f32;
+        let fd = |which: usize, i: usize| -> f64 {
+            let (mut xp, mut wp, mut bp) = (x.clone(), w.clone(), b.clone());
+            let (mut xm, mut wm, mut bm) = (x.clone(), w.clone(), b.clone());
+            match which {
+                0 => {
+                    xp[i] += h;
+                    xm[i] -= h;
+                }
+                1 => {
+                    wp[i] += h;
+                    wm[i] -= h;
+                }
+                _ => {
+                    bp[i] += h;
+                    bm[i] -= h;
+                }
+            }
+            (f(&xp, &wp, &bp) - f(&xm, &wm, &bm)) / (2.0 * h as f64)
+        };
+        for i in [0, 7, 23, 47] {
+            assert!(
+                (fd(0, i) - dx[i] as f64).abs() < 2e-2,
+                "dx[{i}]: {} vs {}",
+                fd(0, i),
+                dx[i]
+            );
+        }
+        for i in 0..c {
+            assert!(
+                (fd(1, i) - dw[i] as f64).abs() < 2e-2,
+                "dw[{i}]: {} vs {}",
+                fd(1, i),
+                dw[i]
+            );
+            assert!(
+                (fd(2, i) - db[i] as f64).abs() < 2e-2,
+                "db[{i}]: {} vs {}",
+                fd(2, i),
+                db[i]
+            );
+        }
+        Ok(())
+    }
 
     #[test]
     fn fused_matches_composite_on_odd_shapes() -> candle_core::Result<()> {
