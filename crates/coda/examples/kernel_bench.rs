@@ -15,6 +15,13 @@ fn time<F: FnMut()>(mut f: F, iters: usize) -> f64 {
 }
 
 fn main() -> candle_core::Result<()> {
+    if std::env::var("ONLY_TRACKED").is_ok() {
+        backward_alone();
+        for _ in 0..3 {
+            tracked_parts()?;
+        }
+        return Ok(());
+    }
     let dev = Device::Cpu;
     for &(c, hw, k) in &[
         (128usize, 256usize, 3usize),
@@ -52,6 +59,43 @@ fn main() -> candle_core::Result<()> {
             ours * 1e3, flops / ours / 1e9, candle * 1e3, flops / candle / 1e9, gn * 1e3
         );
     }
+    backward_alone();
+    tracked_parts()?;
+    // Convolution forward and backward, as training runs it.
+    for &(n, c, hw) in &[(4usize, 128usize, 64usize), (4, 256, 32)] {
+        let x = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1.0, (n, c, hw, hw), &dev)?)?;
+        let w = candle_core::Var::from_tensor(&Tensor::randn(0f32, 0.05, (c, c, 3, 3), &dev)?)?;
+        let b = candle_core::Var::from_tensor(&Tensor::zeros(c, candle_core::DType::F32, &dev)?)?;
+        let g = ConvGeometry::same(1, 1);
+        let ours = time(
+            || {
+                conv2d(&x, &w, &b, g)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+            },
+            2,
+        );
+        let candle = time(
+            || {
+                coda::kernels::conv2d_composite(&x, &w, &b, g)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+            },
+            1,
+        );
+        println!(
+            "conv3x3 fwd+bwd {n}x{c}x{hw}x{hw}: ours {:.1} ms, candle {:.1} ms ({:.1}x)",
+            ours * 1e3,
+            candle * 1e3,
+            candle / ours
+        );
+    }
     // GroupNorm+SiLU forward and backward, as training runs it.
     for &(n, c, hw) in &[(4usize, 128usize, 64usize), (4, 256, 32)] {
         let x = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1.0, (n, c, hw, hw), &dev)?)?;
@@ -81,5 +125,63 @@ fn main() -> candle_core::Result<()> {
         );
         println!("groupnorm+silu fwd+bwd {n}x{c}x{hw}x{hw}: ours {:.1} ms, candle composite {:.1} ms ({:.1}x)", ours * 1e3, composite * 1e3, composite / ours);
     }
+    Ok(())
+}
+
+#[allow(dead_code)]
+fn backward_alone() {
+    use coda::kernels::conv2d::conv2d_backward;
+    let (n, c, hw) = (4usize, 128usize, 64usize);
+    let x: Vec<f32> = (0..n * c * hw * hw).map(|i| (i % 7) as f32 * 0.1).collect();
+    let w: Vec<f32> = (0..c * c * 9).map(|i| (i % 5) as f32 * 0.01).collect();
+    let dy: Vec<f32> = (0..n * c * hw * hw).map(|i| (i % 3) as f32 * 0.1).collect();
+    let t = time(
+        || {
+            conv2d_backward(
+                &x,
+                (n, c, hw, hw),
+                &w,
+                (c, 3, 3),
+                &dy,
+                ConvGeometry::same(1, 1),
+            );
+        },
+        2,
+    );
+    println!("conv2d_backward alone 4x128x64x64: {:.1} ms", t * 1e3);
+}
+
+#[allow(dead_code)]
+fn tracked_parts() -> candle_core::Result<()> {
+    let dev = Device::Cpu;
+    let x = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1.0, (4, 128, 64, 64), &dev)?)?;
+    let w = candle_core::Var::from_tensor(&Tensor::randn(0f32, 0.05, (128, 128, 3, 3), &dev)?)?;
+    let b = candle_core::Var::from_tensor(&Tensor::zeros(128, candle_core::DType::F32, &dev)?)?;
+    let g = ConvGeometry::same(1, 1);
+    let f = time(
+        || {
+            conv2d(&x, &w, &b, g).unwrap();
+        },
+        2,
+    );
+    let y = conv2d(&x, &w, &b, g)?;
+    let s = time(
+        || {
+            y.sum_all().unwrap();
+        },
+        2,
+    );
+    let bw = time(
+        || {
+            y.sum_all().unwrap().backward().unwrap();
+        },
+        2,
+    );
+    println!(
+        "tracked: forward {:.1} ms, sum {:.1} ms, sum+backward {:.1} ms",
+        f * 1e3,
+        s * 1e3,
+        bw * 1e3
+    );
     Ok(())
 }
