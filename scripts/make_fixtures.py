@@ -245,6 +245,25 @@ def metrics_fixture():
             expected[f"psnr_{name}_{i}"] = float(peak_signal_noise_ratio(a, b, data_range=rng_))
             expected[f"ssim_{name}_{i}"] = float(structural_similarity(
                 a, b, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=rng_, channel_axis=-1))
+    # Fréchet distance as pytorch-fid computes it (scipy sqrtm, eps offset when singular), on
+    # feature sets with more and with fewer samples than dimensions.
+    from scipy import linalg
+
+    def frechet(mu1, s1, mu2, s2, eps=1e-6):
+        covmean, _ = linalg.sqrtm(s1.dot(s2), disp=False)
+        if not np.isfinite(covmean).all():
+            offset = np.eye(s1.shape[0]) * eps
+            covmean = linalg.sqrtm((s1 + offset).dot(s2 + offset))
+        covmean = covmean.real
+        diff = mu1 - mu2
+        return float(diff.dot(diff) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+    for i, (n, d) in enumerate([(400, 64), (200, 32), (40, 64)]):
+        fa = rng.standard_normal((n, d)).astype(np.float32)
+        fb = (0.8 * rng.standard_normal((n, d)) @ rng.standard_normal((d, d)) * 0.3 + 0.5).astype(np.float32)
+        out[f"feat_a_{i}"], out[f"feat_b_{i}"] = torch.from_numpy(fa), torch.from_numpy(fb)
+        stats = [(f.astype(np.float64).mean(0), np.cov(f.astype(np.float64), rowvar=False)) for f in (fa, fb)]
+        expected[f"fid_{i}"] = frechet(stats[0][0], stats[0][1], stats[1][0], stats[1][1])
     save_io(os.path.join(EROOT, "pairs.safetensors"), **out)
     with open(os.path.join(EROOT, "expected.json"), "w") as f:
         json.dump(expected, f, indent=1)

@@ -43,3 +43,30 @@ fn psnr_and_ssim_match_scikit_image() {
         }
     }
 }
+
+#[test]
+fn frechet_distance_matches_pytorch_fid_formula_in_scipy() {
+    use coda::evaluation::{frechet_distance, GaussianStats};
+    let pairs = common::load(&common::fixtures("evaluation").join("pairs.safetensors"));
+    let expected: HashMap<String, f64> = serde_json::from_str(
+        &std::fs::read_to_string(common::fixtures("evaluation").join("expected.json")).unwrap(),
+    )
+    .unwrap();
+    for i in 0..3 {
+        let fit = |name: &str| {
+            let t = &pairs[&format!("{name}_{i}")];
+            let (_, d) = t.dims2().unwrap();
+            GaussianStats::fit(&t.flatten_all().unwrap().to_vec1::<f32>().unwrap(), d).unwrap()
+        };
+        let (a, b) = (fit("feat_a"), fit("feat_b"));
+        let ours = frechet_distance(&a, &b);
+        let want = expected[&format!("fid_{i}")];
+        let rel = (ours - want).abs() / want;
+        println!(
+            "set {i} ({} samples, {} dims): {ours:.6} vs scipy {want:.6}, relative {rel:.2e}",
+            a.count,
+            a.mean.len()
+        );
+        assert!(rel < 1e-3, "set {i}: {ours} vs {want}");
+    }
+}

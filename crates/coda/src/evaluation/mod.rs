@@ -2,10 +2,12 @@
 //! codebook statistics.
 
 pub mod codebook;
+pub mod frechet;
 pub mod protocol;
 pub mod psnr;
 pub mod ssim;
 
 pub use codebook::{CodebookReport, CodebookStats};
+pub use frechet::{frechet_distance, GaussianStats};
 pub use protocol::{psnr_ssim, Protocol};
 pub use psnr::psnr_u8;
