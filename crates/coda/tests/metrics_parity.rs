@@ -70,3 +70,15 @@ fn frechet_distance_matches_pytorch_fid_formula_in_scipy() {
         assert!(rel < 1e-3, "set {i}: {ours} vs {want}");
     }
 }
+
+#[test]
+fn fid_inception_pool3_features_match_pytorch_fid() {
+    use coda::evaluation::inception::{deterministic_weights, FidInception};
+    let io = common::load(&common::fixtures("evaluation").join("inception_io.safetensors"));
+    let weights = deterministic_weights(&candle_core::Device::Cpu).unwrap();
+    let mut net = FidInception::new(&weights, std::path::Path::new("deterministic")).unwrap();
+    let feats = net.features(&io["x"]).unwrap();
+    let err = common::max_abs(&feats, &io["pool3"]);
+    println!("pool3 features: max abs error {err:.2e}");
+    assert!(err <= 1e-4, "pool3 max abs error {err}");
+}

@@ -3,6 +3,7 @@
 
 pub mod codebook;
 pub mod frechet;
+pub mod inception;
 pub mod protocol;
 pub mod psnr;
 pub mod ssim;

@@ -61,6 +61,22 @@ pub fn bicubic_matrix(n_in: usize, n_out: usize) -> Vec<f32> {
     m
 }
 
+/// `F.interpolate(mode='bilinear', align_corners=False)` along one axis, no antialias (the resize
+/// pytorch-fid applies before Inception): source index clamped below at 0, upper tap at n-1.
+pub fn bilinear_matrix(n_in: usize, n_out: usize) -> Vec<f32> {
+    let mut m = vec![0f32; n_out * n_in];
+    let scale = n_in as f32 / n_out as f32;
+    for dst in 0..n_out {
+        let src = (scale * (dst as f32 + 0.5) - 0.5).max(0.0);
+        let i0 = (src.floor() as usize).min(n_in - 1);
+        let i1 = (i0 + 1).min(n_in - 1);
+        let l1 = src - i0 as f32;
+        m[dst * n_in + i0] += 1.0 - l1;
+        m[dst * n_in + i1] += l1;
+    }
+    m
+}
+
 /// A separable 2-D resize: precomputed row and column matrices.
 #[derive(Clone, Debug)]
 pub struct Resize2d {
@@ -75,6 +91,7 @@ pub struct Resize2d {
 pub enum Mode {
     Area,
     Bicubic,
+    Bilinear,
 }
 
 impl Resize2d {
@@ -87,6 +104,7 @@ impl Resize2d {
         let f = match mode {
             Mode::Area => area_matrix,
             Mode::Bicubic => bicubic_matrix,
+            Mode::Bilinear => bilinear_matrix,
         };
         let rows = Tensor::from_vec(f(h_in, h_out), (h_out, h_in), device)?;
         let cols_t = Tensor::from_vec(f(w_in, w_out), (w_out, w_in), device)?
