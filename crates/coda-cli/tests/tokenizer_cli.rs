@@ -427,3 +427,71 @@ fn eval_records_metrics_and_protocol_and_skips_unreadable_images() {
     );
     assert!(err.contains("no image files"), "{err}");
 }
+
+#[test]
+fn eval_computes_rfid_and_reuses_reference_statistics() {
+    let d = tempfile::tempdir().unwrap();
+    new_tokenizer(d.path());
+    // Deterministic random Inception weights, written as a user's converted weight file would be.
+    let w = coda::evaluation::inception::deterministic_weights(&Device::Cpu).unwrap();
+    let named: Vec<(String, candle_core::Tensor)> = w.into_iter().collect();
+    coda::io::write_safetensors(&d.path().join("inception.safetensors"), &named, None).unwrap();
+    let p = photos();
+    let first = ok(
+        &[
+            "eval",
+            "--tokenizer",
+            "tok",
+            "--data",
+            &p,
+            "--size",
+            "32",
+            "--inception",
+            "inception.safetensors",
+            "--save-ref-stats",
+            "ref.safetensors",
+            "--json",
+            "a.json",
+        ],
+        d.path(),
+    );
+    assert!(first.contains("rFID"), "{first}");
+    let second = ok(
+        &[
+            "eval",
+            "--tokenizer",
+            "tok",
+            "--data",
+            &p,
+            "--size",
+            "32",
+            "--inception",
+            "inception.safetensors",
+            "--ref-stats",
+            "ref.safetensors",
+            "--json",
+            "b.json",
+        ],
+        d.path(),
+    );
+    let read = |f: &str| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(d.path().join(f)).unwrap()).unwrap()
+    };
+    let (a, b) = (read("a.json"), read("b.json"));
+    let (fa, fb) = (
+        a["metrics"]["rfid"]["value"].as_f64().unwrap(),
+        b["metrics"]["rfid"]["value"].as_f64().unwrap(),
+    );
+    assert!(fa.is_finite() && fa >= 0.0, "{fa}");
+    assert!(
+        (fa - fb).abs() <= 1e-9 * fa.max(1.0),
+        "saved statistics give the same rFID: {fa} vs {fb}; {second}"
+    );
+    assert!(
+        a["metrics"]["rfid"]["inception_weights_hash"]
+            .as_str()
+            .unwrap()
+            .len()
+            == 16
+    );
+}

@@ -6,7 +6,8 @@ use std::time::Instant;
 
 use anyhow::Context;
 use coda::data;
-use coda::evaluation::{psnr_ssim, CodebookStats, Protocol};
+use coda::evaluation::inception::FidInception;
+use coda::evaluation::{frechet_distance, psnr_ssim, CodebookStats, GaussianStats, Protocol};
 use coda::tokenizer::{Posterior, Tokenizer};
 use coda::vae::{AutoencoderKl, VaeWeights};
 use serde_json::json;
@@ -39,9 +40,67 @@ pub struct Args {
     pub sample: bool,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// pytorch-fid's Inception weights (`pt_inception-2015-12-05`, converted with
+    /// scripts/convert_weights.py, or the .pth itself if it is in zip format): enables rFID.
+    #[arg(long)]
+    pub inception: Option<PathBuf>,
+    /// Reference statistics (mu, sigma) to compare against instead of the originals' features.
+    #[arg(long, requires = "inception")]
+    pub ref_stats: Option<PathBuf>,
+    /// Save the originals' statistics here, for --ref-stats later.
+    #[arg(long, requires = "inception")]
+    pub save_ref_stats: Option<PathBuf>,
     /// Where to write the results (JSON, atomically).
     #[arg(long)]
     pub json: PathBuf,
+}
+
+/// Features of [-1, 1] images as rFID sees them: clamp((x + 1) / 2, 0, 1), floats.
+fn inception_features(net: &mut FidInception, x: &candle_core::Tensor) -> anyhow::Result<Vec<f32>> {
+    let x01 = ((x + 1.0)? / 2.0)?.clamp(0f32, 1f32)?;
+    Ok(net.features(&x01)?.flatten_all()?.to_vec1::<f32>()?)
+}
+
+fn save_stats(path: &std::path::Path, s: &GaussianStats) -> anyhow::Result<()> {
+    let d = s.mean.len();
+    let mu = candle_core::Tensor::from_vec(
+        s.mean.iter().copied().collect::<Vec<f64>>(),
+        d,
+        &candle_core::Device::Cpu,
+    )?;
+    let sigma = candle_core::Tensor::from_vec(
+        s.cov.transpose().iter().copied().collect::<Vec<f64>>(),
+        (d, d),
+        &candle_core::Device::Cpu,
+    )?;
+    coda::io::write_safetensors(path, &[("mu".into(), mu), ("sigma".into(), sigma)], None)?;
+    Ok(())
+}
+
+fn load_stats(path: &std::path::Path) -> anyhow::Result<GaussianStats> {
+    let t = candle_core::safetensors::load(path, &candle_core::Device::Cpu)
+        .with_context(|| format!("reading {}", path.display()))?;
+    let mu = t
+        .get("mu")
+        .with_context(|| format!("{}: no 'mu'", path.display()))?
+        .to_dtype(candle_core::DType::F64)?
+        .to_vec1::<f64>()?;
+    let sigma = t
+        .get("sigma")
+        .with_context(|| format!("{}: no 'sigma'", path.display()))?
+        .to_dtype(candle_core::DType::F64)?;
+    let d = mu.len();
+    anyhow::ensure!(
+        sigma.dims() == [d, d],
+        "{}: sigma has shape {:?}, mu has {d} values",
+        path.display(),
+        sigma.dims()
+    );
+    Ok(GaussianStats {
+        mean: nalgebra::DVector::from_vec(mu),
+        cov: nalgebra::DMatrix::from_row_slice(d, d, &sigma.flatten_all()?.to_vec1::<f64>()?),
+        count: 0,
+    })
 }
 
 enum Model {
@@ -62,6 +121,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             Model::Vae(Box::new(w.build()?), path.display().to_string())
         }
     };
+    let mut inception = match &args.inception {
+        Some(p) => {
+            let w = coda::io::read_tensors(p, &device)?;
+            let hash = coda::tokenizer::weights_hash(&w)?;
+            Some((FidInception::new(&w, p)?, hash))
+        }
+        None => None,
+    };
+    let (mut feats_ref, mut feats_rec) = (Vec::<f32>::new(), Vec::<f32>::new());
     let mut paths = data::collect_images(&args.data)?;
     if let Some(n) = args.limit {
         paths.truncate(n);
@@ -127,6 +195,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 vae.decode(&z)?
             }
         };
+        if let Some((net, _)) = inception.as_mut() {
+            if args.ref_stats.is_none() {
+                feats_ref.extend(inception_features(net, &x)?);
+            }
+            feats_rec.extend(inception_features(net, &recon)?);
+        }
         let (c, h, w) = (3, args.size as usize, args.size as usize);
         let xs = x.flatten_all()?.to_vec1::<f32>()?;
         let rs = recon.flatten_all()?.to_vec1::<f32>()?;
@@ -152,6 +226,27 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let secs = t0.elapsed().as_secs_f64();
     let mean = |pi: usize, m: usize| sums[pi][m] / count as f64;
 
+    let rfid = match &inception {
+        None => serde_json::Value::Null,
+        Some((_, hash)) => {
+            let rec = GaussianStats::fit(&feats_rec, 2048)?;
+            let reference = match &args.ref_stats {
+                Some(p) => load_stats(p)?,
+                None => GaussianStats::fit(&feats_ref, 2048)?,
+            };
+            if let Some(p) = &args.save_ref_stats {
+                save_stats(p, &reference)?;
+            }
+            if count < 2048 {
+                eprintln!("warning: rFID from {count} images (< 2048 feature dimensions): the covariance is singular and the number is biased upwards");
+            }
+            let fid = frechet_distance(&reference, &rec);
+            println!("rFID  {fid:.4} ({count} images)");
+            json!({"value": fid, "images": count, "reference": match &args.ref_stats {
+                Some(p) => format!("statistics from {}", p.display()), None => "the originals, paired".into() },
+                "inception_weights_hash": hash})
+        }
+    };
     let (model_json, codebook_json) = match &model {
         Model::Tokenizer(t) => {
             let r = codebook.as_ref().map(|c| c.report());
@@ -180,7 +275,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "psnr": {"uint8_truncated": mean(0, 0), "float": mean(1, 0)},
             "ssim": {"uint8_truncated": mean(0, 1), "float": mean(1, 1)},
             "codebook": codebook_json,
-            "rfid": null,
+            "rfid": rfid,
             "lpips": null,
         },
         "protocol": {
@@ -188,7 +283,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "ssim": "Gaussian 11x11, sigma 1.5, valid region, per channel then mean (skimage/MATLAB style)",
             "uint8_truncated": "clamp((x+1)/2, 0, 1) * 255 truncated to uint8, R = 255 (the reference's)",
             "float": "clamp((x+1)/2, 0, 1) as float, R = 1",
-            "rfid": "not computed by this version",
+            "rfid": "pytorch-fid InceptionV3 (TF-FID graph), pool3 2048-d, bilinear resize to 299 (align_corners=False), inputs clamp((x+1)/2,0,1) as floats, unbiased covariance, Frechet distance in f64 via eigendecompositions; null without --inception",
             "lpips": "not computed by this version",
         },
         "images_per_second": count as f64 / secs,
