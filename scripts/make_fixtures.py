@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Write the parity fixtures that the Rust tests compare against.
 
-Run by hand (needs torch, diffusers, safetensors, scikit-image, pytorch-fid from PyPI):
+Run by hand (needs torch, diffusers, safetensors, scikit-image, pytorch-fid, lpips from PyPI):
 
-    pip install torch diffusers safetensors scikit-image pytorch-fid
+    pip install torch diffusers safetensors scikit-image pytorch-fid lpips
     python scripts/make_fixtures.py            # writes fixtures/vae/
 
 Everything is random-weight and seeded, so re-running gives the same files up to PyTorch's
@@ -336,6 +336,37 @@ def inception_fixture():
     save_io(os.path.join(EROOT, "inception_io.safetensors"), x=x, pool3=feats)
 
 
+def lpips_fixture():
+    """The `lpips` package's LPIPS(net='vgg') (v0.1: ScalingLayer, VGG16 relu1_2..relu5_3,
+    unit-normalised features, 1x1 lin layers, spatial mean) with deterministic random weights."""
+    import lpips
+    import numpy as np
+
+    model = lpips.LPIPS(net="vgg", pretrained=False, pnet_rand=True, verbose=False).eval()
+    sd = model.state_dict()
+    names = sorted(k for k in sd if k.startswith("net.") or (k.startswith("lin") and not k.startswith("lins.")))
+    new = {}
+    for idx, k in enumerate(names):
+        t = sd[k]
+        u = det_uniform(t.numel(), 2_000_003 * (idx + 1)).reshape(tuple(t.shape))
+        if k.startswith("lin"):
+            v = 0.05 * (u + 1.0)
+        elif k.endswith("weight"):
+            v = u * np.sqrt(6.0 / int(np.prod(t.shape[1:])))
+        else:
+            v = 0.1 * u
+        new[k] = torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32))
+    for kk in range(5):
+        new[f"lins.{kk}.model.1.weight"] = new[f"lin{kk}.model.1.weight"]
+    model.load_state_dict(new, strict=False)
+    gen = torch.Generator().manual_seed(88)
+    x = torch.rand((2, 3, 48, 56), generator=gen) * 2 - 1
+    y = (x + 0.2 * torch.randn(x.shape, generator=gen)).clamp(-1, 1)
+    with torch.no_grad():
+        d = model(x, y).reshape(2)
+    save_io(os.path.join(EROOT, "lpips_io.safetensors"), x=x, y=y, lpips=d)
+
+
 if __name__ == "__main__":
     os.makedirs(ROOT, exist_ok=True)
     os.makedirs(QROOT, exist_ok=True)
@@ -349,4 +380,5 @@ if __name__ == "__main__":
     tokenizer_fixtures()
     metrics_fixture()
     inception_fixture()
+    lpips_fixture()
     print("wrote", os.path.normpath(FIXTURES))

@@ -495,3 +495,72 @@ fn eval_computes_rfid_and_reuses_reference_statistics() {
             == 16
     );
 }
+
+#[test]
+fn eval_computes_lpips_when_given_weights() {
+    let d = tempfile::tempdir().unwrap();
+    new_tokenizer(d.path());
+    let shapes = coda::evaluation::lpips::parameter_shapes();
+    let named: Vec<(String, candle_core::Tensor)> = shapes
+        .into_iter()
+        .map(|(k, s)| {
+            (
+                k,
+                candle_core::Tensor::randn(0f32, 0.05, s, &Device::Cpu)
+                    .unwrap()
+                    .abs()
+                    .unwrap(),
+            )
+        })
+        .collect();
+    coda::io::write_safetensors(&d.path().join("lpips.safetensors"), &named, None).unwrap();
+    let out = ok(
+        &[
+            "eval",
+            "--tokenizer",
+            "tok",
+            "--data",
+            &photos(),
+            "--size",
+            "32",
+            "--lpips",
+            "lpips.safetensors",
+            "--json",
+            "l.json",
+        ],
+        d.path(),
+    );
+    assert!(out.contains("LPIPS"), "{out}");
+    let j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.path().join("l.json")).unwrap()).unwrap();
+    let v = j["metrics"]["lpips"]["value"].as_f64().unwrap();
+    assert!(v.is_finite() && v > 0.0, "{v}");
+    assert!(
+        j["metrics"]["rfid"].is_null(),
+        "no rFID without --inception"
+    );
+    // Wrong weights are named, not silently used.
+    let bad: Vec<(String, candle_core::Tensor)> = vec![(
+        "lin0.model.1.weight".into(),
+        candle_core::Tensor::zeros((1, 3, 1, 1), candle_core::DType::F32, &Device::Cpu).unwrap(),
+    )];
+    coda::io::write_safetensors(&d.path().join("bad.safetensors"), &bad, None).unwrap();
+    let err = fail(
+        &[
+            "eval",
+            "--tokenizer",
+            "tok",
+            "--data",
+            &photos(),
+            "--lpips",
+            "bad.safetensors",
+            "--json",
+            "x.json",
+        ],
+        d.path(),
+    );
+    assert!(
+        err.contains("lin0.model.1.weight: checkpoint has [1, 3, 1, 1]"),
+        "{err}"
+    );
+}

@@ -82,3 +82,47 @@ fn fid_inception_pool3_features_match_pytorch_fid() {
     println!("pool3 features: max abs error {err:.2e}");
     assert!(err <= 1e-4, "pool3 max abs error {err}");
 }
+
+#[test]
+fn lpips_matches_the_lpips_package() {
+    use coda::evaluation::inception::det_uniform;
+    use coda::evaluation::lpips::{parameter_shapes, Lpips};
+    let io = common::load(&common::fixtures("evaluation").join("lpips_io.safetensors"));
+    // The fixture's deterministic weights: sorted names, splitmix64 stream per tensor.
+    let mut shapes = parameter_shapes();
+    shapes.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut w = HashMap::new();
+    for (idx, (name, shape)) in shapes.into_iter().enumerate() {
+        let n: usize = shape.iter().product();
+        let u = det_uniform(n, 2_000_003 * (idx as u64 + 1));
+        let v: Vec<f32> = if name.starts_with("lin") {
+            u.iter().map(|x| 0.05 * (x + 1.0)).collect()
+        } else if name.ends_with("weight") {
+            let bound = (6.0 / shape[1..].iter().product::<usize>() as f64).sqrt() as f32;
+            u.iter().map(|x| x * bound).collect()
+        } else {
+            u.iter().map(|x| 0.1 * x).collect()
+        };
+        w.insert(
+            name,
+            candle_core::Tensor::from_vec(v, shape, &candle_core::Device::Cpu).unwrap(),
+        );
+    }
+    let net = Lpips::new(&w, std::path::Path::new("deterministic")).unwrap();
+    let d = net.distance(&io["x"], &io["y"]).unwrap();
+    let want = &io["lpips"];
+    let err = common::max_abs(&d, want);
+    let scale = want
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    println!(
+        "LPIPS {:?} vs {:?}: max abs error {err:.2e}",
+        d.to_vec1::<f32>().unwrap(),
+        want.to_vec1::<f32>().unwrap()
+    );
+    assert!(err <= 1e-4 * scale, "LPIPS error {err} (values {scale})");
+}

@@ -44,6 +44,9 @@ pub struct Args {
     /// scripts/convert_weights.py, or the .pth itself if it is in zip format): enables rFID.
     #[arg(long)]
     pub inception: Option<PathBuf>,
+    /// LPIPS (VGG) weights written by scripts/convert_lpips.py: enables LPIPS.
+    #[arg(long)]
+    pub lpips: Option<PathBuf>,
     /// Reference statistics (mu, sigma) to compare against instead of the originals' features.
     #[arg(long, requires = "inception")]
     pub ref_stats: Option<PathBuf>,
@@ -130,6 +133,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         None => None,
     };
     let (mut feats_ref, mut feats_rec) = (Vec::<f32>::new(), Vec::<f32>::new());
+    let lpips = match &args.lpips {
+        Some(p) => {
+            let w = coda::io::read_tensors(p, &device)?;
+            Some((
+                coda::evaluation::lpips::Lpips::new(&w, p)?,
+                coda::tokenizer::weights_hash(&w)?,
+            ))
+        }
+        None => None,
+    };
+    let mut lpips_sum = 0f64;
     let mut paths = data::collect_images(&args.data)?;
     if let Some(n) = args.limit {
         paths.truncate(n);
@@ -195,6 +209,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 vae.decode(&z)?
             }
         };
+        if let Some((net, _)) = &lpips {
+            lpips_sum += net
+                .distance(&x, &recon.clamp(-1f32, 1f32)?)?
+                .to_dtype(candle_core::DType::F64)?
+                .sum_all()?
+                .to_scalar::<f64>()?;
+        }
         if let Some((net, _)) = inception.as_mut() {
             if args.ref_stats.is_none() {
                 feats_ref.extend(inception_features(net, &x)?);
@@ -276,7 +297,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "ssim": {"uint8_truncated": mean(0, 1), "float": mean(1, 1)},
             "codebook": codebook_json,
             "rfid": rfid,
-            "lpips": null,
+            "lpips": lpips.as_ref().map(|(_, hash)| json!({"value": lpips_sum / count as f64, "weights_hash": hash})),
         },
         "protocol": {
             "psnr": "per image, 20 log10(R / sqrt(MSE)) over all pixels and channels, then the mean over images",
@@ -284,7 +305,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "uint8_truncated": "clamp((x+1)/2, 0, 1) * 255 truncated to uint8, R = 255 (the reference's)",
             "float": "clamp((x+1)/2, 0, 1) as float, R = 1",
             "rfid": "pytorch-fid InceptionV3 (TF-FID graph), pool3 2048-d, bilinear resize to 299 (align_corners=False), inputs clamp((x+1)/2,0,1) as floats, unbiased covariance, Frechet distance in f64 via eigendecompositions; null without --inception",
-            "lpips": "not computed by this version",
+            "lpips": "VGG16 v0.1 (lpips package / taming vgg_lpips), inputs in [-1,1], unclamped reconstructions clamped to [-1,1] first, mean over images; null without --lpips",
         },
         "images_per_second": count as f64 / secs,
     });
@@ -303,6 +324,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         mean(1, 0)
     );
     println!("SSIM  {:.4} (uint8)  {:.4} (float)", mean(0, 1), mean(1, 1));
+    if lpips.is_some() {
+        println!("LPIPS {:.4}", lpips_sum / count as f64);
+    }
     if let Some(r) = codebook.map(|c| c.report()) {
         println!("codebook usage {:.2}% over all scales, perplexity {:.1}; {} tokens, {:.0} bits per image",
             r.usage_all, r.perplexity_all, tokens_per_image, match &model { Model::Tokenizer(t) => t.bits_per_image(tokens_per_image), _ => 0.0 });

@@ -4,6 +4,7 @@
 pub mod codebook;
 pub mod frechet;
 pub mod inception;
+pub mod lpips;
 pub mod protocol;
 pub mod psnr;
 pub mod ssim;
