@@ -53,6 +53,13 @@ pub struct Args {
     /// Save the originals' statistics here, for --ref-stats later.
     #[arg(long, requires = "inception")]
     pub save_ref_stats: Option<PathBuf>,
+    /// Also write a self-contained HTML report (metrics, picture grid, coarse-to-fine strips,
+    /// codebook-usage plot) as DIR/index.html.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+    /// Images shown in the report.
+    #[arg(long, default_value_t = 6)]
+    pub report_images: usize,
     /// Where to write the results (JSON, atomically).
     #[arg(long)]
     pub json: PathBuf,
@@ -144,6 +151,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         None => None,
     };
     let mut lpips_sum = 0f64;
+    let mut samples: Vec<coda::evaluation::report::Sample> = Vec::new();
     let mut paths = data::collect_images(&args.data)?;
     if let Some(n) = args.limit {
         paths.truncate(n);
@@ -221,6 +229,40 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 feats_ref.extend(inception_features(net, &x)?);
             }
             feats_rec.extend(inception_features(net, &recon)?);
+        }
+        if args.report.is_some() && samples.len() < args.report_images {
+            let recon_imgs = data::tensor_to_images(&recon)?;
+            for (j, (orig, rec)) in images.iter().zip(recon_imgs).enumerate() {
+                if samples.len() >= args.report_images {
+                    break;
+                }
+                // Coarse-to-fine strips for the first few images (K decodes each).
+                let progressive = match &model {
+                    Model::Tokenizer(t) if samples.len() < 4 => {
+                        let one = x.narrow(0, j, 1)?;
+                        let tokens = t.encode_with(&one, posterior)?.tokens;
+                        let steps =
+                            (1..=tokens.scales.len())
+                                .map(|k| {
+                                    Ok(data::tensor_to_images(&t.decode_prefix(&tokens, k)?)?
+                                        .remove(0))
+                                })
+                                .collect::<anyhow::Result<Vec<_>>>()?;
+                        Some(super::reconstruct::strip(&steps))
+                    }
+                    _ => None,
+                };
+                let name = paths[rows[j]]
+                    .file_name()
+                    .map(|n| n.to_string_lossy().to_string())
+                    .unwrap_or_default();
+                samples.push(coda::evaluation::report::Sample {
+                    name,
+                    original: orig.clone(),
+                    reconstruction: rec,
+                    progressive,
+                });
+            }
         }
         let (c, h, w) = (3, args.size as usize, args.size as usize);
         let xs = x.flatten_all()?.to_vec1::<f32>()?;
@@ -313,6 +355,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         &args.json,
         serde_json::to_string_pretty(&result)?.as_bytes(),
     )?;
+    if let Some(dir) = &args.report {
+        let rows = report_rows(&result);
+        let usage: Option<Vec<f64>> = result["metrics"]["codebook"]["usage_per_scale"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|v| v.as_f64()).collect());
+        let title = format!(
+            "coda eval: {}",
+            result["model"]["path"].as_str().unwrap_or("model")
+        );
+        coda::evaluation::report::write(dir, &title, &rows, &samples, usage.as_deref())?;
+        println!("wrote {}", dir.join("index.html").display());
+    }
     println!(
         "{count} images ({} skipped), {:.2} images/s",
         skipped.len(),
@@ -333,4 +387,66 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     println!("wrote {}", args.json.display());
     Ok(())
+}
+
+/// The report's metrics table, formatted from the JSON (so the two always agree).
+pub fn report_rows(r: &serde_json::Value) -> Vec<(String, String)> {
+    let m = &r["metrics"];
+    let mut rows = vec![
+        ("images".to_string(), r["data"]["images"].to_string()),
+        (
+            "PSNR (uint8, truncated) dB".to_string(),
+            format!(
+                "{:.4}",
+                m["psnr"]["uint8_truncated"].as_f64().unwrap_or(f64::NAN)
+            ),
+        ),
+        (
+            "PSNR (float) dB".to_string(),
+            format!("{:.4}", m["psnr"]["float"].as_f64().unwrap_or(f64::NAN)),
+        ),
+        (
+            "SSIM (uint8)".to_string(),
+            format!(
+                "{:.4}",
+                m["ssim"]["uint8_truncated"].as_f64().unwrap_or(f64::NAN)
+            ),
+        ),
+        (
+            "SSIM (float)".to_string(),
+            format!("{:.4}", m["ssim"]["float"].as_f64().unwrap_or(f64::NAN)),
+        ),
+    ];
+    if let Some(v) = m["lpips"]["value"].as_f64() {
+        rows.push(("LPIPS (VGG)".into(), format!("{v:.4}")));
+    }
+    if let Some(v) = m["rfid"]["value"].as_f64() {
+        rows.push(("rFID".into(), format!("{v:.4}")));
+    }
+    if let Some(v) = m["codebook"]["usage_all"].as_f64() {
+        rows.push(("codebook usage, all scales %".into(), format!("{v:.2}")));
+        rows.push((
+            "perplexity, all scales".into(),
+            format!(
+                "{:.2}",
+                m["codebook"]["perplexity_all"].as_f64().unwrap_or(f64::NAN)
+            ),
+        ));
+        rows.push((
+            "tokens per image".into(),
+            r["model"]["tokens_per_image"].to_string(),
+        ));
+        rows.push((
+            "bits per image".into(),
+            format!(
+                "{:.0}",
+                r["model"]["bits_per_image"].as_f64().unwrap_or(f64::NAN)
+            ),
+        ));
+    }
+    rows.push((
+        "images / s".into(),
+        format!("{:.2}", r["images_per_second"].as_f64().unwrap_or(f64::NAN)),
+    ));
+    rows
 }

@@ -7,6 +7,7 @@ pub mod inception;
 pub mod lpips;
 pub mod protocol;
 pub mod psnr;
+pub mod report;
 pub mod ssim;
 
 pub use codebook::{CodebookReport, CodebookStats};
