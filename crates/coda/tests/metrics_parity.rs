@@ -126,3 +126,25 @@ fn lpips_matches_the_lpips_package() {
     );
     assert!(err <= 1e-4 * scale, "LPIPS error {err} (values {scale})");
 }
+
+#[test]
+fn inception_weights_with_wrong_shapes_are_named() {
+    use coda::evaluation::inception::{deterministic_weights, FidInception};
+    let mut w = deterministic_weights(&candle_core::Device::Cpu).unwrap();
+    w.insert(
+        "Mixed_6b.branch7x7_2.conv.weight".into(),
+        candle_core::Tensor::zeros(
+            (128, 128, 7, 1),
+            candle_core::DType::F32,
+            &candle_core::Device::Cpu,
+        )
+        .unwrap(),
+    );
+    w.remove("Mixed_7c.branch_pool.bn.running_var");
+    let err = FidInception::new(&w, std::path::Path::new("inception.safetensors"))
+        .err()
+        .expect("must fail")
+        .to_string();
+    assert!(err.contains("Mixed_6b.branch7x7_2.conv.weight: checkpoint has [128, 128, 7, 1], architecture needs [128, 128, 1, 7]"), "{err}");
+    assert!(err.contains("Mixed_7c.branch_pool.bn.running_var"), "{err}");
+}
