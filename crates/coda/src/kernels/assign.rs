@@ -4,7 +4,7 @@
 
 use rayon::prelude::*;
 
-const QUERY_TILE: usize = 64;
+const QUERY_TILE: usize = 256;
 
 /// Row maximum over 16 lanes: branch-free, so it vectorises.
 #[inline(always)]
