@@ -112,13 +112,7 @@ fn lpips_matches_the_lpips_package() {
     let d = net.distance(&io["x"], &io["y"]).unwrap();
     let want = &io["lpips"];
     let err = common::max_abs(&d, want);
-    let scale = want
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let scale = common::abs_max(want);
     println!(
         "LPIPS {:?} vs {:?}: max abs error {err:.2e}",
         d.to_vec1::<f32>().unwrap(),

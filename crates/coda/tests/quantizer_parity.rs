@@ -58,14 +58,7 @@ fn resampling_matches_pytorch_values_and_gradients() {
         let tol = if square {
             1e-6
         } else {
-            1e-6 * want
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-                .max(1.0)
+            1e-6 * common::abs_max(want).max(1.0)
         };
         assert!(e <= tol, "{base}: max abs error {e} > {tol}");
         let grads = (y * &io[&format!("{base}_g")])
@@ -76,14 +69,7 @@ fn resampling_matches_pytorch_values_and_gradients() {
             .unwrap();
         // A gradient entry sums up to (32/s)^2 products: the tolerance is relative to its scale.
         let want = &io[&format!("{base}_grad")];
-        let scale = want
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-            .max(1.0);
+        let scale = common::abs_max(want).max(1.0);
         let eg = max_abs(grads.get(&x).unwrap(), want) / scale;
         assert!(eg <= 1e-5, "{base}: gradient max relative error {eg}");
         worst_val = worst_val.max(e);
