@@ -210,10 +210,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             }
             Model::Vae(vae, _) => {
                 let post = vae.encode(&x)?;
-                let z = match posterior {
-                    Posterior::Mean => post.mean.clone(),
-                    Posterior::Sample(s) => post.sample(s)?,
-                };
+                let z = posterior.latent(&post)?;
                 vae.decode(&z)?
             }
         };

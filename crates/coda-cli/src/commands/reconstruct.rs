@@ -126,10 +126,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let weights = VaeWeights::load(path, &args.vae.options(), &device)?;
         let vae = weights.build()?;
         let post = vae.encode(&x)?;
-        let z = match posterior {
-            Posterior::Mean => post.mean.clone(),
-            Posterior::Sample(seed) => post.sample(seed)?,
-        };
+        let z = posterior.latent(&post)?;
         let latent = vae.normalize(&z)?;
         lines.push(format!(
             "vae        {} ({} layout, architecture: {})",

@@ -34,6 +34,16 @@ pub enum Posterior {
     Sample(u64),
 }
 
+impl Posterior {
+    /// The latent this choice takes from an encoder's posterior.
+    pub fn latent(self, post: &crate::vae::Posterior) -> Result<Tensor> {
+        match self {
+            Posterior::Mean => Ok(post.mean.clone()),
+            Posterior::Sample(seed) => post.sample(seed),
+        }
+    }
+}
+
 /// Everything one encode pass produces.
 #[derive(Clone, Debug)]
 pub struct Encoded {
@@ -210,10 +220,7 @@ impl Tokenizer {
         let (_, _, h, w) = images.dims4()?;
         let scales = self.scales_for_image(h, w)?;
         let post = self.vae.encode(images)?;
-        let z = match posterior {
-            Posterior::Mean => post.mean.clone(),
-            Posterior::Sample(seed) => post.sample(seed)?,
-        };
+        let z = posterior.latent(&post)?;
         let latent = self.vae.normalize(&z)?;
         let (ids, latent_hat) = self.quantizer.encode(&self.tables, &latent, &scales)?;
         Ok(Encoded {
