@@ -30,6 +30,12 @@ enum Command {
     Tokenizer(commands::tokenizer::Command),
     /// Import an official CODA checkpoint (quantizer_ema.pth + vae_ema.pth).
     Import(commands::import::Args),
+    /// Adapt a frozen VAE into a discrete tokenizer (the CODA recipe).
+    Adapt(commands::train::Args),
+    /// Train a continuous KL-VAE from scratch (exported as a diffusers folder).
+    TrainVae(commands::train::Args),
+    /// Train a VQ tokenizer from scratch (VQGAN-style; VAR-style with model.scales > 1).
+    TrainVq(commands::train::Args),
     /// Print a checkpoint's architecture, parameter count and latent shape.
     Info(commands::info::Args),
     /// Measure VAE encode and decode speed (a benchmark, not a test).
@@ -49,6 +55,9 @@ fn main() {
         Command::Eval(a) => commands::eval::run(a),
         Command::Tokenizer(c) => commands::tokenizer::run(c),
         Command::Import(a) => commands::import::run(a),
+        Command::Adapt(a) => commands::train::run(coda::training::Role::Adapt, a),
+        Command::TrainVae(a) => commands::train::run(coda::training::Role::Vae, a),
+        Command::TrainVq(a) => commands::train::run(coda::training::Role::Vq, a),
         Command::Info(a) => commands::info::run(a),
         Command::Bench(a) => commands::bench::run(a),
     };

@@ -29,6 +29,7 @@ pub mod io;
 pub mod kernels;
 pub mod quantizer;
 pub mod tokenizer;
+pub mod training;
 pub mod vae;
 
 pub use error::{Error, Result};

@@ -139,6 +139,7 @@ fn resampling_gradient_matches_finite_differences() {
 fn small_quantizer(vars: bool) -> (CodaQuantizer, Vec<(String, Var)>) {
     let ts = coda::io::read_tensors(&fixtures().join("quantizer.pth"), &Device::Cpu).unwrap();
     let cfg = QuantizerConfig {
+        kind: coda::quantizer::QuantizerKind::Attention,
         attn_dim: 8,
         ..QuantizerConfig::new(64, 4)
     };

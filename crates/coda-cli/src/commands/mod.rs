@@ -8,6 +8,7 @@ pub mod import;
 pub mod info;
 pub mod reconstruct;
 pub mod tokenizer;
+pub mod train;
 
 use std::path::PathBuf;
 

@@ -74,6 +74,7 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
         }),
     });
     let qcfg = QuantizerConfig {
+        kind: coda::quantizer::QuantizerKind::Attention,
         attn_dim: args.attn_dim,
         ..QuantizerConfig::new(args.codebook_size, weights.config.latent_channels)
     };

@@ -3,6 +3,7 @@
 
 pub mod folder;
 pub mod image_io;
+pub mod loader;
 
 pub use folder::{collect_images, load_prepared};
 pub use image_io::{

@@ -17,8 +17,25 @@ pub enum NormKind {
     None,
 }
 
+/// How a query picks its code.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QuantizerKind {
+    /// CODA: argmax of attention logits between normalised to_q(query) and to_k(E); the code
+    /// vector is to_v(E[n]).
+    #[default]
+    Attention,
+    /// The VQ-VAE / VAR baseline: the nearest code in Euclidean distance, code vector E[n].
+    Nearest,
+    /// As `Nearest` on l2-normalised queries and codes (ViT-VQGAN): the code vector is E[n]/|E[n]|.
+    NearestL2,
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct QuantizerConfig {
+    /// Attention (CODA) or nearest-neighbour (the baselines); absent in older configs = attention.
+    #[serde(default)]
+    pub kind: QuantizerKind,
     /// V: the number of codes.
     pub codebook_size: usize,
     /// C: the latent channels.
@@ -37,6 +54,7 @@ pub struct QuantizerConfig {
 impl QuantizerConfig {
     pub fn new(codebook_size: usize, dim: usize) -> Self {
         Self {
+            kind: QuantizerKind::Attention,
             codebook_size,
             dim,
             attn_dim: 32,
@@ -50,6 +68,9 @@ impl QuantizerConfig {
     /// Parameter names (reference state-dict names) and shapes.
     pub fn parameter_shapes(&self) -> Vec<(String, Vec<usize>)> {
         let (v, c, d) = (self.codebook_size, self.dim, self.attn_dim);
+        if self.kind != QuantizerKind::Attention {
+            return vec![("codebooks.weight".to_string(), vec![v, c])];
+        }
         let mut p = vec![
             ("codebooks.weight".to_string(), vec![v, c]),
             ("attn.to_q.weight".into(), vec![d, c]),
@@ -164,15 +185,26 @@ pub struct TrainOutput {
     pub loss_entropy: Tensor,
 }
 
+/// The attention projections; absent for the nearest-neighbour kinds.
 #[derive(Clone, Debug)]
-pub struct CodaQuantizer {
-    config: QuantizerConfig,
-    codebook: Tensor,
+struct Projections {
     to_q: (Tensor, Tensor),
     to_k: (Tensor, Tensor),
     to_v: (Tensor, Tensor),
     norm_q: Norm,
     norm_k: Norm,
+}
+
+#[derive(Clone, Debug)]
+pub struct CodaQuantizer {
+    config: QuantizerConfig,
+    codebook: Tensor,
+    attn: Option<Projections>,
+}
+
+/// Rows scaled to unit l2 norm (eps as F.normalize).
+fn l2_normalize(x: &Tensor) -> Result<Tensor> {
+    x.broadcast_div(&(x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()? + 1e-12)?)
 }
 
 impl CodaQuantizer {
@@ -186,13 +218,20 @@ impl CodaQuantizer {
                 a.pp(name).get(o, "bias")?,
             ))
         };
+        let attn = if config.kind == QuantizerKind::Attention {
+            Some(Projections {
+                to_q: lin("to_q", d, c)?,
+                to_k: lin("to_k", d, c)?,
+                to_v: lin("to_v", c, c)?,
+                norm_q: Norm::new(a.pp("norm_q"), config.norm, d, config.norm_eps)?,
+                norm_k: Norm::new(a.pp("norm_k"), config.norm, d, config.norm_eps)?,
+            })
+        } else {
+            None
+        };
         Ok(Self {
             codebook: vb.pp("codebooks").get((v, c), "weight")?,
-            to_q: lin("to_q", d, c)?,
-            to_k: lin("to_k", d, c)?,
-            to_v: lin("to_v", c, c)?,
-            norm_q: Norm::new(a.pp("norm_q"), config.norm, d, config.norm_eps)?,
-            norm_k: Norm::new(a.pp("norm_k"), config.norm, d, config.norm_eps)?,
+            attn,
             config,
         })
     }
@@ -212,11 +251,8 @@ impl CodaQuantizer {
 
     /// As [`tables`](Self::tables), comparing codes `chunk` at a time.
     pub fn tables_chunked(&self, chunk: usize) -> Result<CodeTables> {
-        let keys = self
-            .norm_k
-            .forward(&linear(&self.codebook, &self.to_k.0, &self.to_k.1)?)?;
-        let keys = (keys * self.scale())?.contiguous()?;
-        let values = linear(&self.codebook, &self.to_v.0, &self.to_v.1)?.contiguous()?;
+        let (keys, values) = self.keys_values()?;
+        let (keys, values) = (keys.contiguous()?, values.contiguous()?);
         Ok(CodeTables {
             keys,
             chunk: chunk.max(1),
@@ -224,12 +260,53 @@ impl CodaQuantizer {
         })
     }
 
-    /// Normalised queries (N, d_a) of a (B, C, h, w) feature map, in (b, y, x) order.
-    fn queries(&self, q: &Tensor) -> Result<Tensor> {
+    /// Keys (pre-scaled so that a plain dot product with a query is the logit) and code
+    /// vectors, both (V, ·), differentiable in the parameters.
+    /// For `Nearest` the key of code e is [e, -|e|²/2] and the query [q, 1], so that the
+    /// largest dot product is the smallest Euclidean distance.
+    fn keys_values(&self) -> Result<(Tensor, Tensor)> {
+        match (&self.attn, self.config.kind) {
+            (Some(a), _) => {
+                let keys = a.norm_k.forward(&linear(&self.codebook, &a.to_k.0, &a.to_k.1)?)?;
+                let values = linear(&self.codebook, &a.to_v.0, &a.to_v.1)?;
+                Ok(((keys * self.scale())?, values))
+            }
+            (None, QuantizerKind::NearestL2) => {
+                let e = l2_normalize(&self.codebook)?;
+                Ok((e.clone(), e))
+            }
+            (None, _) => {
+                let half_sq = (self.codebook.sqr()?.sum_keepdim(1)? * -0.5)?;
+                Ok((
+                    Tensor::cat(&[&self.codebook, &half_sq], 1)?,
+                    self.codebook.clone(),
+                ))
+            }
+        }
+    }
+
+    /// (N, C) tokens of a (B, C, h, w) feature map, in (b, y, x) order.
+    fn tokens(q: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = q.dims4()?;
-        let tokens = q.permute((0, 2, 3, 1))?.reshape((b * h * w, c))?;
-        self.norm_q
-            .forward(&linear(&tokens, &self.to_q.0, &self.to_q.1)?)
+        q.permute((0, 2, 3, 1))?.reshape((b * h * w, c))
+    }
+
+    /// What is compared with the keys: normalised to_q(q) for attention, the (normalised)
+    /// features themselves for nearest-neighbour kinds.
+    fn queries_of_tokens(&self, tokens: &Tensor) -> Result<Tensor> {
+        match (&self.attn, self.config.kind) {
+            (Some(a), _) => a.norm_q.forward(&linear(tokens, &a.to_q.0, &a.to_q.1)?),
+            (None, QuantizerKind::NearestL2) => l2_normalize(tokens),
+            (None, _) => {
+                let ones = Tensor::ones((tokens.dim(0)?, 1), tokens.dtype(), tokens.device())?;
+                Tensor::cat(&[tokens, &ones], 1)
+            }
+        }
+    }
+
+    /// Queries (N, ·) of a (B, C, h, w) feature map, in (b, y, x) order.
+    fn queries(&self, q: &Tensor) -> Result<Tensor> {
+        self.queries_of_tokens(&Self::tokens(q)?)
     }
 
     /// Hard assignment: argmax over codes of the attention logits, (B, h, w) u32. Runs over
@@ -335,19 +412,19 @@ impl CodaQuantizer {
     /// Training forward: straight-through soft one-hot, quantization and entropy losses, with
     /// gradients across scales (the residual is not detached). Materialises (N, V) per scale.
     pub fn forward_train(&self, f: &Tensor, scales: &[(usize, usize)]) -> Result<TrainOutput> {
+        if self.attn.is_none() {
+            return self.forward_train_nearest(f, scales);
+        }
         let (b, c, hh, ww) = f.dims4()?;
         let v = self.config.codebook_size;
-        let keys = self
-            .norm_k
-            .forward(&linear(&self.codebook, &self.to_k.0, &self.to_k.1)?)?;
-        let values = linear(&self.codebook, &self.to_v.0, &self.to_v.1)?;
+        let (keys, values) = self.keys_values()?;
         let codes = Tensor::arange(0u32, v as u32, f.device())?.unsqueeze(0)?;
         let mut residual = f.clone();
         let mut f_hat = f.zeros_like()?;
         let (mut ids, mut lq, mut lent) = (Vec::new(), Vec::new(), Vec::new());
         for &(h, w) in scales {
             let q = Resize2d::new(Mode::Area, (hh, ww), (h, w), f.device())?.apply(&residual)?;
-            let logits = (self.queries(&q)?.matmul(&keys.t()?)? * self.scale())?; // (N, V)
+            let logits = self.queries(&q)?.matmul(&keys.t()?)?; // (N, V), keys pre-scaled
             let p = softmax(&logits, 1)?;
             let idx = logits.argmax_keepdim(1)?.to_dtype(DType::U32)?; // (N, 1)
             let hard = idx.broadcast_eq(&codes)?.to_dtype(DType::F32)?;
@@ -375,6 +452,49 @@ impl CodaQuantizer {
         })
     }
 
+    /// The baselines' training forward (VQ-VAE; VAR-style when there are several scales):
+    /// nearest code, straight-through identity estimator, codebook + β·commitment loss, the
+    /// residual after each scale taken from the straight-through map. No entropy loss (zero).
+    fn forward_train_nearest(&self, f: &Tensor, scales: &[(usize, usize)]) -> Result<TrainOutput> {
+        let (b, c, hh, ww) = f.dims4()?;
+        let (keys, values) = self.keys_values()?;
+        let tables = CodeTables {
+            keys: keys.detach().contiguous()?,
+            chunk: ASSIGN_CHUNK,
+            values: values.detach(),
+        };
+        let mut residual = f.clone();
+        let mut f_hat = f.zeros_like()?;
+        let (mut ids, mut lq) = (Vec::new(), Vec::new());
+        for &(h, w) in scales {
+            let q = Resize2d::new(Mode::Area, (hh, ww), (h, w), f.device())?.apply(&residual)?;
+            let idx = self.assign(&tables, &q.detach())?; // (B, h, w)
+            let tokens = Self::tokens(&q)?;
+            let tokens = match self.config.kind {
+                QuantizerKind::NearestL2 => l2_normalize(&tokens)?,
+                _ => tokens,
+            };
+            let zq = values.index_select(&idx.flatten_all()?, 0)?; // (N, C), grad to E
+            let st = (&tokens + (&zq - &tokens)?.detach())?;
+            lq.push(
+                ((tokens.detach() - &zq)?.sqr()?.mean_all()?
+                    + ((&tokens - zq.detach())?.sqr()?.mean_all()? * self.config.beta)?)?,
+            );
+            let z = st.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?.contiguous()?;
+            let up = Resize2d::new(Mode::Bicubic, (h, w), (hh, ww), f.device())?.apply(&z)?;
+            f_hat = (f_hat + &up)?;
+            residual = (residual - up)?;
+            ids.push(idx);
+        }
+        let k = scales.len() as f64;
+        Ok(TrainOutput {
+            ids,
+            f_hat,
+            loss_q: (Tensor::stack(&lq, 0)?.sum_all()? / k)?,
+            loss_entropy: Tensor::zeros((), f.dtype(), f.device())?,
+        })
+    }
+
     /// MAGVIT-v2 style entropy loss on (N, V) logits, as the reference computes it (including the
     /// no-op +1e-5 inside the log-softmax).
     fn entropy_loss(&self, logits: &Tensor) -> Result<Tensor> {
@@ -388,7 +508,8 @@ impl CodaQuantizer {
     }
 }
 
-/// A fresh quantizer's parameters, initialised as the reference does: codebook N(0, 1), linears
+/// A fresh quantizer's parameters, initialised as the reference does: codebook N(0, 1) (U(±1/V)
+/// for the nearest-neighbour baselines, as taming's VQGAN), linears
 /// U(±1/sqrt(C)) for weights and biases (PyTorch's default), norm gains 1 (and biases 0).
 pub fn init_parameters(
     config: &QuantizerConfig,
@@ -405,7 +526,12 @@ pub fn init_parameters(
         .into_iter()
         .map(|(name, shape)| {
             let n: usize = shape.iter().product();
-            let data: Vec<f32> = if name == "codebooks.weight" {
+            let data: Vec<f32> = if name == "codebooks.weight" && config.kind != QuantizerKind::Attention {
+                // The baselines start as taming's VQGAN does: U(-1/V, 1/V).
+                let b = 1.0 / config.codebook_size as f32;
+                let u = rand_distr::Uniform::new(-b, b);
+                (0..n).map(|_| u.sample(&mut rng)).collect()
+            } else if name == "codebooks.weight" {
                 (0..n)
                     .map(|_| rand_distr::StandardNormal.sample(&mut rng))
                     .collect()

@@ -5,5 +5,7 @@ pub mod attention;
 pub mod resample;
 pub mod scales;
 
-pub use attention::{CodaQuantizer, CodeTables, NormKind, QuantizerConfig, TrainOutput};
+pub use attention::{
+    CodaQuantizer, CodeTables, NormKind, QuantizerConfig, QuantizerKind, TrainOutput,
+};
 pub use scales::ScaleSpec;

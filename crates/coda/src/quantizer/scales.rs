@@ -11,6 +11,10 @@ pub const DEFAULT_NUM_SCALES: usize = 10;
 /// 32 -> [1,2,3,4,6,9,13,18,24,32] (r = 0.75). Sides shorter than `k` get every size 1..=n.
 pub fn derive_side(n: usize, k: usize) -> Vec<usize> {
     assert!(n >= 1 && k >= 1);
+    if k == 1 {
+        // A single scale is the latent itself (the single-scale VQ baseline).
+        return vec![n];
+    }
     if n <= k {
         return (1..=n).collect();
     }

@@ -173,6 +173,7 @@ pub fn import_official(
         _ => NormKind::None,
     };
     let qcfg = QuantizerConfig {
+        kind: crate::quantizer::QuantizerKind::Attention,
         attn_dim: dims("attn.to_q.weight")?[0],
         norm,
         ..QuantizerConfig::new(cb[0], cb[1])

@@ -118,6 +118,64 @@ pub fn diffusers_to_ldm(key: &str, levels: usize) -> String {
     out.join(".")
 }
 
+/// Rename one LDM key to its diffusers name: the inverse of [`diffusers_to_ldm`], used to
+/// export VAEs in the diffusers folder layout.
+pub fn ldm_to_diffusers(key: &str, levels: usize) -> String {
+    let parts: Vec<&str> = key.split('.').collect();
+    let mut out: Vec<String> = Vec::with_capacity(parts.len() + 1);
+    let mut i = 0;
+    while i < parts.len() {
+        let p = parts[i];
+        let next = parts.get(i + 1).copied();
+        let num = next.and_then(|n| n.parse::<usize>().ok());
+        match (p, num, next) {
+            ("down", Some(n), _) => {
+                out.push(format!("down_blocks.{n}"));
+                i += 2;
+            }
+            ("up", Some(n), _) if n < levels => {
+                out.push(format!("up_blocks.{}", levels - 1 - n));
+                i += 2;
+            }
+            ("block", Some(n), _) => {
+                out.push(format!("resnets.{n}"));
+                i += 2;
+            }
+            ("attn", Some(n), _) => {
+                out.push(format!("attentions.{n}"));
+                i += 2;
+            }
+            ("mid", None, Some(sub)) => {
+                let (kind, n) = match (sub.strip_prefix("block_"), sub.strip_prefix("attn_")) {
+                    (Some(n), _) => ("resnets", n),
+                    (_, Some(n)) => ("attentions", n),
+                    _ => ("", "0"),
+                };
+                let n: usize = n.parse().unwrap_or(1);
+                out.push(format!("mid_block.{kind}.{}", n.saturating_sub(1)));
+                i += 2;
+            }
+            _ => {
+                let renamed = match p {
+                    "downsample" => "downsamplers.0",
+                    "upsample" => "upsamplers.0",
+                    "nin_shortcut" => "conv_shortcut",
+                    "norm_out" => "conv_norm_out",
+                    "norm" => "group_norm",
+                    "q" => "to_q",
+                    "k" => "to_k",
+                    "v" => "to_v",
+                    "proj_out" => "to_out.0",
+                    other => other,
+                };
+                out.push(renamed.to_string());
+                i += 1;
+            }
+        }
+    }
+    out.join(".")
+}
+
 /// The number of levels of a diffusers checkpoint, from its decoder block indices.
 pub fn diffusers_levels<'a>(keys: impl IntoIterator<Item = &'a String>) -> usize {
     keys.into_iter()
@@ -163,6 +221,29 @@ pub fn linear_to_conv_if_attention(key: &str, t: Tensor) -> candle_core::Result<
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn ldm_to_diffusers_inverts_diffusers_to_ldm() {
+        for preset in [
+            crate::vae::Preset::Flux,
+            crate::vae::Preset::Sd,
+            crate::vae::Preset::MarKl16,
+        ] {
+            let cfg = preset.config();
+            for (k, _) in cfg.parameter_shapes() {
+                let d = super::ldm_to_diffusers(&k, cfg.levels());
+                assert_eq!(super::diffusers_to_ldm(&d, cfg.levels()), k, "{k} -> {d}");
+            }
+        }
+        assert_eq!(
+            super::ldm_to_diffusers("decoder.up.3.block.2.nin_shortcut.weight", 4),
+            "decoder.up_blocks.0.resnets.2.conv_shortcut.weight"
+        );
+        assert_eq!(
+            super::ldm_to_diffusers("encoder.mid.attn_1.proj_out.bias", 4),
+            "encoder.mid_block.attentions.0.to_out.0.bias"
+        );
+    }
+
     use super::*;
 
     #[test]

@@ -7,6 +7,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod decoder;
 pub mod encoder;
+pub mod export;
 pub mod layout;
 pub mod lora;
 

@@ -1,0 +1,827 @@
+//! The training loop shared by `adapt`, `train-vae` and `train-vq`: gradient accumulation,
+//! the adaptive GAN weight, AdamW + cosine schedule + clipping for generator and discriminator,
+//! EMA, a NaN/inf guard, periodic evaluation with a reconstruction grid, JSON-lines metrics,
+//! atomic checkpoints that resume exactly, and the export of the final model.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor, Var};
+use image::RgbImage;
+use serde::{Deserialize, Serialize};
+
+use super::config::{Discriminator, GanRamp, TrainConfig};
+use super::ema::Ema;
+use super::losses;
+use super::model::{Role, TrainModel};
+use super::optim::{clip_by_global_norm, cosine_factor, AdamW, Group, Param};
+use super::patchgan::PatchGan;
+use crate::data::loader::{prefetch, resize_shorter, Augment, Batch, Sampler};
+use crate::error::{Error, Result};
+use crate::evaluation::lpips::Lpips;
+use crate::evaluation::{CodebookStats, Protocol};
+use crate::quantizer::{attention::init_parameters, QuantizerConfig, ScaleSpec};
+use crate::tokenizer::{Tokenizer, TokenizerConfig, Tokens, CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE};
+use crate::vae::VaeConfig;
+
+/// Consecutive non-finite updates that stop a run.
+pub const MAX_BAD_STREAK: u32 = 3;
+
+/// What one optimizer update did (means over its micro-batches).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct StepLog {
+    pub step: u64,
+    pub total: u64,
+    pub loss: f64,
+    pub l1: f64,
+    pub mse: f64,
+    pub lpips: Option<f64>,
+    pub vq: Option<f64>,
+    pub entropy: Option<f64>,
+    pub kl: Option<f64>,
+    pub g_adv: Option<f64>,
+    pub d_loss: Option<f64>,
+    /// w_gan · λ: the weight the adversarial term had.
+    pub gan_weight: Option<f64>,
+    pub grad_norm: f64,
+    pub lr: f64,
+    pub seconds: f64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EvalReport {
+    pub step: u64,
+    pub images: usize,
+    pub psnr: f64,
+    pub ssim: f64,
+    pub usage_per_scale: Vec<f64>,
+    pub usage_all: Option<f64>,
+    pub perplexity_all: Option<f64>,
+    pub grid: PathBuf,
+}
+
+pub enum Event<'a> {
+    Start { step: u64, total: u64, images: usize, trainable: usize, lpips: bool },
+    Step(&'a StepLog),
+    Skipped { step: u64, reason: String },
+    Eval(&'a EvalReport),
+    Checkpoint { step: u64, path: &'a Path },
+    Exported { path: &'a Path },
+}
+
+struct Disc {
+    net: PatchGan,
+    opt: AdamW,
+}
+
+impl Disc {
+    fn params(&self, detached: bool) -> HashMap<String, Tensor> {
+        self.opt
+            .params
+            .iter()
+            .map(|p| {
+                let t = p.var.as_tensor();
+                (p.name.clone(), if detached { t.detach() } else { t.clone() })
+            })
+            .collect()
+    }
+}
+
+pub struct Trainer {
+    cfg: TrainConfig,
+    role: Role,
+    arch: TokenizerConfig,
+    frozen: HashMap<String, Tensor>,
+    opt: AdamW,
+    ema: Option<Ema>,
+    disc: Option<Disc>,
+    lpips: Option<Lpips>,
+    sampler: Arc<Sampler>,
+    val: Vec<RgbImage>,
+    out: PathBuf,
+    step: u64,
+    total: u64,
+    bad_streak: u32,
+    adaptive: Option<usize>,
+    device: Device,
+}
+
+/// The architecture and starting weights of a run.
+pub fn initial_model(role: Role, cfg: &TrainConfig) -> Result<(TokenizerConfig, HashMap<String, Tensor>)> {
+    match role {
+        Role::Adapt => {
+            let dir = cfg.tokenizer.as_ref().ok_or_else(|| {
+                Error::Invalid("adapt needs a starting tokenizer (--tokenizer DIR, made by `coda tokenizer new`)".into())
+            })?;
+            let cfg_path = dir.join(CONFIG_FILE);
+            let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+            let config: TokenizerConfig = serde_json::from_str(&text).map_err(|e| Error::Config {
+                path: cfg_path.clone(),
+                reason: e.to_string(),
+            })?;
+            let path = dir.join(WEIGHTS_FILE);
+            let tensors = crate::io::read_tensors(&path, &Device::Cpu)?;
+            crate::io::check_tensor_shapes(&config.parameter_shapes(), &tensors, &path)?;
+            Ok((config, tensors))
+        }
+        Role::Vae | Role::Vq => {
+            let m = &cfg.model;
+            let mut vae = VaeConfig::ldm(m.channels.clone(), m.latent_channels);
+            vae.num_res_blocks = m.res_blocks;
+            vae.mid_attention = m.mid_attention;
+            vae.norm_groups = m.norm_groups;
+            vae.validate(Path::new("[model]"))?;
+            let mut quantizer = QuantizerConfig::new(m.codebook_size, m.latent_channels);
+            quantizer.kind = m.quantizer;
+            quantizer.beta = m.beta;
+            let mut tensors = crate::vae::export::init_parameters(&vae, cfg.seed)?;
+            if role == Role::Vq {
+                if quantizer.kind == crate::quantizer::QuantizerKind::Attention {
+                    return Err(Error::Invalid("train-vq trains nearest-neighbour quantizers: model.quantizer = \"nearest\" or \"nearest_l2\"".into()));
+                }
+                for (k, t) in init_parameters(&quantizer, cfg.seed.wrapping_add(7), &Device::Cpu)? {
+                    tensors.insert(format!("quantizer.{k}"), t);
+                }
+            }
+            Ok((
+                TokenizerConfig {
+                    format_version: FORMAT_VERSION,
+                    vae,
+                    quantizer,
+                    scales: ScaleSpec::Derived { num_scales: m.scales.max(1) },
+                    lora: None,
+                    resolution: Some(cfg.size as usize),
+                },
+                tensors,
+            ))
+        }
+    }
+}
+
+fn scalar(t: &Tensor) -> Result<f64> {
+    Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+}
+
+impl Trainer {
+    /// Set up a run in `cfg.out`: a fresh one, or with `resume` the latest checkpoint there.
+    pub fn new(role: Role, cfg: TrainConfig, resume: bool) -> Result<Self> {
+        let out = cfg
+            .out
+            .clone()
+            .ok_or_else(|| Error::Invalid("give the run folder (--out DIR)".into()))?;
+        let data = cfg
+            .data
+            .clone()
+            .ok_or_else(|| Error::Invalid("give the training images (--data DIR)".into()))?;
+        let device = Device::Cpu;
+        let (arch, tensors) = initial_model(role, &cfg)?;
+        let paths = crate::data::collect_images(&[data])?;
+        let aug = Augment {
+            size: cfg.size,
+            resize: cfg.resize_side(),
+            random_crop: true,
+            flip: cfg.flip,
+        };
+        let sampler = Arc::new(Sampler::new(paths.clone(), aug, cfg.seed, cfg.cache_mb)?);
+        let total = cfg.total_steps(sampler.len());
+
+        let mut names: Vec<&String> = tensors.keys().collect();
+        names.sort();
+        let mut params = Vec::new();
+        let mut frozen = HashMap::new();
+        for n in names {
+            let t = tensors[n].to_dtype(DType::F32)?.to_device(&device)?;
+            if role.is_trainable(n) {
+                params.push(Param {
+                    name: n.clone(),
+                    var: Var::from_tensor(&t)?,
+                    group: role.group(n),
+                });
+            } else {
+                frozen.insert(n.clone(), t);
+            }
+        }
+        if params.is_empty() {
+            return Err(Error::Invalid("nothing to train: the model has no trainable weights (a tokenizer without LoRA and quantizer?)".into()));
+        }
+        let group = Group {
+            lr: cfg.lr,
+            weight_decay: cfg.weight_decay,
+        };
+        let betas = (cfg.betas[0], cfg.betas[1]);
+        let adaptive_name = cfg.adaptive_layer.clone().unwrap_or_else(|| match role {
+            Role::Adapt => params
+                .iter()
+                .filter(|p| p.name.starts_with("decoder.up.0.") && p.name.ends_with("conv2.lora_layer.up.weight"))
+                .map(|p| p.name.clone())
+                .max()
+                .unwrap_or_default(),
+            _ => "decoder.conv_out.weight".into(),
+        });
+        let adaptive = params.iter().position(|p| p.name == adaptive_name);
+        if cfg.disc != Discriminator::None && adaptive.is_none() {
+            return Err(Error::Invalid(format!(
+                "adaptive GAN weight: '{adaptive_name}' is not a trained parameter (set adaptive_layer)"
+            )));
+        }
+        let ema = if cfg.ema { Some(Ema::new(&params)?) } else { None };
+        let opt = AdamW::new(params, vec![group, group], betas, cfg.eps)?;
+        let disc = match cfg.disc {
+            Discriminator::None => None,
+            Discriminator::Patchgan => {
+                let net = PatchGan::new(cfg.patchgan);
+                let dparams = net
+                    .init(cfg.seed.wrapping_add(11), &device)?
+                    .into_iter()
+                    .map(|(name, t)| Ok(Param { name, var: Var::from_tensor(&t)?, group: 0 }))
+                    .collect::<Result<Vec<_>>>()?;
+                let g = Group {
+                    lr: cfg.lr_disc,
+                    weight_decay: cfg.weight_decay_disc,
+                };
+                Some(Disc {
+                    net,
+                    opt: AdamW::new(dparams, vec![g], betas, cfg.eps)?,
+                })
+            }
+        };
+        let lpips = match (&cfg.lpips, cfg.lpips_weight > 0.0) {
+            (Some(p), true) => Some(Lpips::new(&crate::io::read_tensors(p, &device)?, p)?),
+            _ => None,
+        };
+        let val = load_val(&cfg, &paths)?;
+        std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
+        let mut t = Self {
+            cfg,
+            role,
+            arch,
+            frozen,
+            opt,
+            ema,
+            disc,
+            lpips,
+            sampler,
+            val,
+            out,
+            step: 0,
+            total,
+            bad_streak: 0,
+            adaptive,
+            device,
+        };
+        if resume {
+            match t.latest_checkpoint()? {
+                Some(dir) => t.load_checkpoint(&dir)?,
+                None => return Err(Error::Invalid(format!("--resume: no checkpoint in {}", t.out.join("checkpoints").display()))),
+            }
+        }
+        crate::io::write_atomic(&t.out.join("config.toml"), t.cfg.to_toml().as_bytes())?;
+        t.truncate_metrics()?;
+        Ok(t)
+    }
+
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+
+    pub fn total_steps(&self) -> u64 {
+        self.total
+    }
+
+    pub fn out_dir(&self) -> &Path {
+        &self.out
+    }
+
+    /// Corrupt training images met so far.
+    pub fn bad_images(&self) -> Vec<PathBuf> {
+        self.sampler.bad_images()
+    }
+
+    /// Current (not EMA) weights of a trained parameter.
+    pub fn param(&self, name: &str) -> Option<Tensor> {
+        self.opt
+            .params
+            .iter()
+            .find(|p| p.name == name)
+            .map(|p| p.var.as_tensor().clone())
+    }
+
+    pub fn param_names(&self) -> Vec<String> {
+        self.opt.params.iter().map(|p| p.name.clone()).collect()
+    }
+
+    fn model_tensors(&self, use_ema: bool) -> HashMap<String, Tensor> {
+        let mut m = self.frozen.clone();
+        match (&self.ema, use_ema) {
+            (Some(e), true) => {
+                for (n, t) in &e.weights {
+                    m.insert(n.clone(), t.clone());
+                }
+            }
+            _ => {
+                for p in &self.opt.params {
+                    m.insert(p.name.clone(), p.var.as_tensor().clone());
+                }
+            }
+        }
+        m
+    }
+
+    /// Train until `until` updates are done (at most the run's total), with periodic
+    /// evaluation and checkpoints. The final update also evaluates, checkpoints and exports.
+    pub fn run(&mut self, until: Option<u64>, on: &mut dyn FnMut(Event)) -> Result<()> {
+        let until = until.unwrap_or(self.total).min(self.total);
+        on(Event::Start {
+            step: self.step,
+            total: self.total,
+            images: self.sampler.len(),
+            trainable: self.opt.params.iter().map(|p| p.var.elem_count()).sum(),
+            lpips: self.lpips.is_some(),
+        });
+        let accum = self.cfg.accum as u64;
+        let rx = prefetch(self.sampler.clone(), self.step * accum, self.cfg.batch, self.cfg.prefetch);
+        while self.step < until {
+            let mut batches = Vec::with_capacity(self.cfg.accum);
+            for _ in 0..accum {
+                let b = rx
+                    .recv()
+                    .map_err(|_| Error::Invalid("the data loader stopped".into()))??;
+                batches.push(b);
+            }
+            let started = Instant::now();
+            match self.update(&batches)? {
+                Ok(mut log) => {
+                    log.seconds = started.elapsed().as_secs_f64();
+                    let s = self.step;
+                    if s % self.cfg.log_every.max(1) == 0 || s == until || s == 1 {
+                        self.append_metrics(&serde_json::json!({"step": s, "train": &log}))?;
+                    }
+                    on(Event::Step(&log));
+                }
+                Err(reason) => {
+                    self.append_metrics(&serde_json::json!({"step": self.step, "skipped": &reason}))?;
+                    on(Event::Skipped { step: self.step, reason: reason.clone() });
+                    if self.bad_streak >= MAX_BAD_STREAK {
+                        return Err(Error::Invalid(format!(
+                            "training stopped: {MAX_BAD_STREAK} updates in a row had non-finite loss or gradients (last at update {}: {reason}); the weights were not changed by them and the last checkpoint is intact. Lower the learning rate or check the data.",
+                            self.step
+                        )));
+                    }
+                }
+            }
+            let s = self.step;
+            let last = s == self.total;
+            if (self.cfg.eval_every > 0 && s % self.cfg.eval_every == 0) || last {
+                let r = self.evaluate()?;
+                self.append_metrics(&serde_json::json!({"step": s, "eval": &r}))?;
+                on(Event::Eval(&r));
+            }
+            if (self.cfg.checkpoint_every > 0 && s % self.cfg.checkpoint_every == 0) || last || s == until {
+                let p = self.save_checkpoint()?;
+                on(Event::Checkpoint { step: s, path: &p });
+            }
+            if last {
+                let p = self.export()?;
+                on(Event::Exported { path: &p });
+            }
+        }
+        let bad = self.sampler.bad_images();
+        if !bad.is_empty() {
+            self.append_metrics(&serde_json::json!({"step": self.step, "corrupt_images": bad}))?;
+        }
+        Ok(())
+    }
+
+    /// One optimizer update over the micro-batches. Ok(Err(reason)) when the update was skipped
+    /// because the loss or the gradients were not finite (the weights are left untouched).
+    fn update(&mut self, batches: &[Batch]) -> Result<std::result::Result<StepLog, String>> {
+        let step = self.step; // updates done before this one
+        let k = batches.len() as f64;
+        let model = TrainModel::build(self.role, &self.arch, &self.model_tensors(false))?;
+        let gan_on = self.disc.is_some() && step >= self.cfg.gan_start;
+        let ramp = match self.cfg.gan_ramp {
+            GanRamp::Linear => (step as f64 / self.total.max(1) as f64).min(1.0),
+            GanRamp::None => 1.0,
+        };
+        let n = self.opt.params.len();
+        let mut grads: Vec<Tensor> = self
+            .opt
+            .params
+            .iter()
+            .map(|p| p.var.as_tensor().zeros_like())
+            .collect::<candle_core::Result<_>>()?;
+        let mut dgrads: Vec<Tensor> = match &self.disc {
+            Some(d) => d.opt.params.iter().map(|p| p.var.as_tensor().zeros_like()).collect::<candle_core::Result<_>>()?,
+            None => Vec::new(),
+        };
+        let mut log = StepLog {
+            step: step + 1,
+            total: self.total,
+            ..Default::default()
+        };
+        let add = |slot: &mut Option<f64>, v: f64| *slot = Some(slot.unwrap_or(0.0) + v / k);
+        for b in batches {
+            let x = Tensor::from_slice(&b.data, (b.batch, 3, b.size, b.size), &self.device)?;
+            let seed = self.cfg.seed ^ (b.index.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            let fwd = model.forward(&x, self.cfg.sample_posterior, seed)?;
+            let l1 = losses::l1(&x, &fwd.recon)?;
+            let mse = losses::mse(&x, &fwd.recon)?;
+            let mut nll = ((&l1 * self.cfg.l1_weight)? + (&mse * self.cfg.mse_weight)?)?;
+            log.l1 += scalar(&l1)? / k;
+            log.mse += scalar(&mse)? / k;
+            if let Some(lp) = &self.lpips {
+                let d = lp.distance(&x, &fwd.recon)?.mean_all()?;
+                add(&mut log.lpips, scalar(&d)?);
+                nll = (nll + (d * self.cfg.lpips_weight)?)?;
+            }
+            if self.cfg.inject_nan.contains(&(step + 1)) {
+                nll = (nll * f64::NAN)?;
+            }
+            let mut other = nll.zeros_like()?;
+            if let Some(q) = &fwd.quant {
+                add(&mut log.vq, scalar(&q.loss_q)?);
+                other = (other + (&q.loss_q * self.cfg.vq_weight)?)?;
+                if self.role == Role::Adapt {
+                    add(&mut log.entropy, scalar(&q.loss_entropy)?);
+                    other = (other + (&q.loss_entropy * self.cfg.entropy_weight)?)?;
+                }
+            }
+            if self.role == Role::Vae {
+                let kl = losses::kl(&fwd.mean, &fwd.logvar, 3 * b.size * b.size)?;
+                add(&mut log.kl, scalar(&kl)?);
+                other = (other + (kl * self.cfg.kl_weight)?)?;
+            }
+            let main = (&nll + &other)?;
+            log.loss += scalar(&main)? / k;
+            let g_main = main.backward()?;
+            let mut gan_scale = 0.0;
+            let mut g_adv_store = None;
+            if gan_on {
+                let d = self.disc.as_ref().expect("gan_on");
+                let logits = d.net.forward(&d.params(true), &fwd.recon)?;
+                let g_adv = losses::hinge_g(&logits)?;
+                add(&mut log.g_adv, scalar(&g_adv)?);
+                let store = g_adv.backward()?;
+                let w = &self.opt.params[self.adaptive.expect("checked at setup")];
+                let zero = w.var.as_tensor().zeros_like()?;
+                let lambda = losses::adaptive_weight(
+                    g_main.get(w.var.as_tensor()).unwrap_or(&zero),
+                    store.get(w.var.as_tensor()).unwrap_or(&zero),
+                    self.cfg.disc_weight,
+                )?;
+                gan_scale = ramp * lambda;
+                add(&mut log.gan_weight, gan_scale);
+                g_adv_store = Some(store);
+            }
+            for (i, p) in self.opt.params.iter().enumerate() {
+                let t = p.var.as_tensor();
+                if let Some(g) = g_main.get(t) {
+                    grads[i] = (&grads[i] + (g / k)?)?;
+                }
+                if let Some(s) = &g_adv_store {
+                    if let Some(g) = s.get(t) {
+                        grads[i] = (&grads[i] + (g * (gan_scale / k))?)?;
+                    }
+                }
+            }
+            if gan_on {
+                // The "clean" variant of coda-method.md §13.13: D's update sees only L_D (the
+                // generator's adversarial gradient never reaches the D heads).
+                let d = self.disc.as_ref().expect("gan_on");
+                let params = d.params(false);
+                let real = d.net.forward(&params, &x)?;
+                let fake = d.net.forward(&params, &fwd.recon.detach())?;
+                let ld = losses::hinge_d(&real, &fake)?;
+                add(&mut log.d_loss, scalar(&ld)?);
+                let store = ld.backward()?;
+                for (i, p) in d.opt.params.iter().enumerate() {
+                    if let Some(g) = store.get(p.var.as_tensor()) {
+                        dgrads[i] = (&dgrads[i] + (g / k)?)?;
+                    }
+                }
+            }
+        }
+        let norm = clip_by_global_norm(&mut grads, self.cfg.clip)?;
+        self.step += 1;
+        if !log.loss.is_finite() || !norm.is_finite() {
+            self.bad_streak += 1;
+            return Ok(Err(format!("loss {} grad norm {norm}", log.loss)));
+        }
+        let dnorm = if gan_on { clip_by_global_norm(&mut dgrads, self.cfg.clip_disc)? } else { 0.0 };
+        if !dnorm.is_finite() {
+            self.bad_streak += 1;
+            return Ok(Err(format!("discriminator grad norm {dnorm}")));
+        }
+        self.bad_streak = 0;
+        let factor = cosine_factor(step, self.cfg.warmup, self.total);
+        self.opt.step(&grads, factor)?;
+        if let Some(e) = &mut self.ema {
+            let copy = (step as f64) < self.cfg.ema_start * self.total as f64;
+            e.update(&self.opt.params, self.opt.t, copy)?;
+        }
+        if gan_on {
+            self.disc.as_mut().expect("gan_on").opt.step(&dgrads, factor)?;
+        }
+        debug_assert_eq!(grads.len(), n);
+        log.grad_norm = norm;
+        log.lr = self.cfg.lr * factor;
+        Ok(Ok(log))
+    }
+
+    /// PSNR / SSIM (uint8 truncation) and codebook usage of the EMA model on the validation
+    /// images; writes a grid of originals (top) and reconstructions (bottom).
+    pub fn evaluate(&self) -> Result<EvalReport> {
+        let model = TrainModel::build(self.role, &self.arch, &self.model_tensors(true))?;
+        let mut stats = CodebookStats::new(self.arch.quantizer.codebook_size);
+        let (mut psnr, mut ssim) = (0f64, 0f64);
+        let mut grid_pairs: Vec<(RgbImage, RgbImage)> = Vec::new();
+        let mut has_tokens = false;
+        for chunk in self.val.chunks(self.cfg.batch.max(1)) {
+            let x = crate::data::images_to_tensor(chunk, &self.device)?;
+            let (recon, ids, scales) = model.reconstruct(&x)?;
+            let (c, h, w) = (3, x.dim(2)?, x.dim(3)?);
+            let xs = x.flatten_all()?.to_vec1::<f32>()?;
+            let rs = recon.flatten_all()?.to_vec1::<f32>()?;
+            let per = c * h * w;
+            for i in 0..chunk.len() {
+                let (p, s) = crate::evaluation::protocol::psnr_ssim(
+                    &xs[i * per..(i + 1) * per],
+                    &rs[i * per..(i + 1) * per],
+                    (c, h, w),
+                    Protocol::Uint8Truncated,
+                );
+                psnr += p;
+                ssim += s;
+            }
+            if !ids.is_empty() {
+                stats.add(&Tokens { scales, ids })?;
+                has_tokens = true;
+            }
+            let recon_imgs = crate::data::tensor_to_images(&recon)?;
+            for (o, r) in chunk.iter().zip(recon_imgs) {
+                if grid_pairs.len() < 8 {
+                    grid_pairs.push((o.clone(), r));
+                }
+            }
+        }
+        let n = self.val.len().max(1) as f64;
+        let grid = self.out.join("eval").join(format!("step-{:08}.png", self.step));
+        if let Some(parent) = grid.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+        }
+        if let Some((first, _)) = grid_pairs.first() {
+            let (w, h) = first.dimensions();
+            let mut img = RgbImage::new(w * grid_pairs.len() as u32, h * 2);
+            for (i, (o, r)) in grid_pairs.iter().enumerate() {
+                image::imageops::replace(&mut img, o, (i as u32 * w) as i64, 0);
+                image::imageops::replace(&mut img, r, (i as u32 * w) as i64, h as i64);
+            }
+            crate::data::save_png(&grid, &img)?;
+        }
+        let report = has_tokens.then(|| stats.report());
+        Ok(EvalReport {
+            step: self.step,
+            images: self.val.len(),
+            psnr: psnr / n,
+            ssim: ssim / n,
+            usage_per_scale: report.as_ref().map(|r| r.usage_per_scale.clone()).unwrap_or_default(),
+            usage_all: report.as_ref().map(|r| r.usage_all),
+            perplexity_all: report.as_ref().map(|r| r.perplexity_all),
+            grid,
+        })
+    }
+
+    fn checkpoints_dir(&self) -> PathBuf {
+        self.out.join("checkpoints")
+    }
+
+    /// Complete checkpoints, oldest first (a crash mid-save leaves only a `.tmp-` folder).
+    fn checkpoints(&self) -> Result<Vec<PathBuf>> {
+        let dir = self.checkpoints_dir();
+        if !dir.exists() {
+            return Ok(Vec::new());
+        }
+        let mut v: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .map_err(|e| Error::io(&dir, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .map(|n| n.starts_with("step-"))
+                    .unwrap_or(false)
+                    && p.join("state.json").exists()
+            })
+            .collect();
+        v.sort();
+        Ok(v)
+    }
+
+    pub fn latest_checkpoint(&self) -> Result<Option<PathBuf>> {
+        Ok(self.checkpoints()?.pop())
+    }
+
+    /// Weights, EMA, optimizer moments (G and D), discriminator and counters, written to a
+    /// temporary folder that is renamed into place; older checkpoints beyond the limit go.
+    pub fn save_checkpoint(&self) -> Result<PathBuf> {
+        let dir = self.checkpoints_dir();
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        let name = format!("step-{:08}", self.step);
+        let tmp = dir.join(format!(".tmp-{name}"));
+        let fin = dir.join(&name);
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        }
+        std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        let mut t: Vec<(String, Tensor)> = Vec::new();
+        for p in &self.opt.params {
+            t.push((format!("param/{}", p.name), p.var.as_tensor().clone()));
+        }
+        if let Some(e) = &self.ema {
+            for (n, w) in &e.weights {
+                t.push((format!("ema/{n}"), w.clone()));
+            }
+        }
+        for (k, v) in self.opt.state() {
+            t.push((format!("opt/{k}"), v));
+        }
+        if let Some(d) = &self.disc {
+            for p in &d.opt.params {
+                t.push((format!("disc/{}", p.name), p.var.as_tensor().clone()));
+            }
+            for (k, v) in d.opt.state() {
+                t.push((format!("disc_opt/{k}"), v));
+            }
+        }
+        crate::io::write_safetensors(&tmp.join("state.safetensors"), &t, None)?;
+        let state = serde_json::json!({
+            "step": self.step,
+            "total": self.total,
+            "opt_t": self.opt.t,
+            "disc_opt_t": self.disc.as_ref().map(|d| d.opt.t),
+            "bad_streak": self.bad_streak,
+        });
+        crate::io::write_atomic(&tmp.join("state.json"), serde_json::to_string_pretty(&state).expect("json").as_bytes())?;
+        if fin.exists() {
+            std::fs::remove_dir_all(&fin).map_err(|e| Error::io(&fin, e))?;
+        }
+        std::fs::rename(&tmp, &fin).map_err(|e| Error::io(&fin, e))?;
+        let all = self.checkpoints()?;
+        let keep = self.cfg.keep_checkpoints.max(1);
+        if all.len() > keep {
+            for old in &all[..all.len() - keep] {
+                std::fs::remove_dir_all(old).map_err(|e| Error::io(old, e))?;
+            }
+        }
+        Ok(fin)
+    }
+
+    fn load_checkpoint(&mut self, dir: &Path) -> Result<()> {
+        let sp = dir.join("state.json");
+        let text = std::fs::read_to_string(&sp).map_err(|e| Error::io(&sp, e))?;
+        let state: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Checkpoint {
+            path: sp.clone(),
+            reason: e.to_string(),
+        })?;
+        let wp = dir.join("state.safetensors");
+        let t = crate::io::read_tensors(&wp, &self.device)?;
+        let bad = |reason: String| Error::Checkpoint { path: wp.clone(), reason };
+        let get = |k: &str| -> Option<Tensor> { t.get(k).cloned() };
+        for p in &self.opt.params {
+            let key = format!("param/{}", p.name);
+            let v = get(&key).ok_or_else(|| bad(format!("missing {key}")))?;
+            if v.dims() != p.var.dims() {
+                return Err(bad(format!("{key}: shape {:?}, the model has {:?}", v.dims(), p.var.dims())));
+            }
+            p.var.set(&v)?;
+        }
+        if let Some(e) = &mut self.ema {
+            for (n, w) in e.weights.iter_mut() {
+                *w = get(&format!("ema/{n}")).ok_or_else(|| bad(format!("missing ema/{n}")))?;
+            }
+        }
+        let u = |k: &str| state.get(k).and_then(|v| v.as_u64());
+        self.opt
+            .load_state(&|k| get(&format!("opt/{k}")), u("opt_t").unwrap_or(0))
+            .map_err(bad)?;
+        if let Some(d) = &mut self.disc {
+            for p in &d.opt.params {
+                let key = format!("disc/{}", p.name);
+                p.var.set(&get(&key).ok_or_else(|| bad(format!("missing {key} (was the run started with another discriminator?)")))?)?;
+            }
+            d.opt
+                .load_state(&|k| get(&format!("disc_opt/{k}")), u("disc_opt_t").unwrap_or(0))
+                .map_err(bad)?;
+        }
+        self.step = u("step").ok_or_else(|| bad("state.json has no step".into()))?;
+        self.bad_streak = u("bad_streak").unwrap_or(0) as u32;
+        Ok(())
+    }
+
+    fn append_metrics(&self, v: &serde_json::Value) -> Result<()> {
+        let p = self.out.join("metrics.jsonl");
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&p)
+            .map_err(|e| Error::io(&p, e))?;
+        writeln!(f, "{v}").map_err(|e| Error::io(&p, e))
+    }
+
+    /// On resume, drop log lines written after the checkpoint (they will be written again).
+    fn truncate_metrics(&self) -> Result<()> {
+        let p = self.out.join("metrics.jsonl");
+        if !p.exists() {
+            return Ok(());
+        }
+        let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
+        let kept: String = text
+            .lines()
+            .filter(|l| {
+                serde_json::from_str::<serde_json::Value>(l)
+                    .ok()
+                    .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
+                    .map(|s| s <= self.step)
+                    .unwrap_or(false)
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        crate::io::write_atomic(&p, kept.as_bytes())
+    }
+
+    /// Write the trained model (EMA weights): a tokenizer folder (adapt, train-vq) or a
+    /// diffusers VAE folder whose scaling and shift factors are measured on training crops
+    /// (train-vae).
+    pub fn export(&self) -> Result<PathBuf> {
+        let mut tensors = self.model_tensors(true);
+        match self.role {
+            Role::Vae => {
+                let dir = self.out.join("vae");
+                let mut vae = self.arch.vae.clone();
+                let (shift, scale) = self.latent_statistics(&tensors)?;
+                vae.shift_factor = shift;
+                vae.scaling_factor = scale;
+                let only_vae: HashMap<String, Tensor> =
+                    tensors.into_iter().filter(|(k, _)| !k.starts_with("quantizer.")).collect();
+                crate::vae::export::write_diffusers(&dir, &vae, &only_vae, self.cfg.size as usize)?;
+                Ok(dir)
+            }
+            Role::Adapt | Role::Vq => {
+                let dir = self.out.join("tokenizer");
+                let mut config = self.arch.clone();
+                config.resolution = Some(self.cfg.size as usize);
+                if self.cfg.fuse_lora && config.lora.is_some() {
+                    crate::vae::lora::fuse(&mut tensors)?;
+                    config.lora = None;
+                }
+                Tokenizer::save(&dir, &config, &tensors)?;
+                Ok(dir)
+            }
+        }
+    }
+
+    /// Mean and 1/std of the posterior means over up to 64 training crops: the latent
+    /// normalisation a downstream quantizer or generator expects (as SD's scaling factor).
+    fn latent_statistics(&self, tensors: &HashMap<String, Tensor>) -> Result<(f64, f64)> {
+        let model = TrainModel::build(Role::Vae, &self.arch, tensors)?;
+        let n = 64usize.min(self.sampler.len().max(8));
+        let b = self.sampler.batch(u64::MAX / 1024, n)?;
+        let x = Tensor::from_slice(&b.data, (b.batch, 3, b.size, b.size), &self.device)?;
+        let z = model.vae.encode(&x)?.mean.flatten_all()?.to_dtype(DType::F64)?;
+        let mean = z.mean_all()?.to_scalar::<f64>()?;
+        let var = z.broadcast_sub(&Tensor::new(mean, &self.device)?)?.sqr()?.mean_all()?.to_scalar::<f64>()?;
+        Ok((mean, 1.0 / var.sqrt().max(1e-8)))
+    }
+}
+
+/// Validation images, centre-cropped after the training resize; without a validation folder,
+/// the first training images (the log says so).
+fn load_val(cfg: &TrainConfig, train: &[PathBuf]) -> Result<Vec<RgbImage>> {
+    let paths = match &cfg.val {
+        Some(v) => crate::data::collect_images(std::slice::from_ref(v))?,
+        None => {
+            tracing::warn!("no --val folder: evaluating on training images");
+            train.to_vec()
+        }
+    };
+    let s = cfg.size;
+    let mut out = Vec::new();
+    for p in paths {
+        if out.len() >= cfg.eval_images {
+            break;
+        }
+        match crate::data::load_image(&p) {
+            Ok(img) => {
+                let r = resize_shorter(&img, cfg.resize_side());
+                let (w, h) = r.dimensions();
+                let left = ((w - s) as f64 / 2.0).round_ties_even() as u32;
+                let top = ((h - s) as f64 / 2.0).round_ties_even() as u32;
+                out.push(image::imageops::crop_imm(&r, left, top, s, s).to_image());
+            }
+            Err(e) => tracing::warn!("skipping validation image: {e}"),
+        }
+    }
+    Ok(out)
+}

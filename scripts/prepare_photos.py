@@ -1,0 +1,92 @@
+#!/usr/bin/env python3
+"""Turn the Debian wallpaper packages (fetched by scripts/fetch_photos.sh) into an ImageFolder
+with a train/validation split by source picture.
+
+    bash scripts/fetch_photos.sh && python3 scripts/prepare_photos.py [--side 512] [--val 15]
+
+* One picture shipped at several sizes (plasma's contents/images/WxH.*, mate's Name_WxH.jpg)
+  is kept once, at its largest resolution; KDE "screenshot" previews are dropped.
+* Variants of one source (plasma's images_dark/, gnome's -d/-l) stay together, so the split is by
+  source picture, never by crop: a source goes to validation when sha1(name) % 100 < --val.
+* Each kept picture is downscaled (Lanczos) so that its shorter side is --side pixels, so that
+  a training crop after the trainer's own resize holds a meaningful part of the picture.
+Needs Pillow. Writes data/photos/{train,val}/<source>__<variant>.png and prints the counts.
+"""
+import argparse
+import hashlib
+import os
+import re
+import sys
+
+from PIL import Image
+
+ROOT = "data/debian/root"
+
+
+def source_and_variant(rel):
+    m = re.match(r"usr/share/wallpapers/([^/]+)/contents/(images|images_dark)/", rel)
+    if m:
+        return m.group(1), m.group(2)
+    if "/contents/screenshot" in rel:
+        return None
+    stem = os.path.splitext(os.path.basename(rel))[0]
+    stem = re.sub(r"_\d+x\d+$", "", stem)  # mate: Elephants_3840x2160 -> Elephants
+    m = re.match(r"(.+)-([dl])$", stem)  # gnome day/night variants
+    if m:
+        return m.group(1), m.group(2)
+    return stem, "main"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--side", type=int, default=512)
+    ap.add_argument("--val", type=int, default=15, help="percent of sources for validation")
+    ap.add_argument("--out", default="data/photos")
+    a = ap.parse_args()
+    listing = os.path.join("data/debian/images.txt")
+    if not os.path.exists(listing):
+        sys.exit("run scripts/fetch_photos.sh first")
+    best = {}
+    for line in open(listing):
+        path = line.strip()
+        rel = os.path.relpath(path, ROOT)
+        key = source_and_variant(rel)
+        if key is None:
+            continue
+        try:
+            with Image.open(path) as im:
+                w, h = im.size
+        except Exception as e:  # a broken file is reported, not fatal
+            print(f"skipping {path}: {e}", file=sys.stderr)
+            continue
+        if key not in best or w * h > best[key][1] * best[key][2]:
+            best[key] = (path, w, h)
+    counts = {"train": [0, 0, 0], "val": [0, 0, 0]}
+    sources = {"train": set(), "val": set()}
+    for (src, var), (path, w, h) in sorted(best.items()):
+        split = "val" if int(hashlib.sha1(src.encode()).hexdigest(), 16) % 100 < a.val else "train"
+        out_dir = os.path.join(a.out, split)
+        os.makedirs(out_dir, exist_ok=True)
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            s = a.side / min(w, h)
+            if s < 1:
+                im = im.resize((max(1, round(w * s)), max(1, round(h * s))), Image.LANCZOS)
+            name = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{src}__{var}") + ".png"
+            tmp = os.path.join(out_dir, "." + name)
+            im.save(tmp, format="PNG")
+            os.replace(tmp, os.path.join(out_dir, name))
+            c = counts[split]
+            c[0] += 1
+            c[1] += w * h
+            c[2] += im.size[0] * im.size[1]
+        sources[split].add(src)
+    for split in ("train", "val"):
+        n, px, kept = counts[split]
+        print(f"{split}: {n} pictures from {len(sources[split])} sources, "
+              f"{px / 1e6:.1f} Mpx at full resolution, {kept / 1e6:.1f} Mpx after downscaling "
+              f"to a {a.side}-px shorter side -> {os.path.join(a.out, split)}")
+
+
+if __name__ == "__main__":
+    main()
