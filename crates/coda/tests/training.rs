@@ -26,7 +26,8 @@ fn images(dir: &Path, n: usize) -> PathBuf {
             let b = if stripe { 200 } else { (fi * 25.0) as u8 };
             image::Rgb([r, g, b])
         });
-        img.save(d.join("class_a").join(format!("{i}.png"))).unwrap();
+        img.save(d.join("class_a").join(format!("{i}.png")))
+            .unwrap();
     }
     d
 }
@@ -59,7 +60,8 @@ fn start_tokenizer_on_trained_vae(dir: &Path, data: &Path) -> PathBuf {
     let cfg = config(dir, data, "parent", &["steps=150", "lr=0.005"]);
     let mut t = Trainer::new(Role::Vae, cfg, false).unwrap();
     run(&mut t, None);
-    let weights = VaeWeights::load(&dir.join("parent/vae"), &Default::default(), &Device::Cpu).unwrap();
+    let weights =
+        VaeWeights::load(&dir.join("parent/vae"), &Default::default(), &Device::Cpu).unwrap();
     tokenizer_on(dir, weights)
 }
 
@@ -70,7 +72,15 @@ fn tokenizer_on(dir: &Path, weights: VaeWeights) -> PathBuf {
         rank: 4,
         modules: vec!["conv1".into(), "conv2".into()],
     };
-    let (cfg, t) = new_tokenizer(&weights, q, ScaleSpec::Derived { num_scales: 4 }, Some(lora), Some(16), 5).unwrap();
+    let (cfg, t) = new_tokenizer(
+        &weights,
+        q,
+        ScaleSpec::Derived { num_scales: 4 },
+        Some(lora),
+        Some(16),
+        5,
+    )
+    .unwrap();
     let out = dir.join("start");
     Tokenizer::save(&out, &cfg, &t).unwrap();
     out
@@ -128,19 +138,30 @@ fn adapt_lowers_the_loss_and_uses_the_whole_codebook() {
     let after = t.evaluate().unwrap();
     let (first, last) = (mean(&losses[..5]), mean(&losses[losses.len() - 5..]));
     println!("mse {first:.4} -> {last:.4}; PSNR {:.2} -> {:.2}; usage {:?} -> {:?} per scale {:?} -> {:?}", before.psnr, after.psnr, before.usage_all, after.usage_all, before.usage_per_scale, after.usage_per_scale);
-    assert!(last < 0.7 * first, "reconstruction loss did not fall: {first} -> {last}");
+    assert!(
+        last < 0.7 * first,
+        "reconstruction loss did not fall: {first} -> {last}"
+    );
     assert!(after.psnr > before.psnr, "PSNR did not improve");
     assert_eq!(after.usage_all, Some(100.0), "codebook of 8 not fully used");
     // Only LoRA and the quantizer are trained; the VAE itself is frozen.
     let names = t.param_names();
-    assert!(names.iter().all(|n| n.contains(".lora_layer.") || n.starts_with("quantizer.")), "{names:?}");
+    assert!(
+        names
+            .iter()
+            .all(|n| n.contains(".lora_layer.") || n.starts_with("quantizer.")),
+        "{names:?}"
+    );
     // The export is a tokenizer folder that encodes and decodes.
     let tok = Tokenizer::from_dir(&dir.path().join("run/tokenizer"), &Device::Cpu).unwrap();
     let x = Tensor::zeros((1, 3, 16, 16), candle_core::DType::F32, &Device::Cpu).unwrap();
     let tokens = tok.encode(&x).unwrap();
     assert_eq!(tok.decode(&tokens).unwrap().dims(), &[1, 3, 16, 16]);
     let lines = std::fs::read_to_string(dir.path().join("run/metrics.jsonl")).unwrap();
-    assert!(lines.lines().any(|l| l.contains("\"eval\"")), "no eval line");
+    assert!(
+        lines.lines().any(|l| l.contains("\"eval\"")),
+        "no eval line"
+    );
     assert!(dir.path().join("run/eval/step-00000100.png").exists());
 }
 
@@ -148,7 +169,13 @@ fn params(t: &Trainer) -> HashMap<String, Vec<f32>> {
     t.param_names()
         .into_iter()
         .map(|n| {
-            let v = t.param(&n).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let v = t
+                .param(&n)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
             (n, v)
         })
         .collect()
@@ -171,7 +198,12 @@ fn resume_continues_exactly() {
         "checkpoint_every=2".into(),
     ];
     let extra: Vec<&str> = extra.iter().map(|s| s.as_str()).collect();
-    let mut whole = Trainer::new(Role::Adapt, config(dir.path(), &data, "whole", &extra), false).unwrap();
+    let mut whole = Trainer::new(
+        Role::Adapt,
+        config(dir.path(), &data, "whole", &extra),
+        false,
+    )
+    .unwrap();
     run(&mut whole, None);
 
     let cfg = config(dir.path(), &data, "split", &extra);
@@ -193,7 +225,9 @@ fn resume_continues_exactly() {
     let tb = std::fs::read(dir.path().join("split/tokenizer/model.safetensors")).unwrap();
     assert!(ta == tb, "exported EMA weights differ");
     // keep_checkpoints = 3 of steps 2, 3, 4, 6 (3 is the stop point).
-    let n = std::fs::read_dir(dir.path().join("split/checkpoints")).unwrap().count();
+    let n = std::fs::read_dir(dir.path().join("split/checkpoints"))
+        .unwrap()
+        .count();
     assert_eq!(n, 3);
 }
 
@@ -203,7 +237,12 @@ fn non_finite_updates_are_skipped_then_stop_the_run() {
     let data = images(dir.path(), 4);
     let start = start_tokenizer(dir.path());
     let tok = format!("tokenizer='{}'", start.display());
-    let cfg = config(dir.path(), &data, "one", &[&tok, "steps=4", "inject_nan=[2]"]);
+    let cfg = config(
+        dir.path(),
+        &data,
+        "one",
+        &[&tok, "steps=4", "inject_nan=[2]"],
+    );
     let mut t = Trainer::new(Role::Adapt, cfg, false).unwrap();
     run(&mut t, Some(1));
     let before = params(&t);
@@ -219,7 +258,17 @@ fn non_finite_updates_are_skipped_then_stop_the_run() {
     run(&mut t, None);
     assert_eq!(t.step(), 4);
 
-    let cfg = config(dir.path(), &data, "three", &[&tok, "steps=6", "inject_nan=[2, 3, 4]", "checkpoint_every=1"]);
+    let cfg = config(
+        dir.path(),
+        &data,
+        "three",
+        &[
+            &tok,
+            "steps=6",
+            "inject_nan=[2, 3, 4]",
+            "checkpoint_every=1",
+        ],
+    );
     let mut t = Trainer::new(Role::Adapt, cfg, false).unwrap();
     let err = t.run(None, &mut |_| {}).unwrap_err().to_string();
     assert!(err.contains("3 updates in a row"), "{err}");
@@ -249,21 +298,39 @@ fn corrupt_training_image_is_skipped() {
 fn train_vae_and_train_vq_export_loadable_models() {
     let dir = tempfile::tempdir().unwrap();
     let data = images(dir.path(), 4);
-    let cfg = config(dir.path(), &data, "vae", &["steps=2", "disc='patchgan'", "patchgan={ ndf = 8, layers = 1 }"]);
+    let cfg = config(
+        dir.path(),
+        &data,
+        "vae",
+        &[
+            "steps=2",
+            "disc='patchgan'",
+            "patchgan={ ndf = 8, layers = 1 }",
+        ],
+    );
     let mut t = Trainer::new(Role::Vae, cfg, false).unwrap();
     run(&mut t, None);
-    let vae = VaeWeights::load(&dir.path().join("vae/vae"), &Default::default(), &Device::Cpu).unwrap();
+    let vae = VaeWeights::load(
+        &dir.path().join("vae/vae"),
+        &Default::default(),
+        &Device::Cpu,
+    )
+    .unwrap();
     assert_eq!(vae.config.block_channels, vec![8, 16]);
     assert!(vae.config.scaling_factor.is_finite() && vae.config.scaling_factor > 0.0);
     assert_eq!(vae.layout, coda::vae::KeyLayout::Diffusers);
 
-    for (name, extra) in [("vq", vec!["model.quantizer='nearest_l2'"]), ("msvq", vec!["model.scales=4"])] {
+    for (name, extra) in [
+        ("vq", vec!["model.quantizer='nearest_l2'"]),
+        ("msvq", vec!["model.scales=4"]),
+    ] {
         let mut sets = vec!["steps=2"];
         sets.extend(extra);
         let cfg = config(dir.path(), &data, name, &sets);
         let mut t = Trainer::new(Role::Vq, cfg, false).unwrap();
         run(&mut t, None);
-        let tok = Tokenizer::from_dir(&dir.path().join(name).join("tokenizer"), &Device::Cpu).unwrap();
+        let tok =
+            Tokenizer::from_dir(&dir.path().join(name).join("tokenizer"), &Device::Cpu).unwrap();
         let x = Tensor::zeros((2, 3, 16, 16), candle_core::DType::F32, &Device::Cpu).unwrap();
         let tokens = tok.encode(&x).unwrap();
         let expected = if name == "vq" { 1 } else { 4 };

@@ -26,6 +26,10 @@ pub struct Args {
     pub data: Vec<PathBuf>,
     #[arg(long, default_value_t = 256)]
     pub size: u32,
+    /// Resize the shorter side to this before the centre crop (default: --size, the whole
+    /// picture); e.g. the training resize, to evaluate on crops like the training ones.
+    #[arg(long, conflicts_with = "random_crop")]
+    pub resize: Option<u32>,
     /// Use the first N images only.
     #[arg(long)]
     pub limit: Option<usize>,
@@ -179,7 +183,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     images.push(if args.random_crop {
                         data::prepare_random_crop(img, args.size, seed)
                     } else {
-                        data::prepare(img, Some(args.size))
+                        match args.resize {
+                            Some(side) => data::center_crop(
+                                &data::loader::resize_shorter(&img, side.max(args.size)),
+                                args.size,
+                            ),
+                            None => data::prepare(img, Some(args.size)),
+                        }
                     });
                     rows.push(first + j);
                 }
@@ -328,7 +338,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "data": {
             "paths": args.data, "images": count, "skipped": skipped,
             "resize": if args.random_crop { format!("shorter side to {} (Lanczos3), random crop {}, seed {}", (1.125 * args.size as f64).round(), args.size, args.seed) }
-                      else { format!("shorter side to {} (Lanczos3), centre crop {}", args.size, args.size) },
+                      else { format!("shorter side to {} (Lanczos3), centre crop {}", args.resize.unwrap_or(args.size).max(args.size), args.size) },
         },
         "posterior": if args.sample { format!("sample, seed {} + image index", args.seed) } else { "mean".into() },
         "metrics": {

@@ -105,6 +105,14 @@ pub fn prepare(img: RgbImage, size: Option<u32>) -> RgbImage {
     image::imageops::crop_imm(&resized, left, top, size, size).to_image()
 }
 
+/// The centre `size` x `size` crop (torchvision's rounding); the image must be at least that big.
+pub fn center_crop(img: &RgbImage, size: u32) -> RgbImage {
+    let (w, h) = img.dimensions();
+    let left = ((w.saturating_sub(size)) as f64 / 2.0).round_ties_even() as u32;
+    let top = ((h.saturating_sub(size)) as f64 / 2.0).round_ties_even() as u32;
+    image::imageops::crop_imm(img, left, top, size.min(w), size.min(h)).to_image()
+}
+
 /// The reference's training (and, by accident, evaluation) crop: resize the shorter side to
 /// round(1.125 · size) with Lanczos3, then a random `size` x `size` crop, drawn from `seed`.
 pub fn prepare_random_crop(img: RgbImage, size: u32, seed: u64) -> RgbImage {

@@ -129,7 +129,10 @@ impl Sampler {
         if let Some(img) = self.cache.lock().expect("not poisoned").images.get(&i) {
             return Ok(img.clone());
         }
-        let img = Arc::new(resize_shorter(&load_image(&self.paths[i])?, self.aug.resize));
+        let img = Arc::new(resize_shorter(
+            &load_image(&self.paths[i])?,
+            self.aug.resize,
+        ));
         let mut c = self.cache.lock().expect("not poisoned");
         let bytes = img.as_raw().len();
         if c.bytes + bytes <= c.budget {
@@ -153,7 +156,9 @@ impl Sampler {
                 }
             }
         }
-        Err(Error::Invalid("every training image failed to decode".into()))
+        Err(Error::Invalid(
+            "every training image failed to decode".into(),
+        ))
     }
 
     fn crop(&self, img: &RgbImage, pos: u64) -> RgbImage {
@@ -200,7 +205,12 @@ impl Sampler {
 }
 
 /// Decode batches `start, start+1, ..` on a background thread, `depth` ahead of the consumer.
-pub fn prefetch(sampler: Arc<Sampler>, start: u64, batch: usize, depth: usize) -> Receiver<Result<Batch>> {
+pub fn prefetch(
+    sampler: Arc<Sampler>,
+    start: u64,
+    batch: usize,
+    depth: usize,
+) -> Receiver<Result<Batch>> {
     let (tx, rx) = sync_channel(depth.max(1));
     std::thread::spawn(move || {
         let mut i = start;

@@ -7,5 +7,6 @@ pub mod loader;
 
 pub use folder::{collect_images, load_prepared};
 pub use image_io::{
-    images_to_tensor, load_image, prepare, prepare_random_crop, save_png, tensor_to_images,
+    center_crop, images_to_tensor, load_image, prepare, prepare_random_crop, save_png,
+    tensor_to_images,
 };

@@ -204,15 +204,63 @@ fn scatter_add(
                     let vy = (oy * g.stride + ky) as isize - pt as isize;
                     if vy >= 0 && vy < vh {
                         let dst = &mut plane[(vy / up) as usize * w..][..w];
-                        for (i, &v) in row[j..j + seg].iter().enumerate() {
-                            let vx = ((ox0 + i) * g.stride + kx) as isize - pl as isize;
-                            if vx >= 0 && vx < vw {
-                                dst[(vx / up) as usize] += v;
-                            }
-                        }
+                        add_row(
+                            dst,
+                            &row[j..j + seg],
+                            ox0,
+                            kx as isize - pl as isize,
+                            g.stride,
+                            g.upsample,
+                            vw,
+                        );
                     }
                     j += seg;
                 }
+            }
+        }
+    }
+}
+
+/// The adjoint of [`fill_row`]: dst[vx / up] += src[i] for the i whose virtual column
+/// vx = (ox0 + i)·stride + off lies in [0, vw). The valid range is found first, so the inner loops
+/// are branch-free (a vectorised add in the common stride-1 case).
+#[inline]
+fn add_row(
+    dst: &mut [f32],
+    src: &[f32],
+    ox0: usize,
+    off: isize,
+    stride: usize,
+    up: usize,
+    vw: isize,
+) {
+    let s = stride as isize;
+    let n = src.len() as isize;
+    let vx0 = ox0 as isize * s + off;
+    let lo = if vx0 >= 0 { 0 } else { (-vx0 + s - 1) / s }.min(n);
+    let hi = if vx0 >= vw {
+        0
+    } else {
+        ((vw - vx0 + s - 1) / s).min(n)
+    }
+    .max(lo);
+    let (lo, hi) = (lo as usize, hi as usize);
+    let start = (vx0 + lo as isize * s) as usize;
+    let src = &src[lo..hi];
+    match (stride, up) {
+        (1, 1) => {
+            for (d, &v) in dst[start..start + src.len()].iter_mut().zip(src) {
+                *d += v;
+            }
+        }
+        (1, 2) => {
+            for (i, &v) in src.iter().enumerate() {
+                dst[(start + i) >> 1] += v;
+            }
+        }
+        _ => {
+            for (i, &v) in src.iter().enumerate() {
+                dst[(start + i * stride) / up] += v;
             }
         }
     }
@@ -230,6 +278,29 @@ pub fn conv2d_backward(
     (cout, kh, kw): (usize, usize, usize),
     dy: &[f32],
     g: ConvGeometry,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    conv2d_backward_some(
+        x,
+        (n, cin, h, w),
+        weight,
+        (cout, kh, kw),
+        dy,
+        g,
+        (true, true),
+    )
+}
+
+/// As [`conv2d_backward`], computing dx and dW only where `(need_dx, need_dw)` asks (a frozen
+/// weight needs no dW, an input image no dx); the skipped ones come back empty.
+#[allow(clippy::too_many_arguments)]
+pub fn conv2d_backward_some(
+    x: &[f32],
+    (n, cin, h, w): (usize, usize, usize, usize),
+    weight: &[f32],
+    (cout, kh, kw): (usize, usize, usize),
+    dy: &[f32],
+    g: ConvGeometry,
+    (need_dx, need_dw): (bool, bool),
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let (oh, ow) = g.output_size(h, w, kh, kw);
     let pixels = oh * ow;
@@ -254,10 +325,10 @@ pub fn conv2d_backward(
         .map(|b| {
             let xb = &x[b * cin * h * w..(b + 1) * cin * h * w];
             let dyb = &dy[b * cout * pixels..(b + 1) * cout * pixels];
-            let mut dxb = vec![0f32; cin * h * w];
-            let mut dw = vec![0f32; cout * k];
-            let mut col = vec![0f32; k * t];
-            let mut dcol = vec![0f32; k * t];
+            let mut dxb = vec![0f32; if need_dx { cin * h * w } else { 0 }];
+            let mut dw = vec![0f32; if need_dw { cout * k } else { 0 }];
+            let mut col = vec![0f32; if need_dw { k * t } else { 0 }];
+            let mut dcol = vec![0f32; if need_dx { k * t } else { 0 }];
             let par = if n >= rayon::current_num_threads() {
                 gemm::Parallelism::None
             } else {
@@ -266,68 +337,74 @@ pub fn conv2d_backward(
             for tile in 0..tiles {
                 let p0 = tile * t;
                 let tw = t.min(pixels - p0);
-                gather(&mut col, xb, (cin, h, w), (kh, kw), (ow, p0, tw), g);
                 // SAFETY: all pointers address buffers of the stated shapes and strides.
-                unsafe {
+                if need_dw {
+                    gather(&mut col, xb, (cin, h, w), (kh, kw), (ow, p0, tw), g);
                     // dW (cout x K) += dy_tile (cout x tw) · colᵀ (tw x K)
-                    gemm::gemm(
-                        cout,
-                        k,
-                        tw,
-                        dw.as_mut_ptr(),
-                        1,
-                        k as isize,
-                        true,
-                        dyb[p0..].as_ptr(),
-                        1,
-                        pixels as isize,
-                        col.as_ptr(),
-                        tw as isize,
-                        1,
-                        1.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        par,
-                    );
+                    unsafe {
+                        gemm::gemm(
+                            cout,
+                            k,
+                            tw,
+                            dw.as_mut_ptr(),
+                            1,
+                            k as isize,
+                            true,
+                            dyb[p0..].as_ptr(),
+                            1,
+                            pixels as isize,
+                            col.as_ptr(),
+                            tw as isize,
+                            1,
+                            1.0,
+                            1.0,
+                            false,
+                            false,
+                            false,
+                            par,
+                        )
+                    };
+                }
+                if need_dx {
                     // dcol (K x tw) = Wᵀ (K x cout) · dy_tile (cout x tw)
-                    gemm::gemm(
-                        k,
-                        tw,
-                        cout,
-                        dcol.as_mut_ptr(),
-                        1,
-                        tw as isize,
-                        false,
-                        weight.as_ptr(),
-                        k as isize,
-                        1,
-                        dyb[p0..].as_ptr(),
-                        1,
-                        pixels as isize,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        par,
+                    unsafe {
+                        gemm::gemm(
+                            k,
+                            tw,
+                            cout,
+                            dcol.as_mut_ptr(),
+                            1,
+                            tw as isize,
+                            false,
+                            weight.as_ptr(),
+                            k as isize,
+                            1,
+                            dyb[p0..].as_ptr(),
+                            1,
+                            pixels as isize,
+                            0.0,
+                            1.0,
+                            false,
+                            false,
+                            false,
+                            par,
+                        )
+                    };
+                    scatter_add(
+                        &mut dxb,
+                        &dcol[..k * tw],
+                        (cin, h, w),
+                        (kh, kw),
+                        (ow, p0, tw),
+                        g,
                     );
                 }
-                scatter_add(
-                    &mut dxb,
-                    &dcol[..k * tw],
-                    (cin, h, w),
-                    (kh, kw),
-                    (ow, p0, tw),
-                    g,
-                );
             }
             (dxb, dw)
         })
         .collect();
-    let mut dx = Vec::with_capacity(n * cin * h * w);
-    let mut dw = vec![0f32; cout * k];
+    let mut dx = Vec::with_capacity(if need_dx { n * cin * h * w } else { 0 });
+    let mut dw = vec![0f32; if need_dw { cout * k } else { 0 }];
     for (dxb, dwb) in per_image {
         dx.extend_from_slice(&dxb);
         for (a, v) in dw.iter_mut().zip(dwb) {
@@ -384,6 +461,9 @@ fn fill_row(
 struct Conv2dOp {
     geometry: ConvGeometry,
     residual: Option<Tensor>,
+    /// Which of (x, weight) need a gradient: frozen weights and input images do not, and
+    /// skipping their GEMMs is most of a frozen VAE's backward cost.
+    need: (bool, bool),
 }
 
 impl CustomOp3 for Conv2dOp {
@@ -457,18 +537,25 @@ impl CustomOp3 for Conv2dOp {
         let vec = |t: &Tensor| t.contiguous()?.flatten_all()?.to_vec1::<f32>();
         let (n, cin, h, wd) = x.dims4()?;
         let (cout, _, kh, kw) = w.dims4()?;
-        let (dx, dw, db) = conv2d_backward(
+        let (dx, dw, db) = conv2d_backward_some(
             &vec(x)?,
             (n, cin, h, wd),
             &vec(w)?,
             (cout, kh, kw),
             &vec(grad)?,
             self.geometry,
+            self.need,
         );
         let dev = x.device();
         Ok((
-            Some(Tensor::from_vec(dx, x.shape(), dev)?),
-            Some(Tensor::from_vec(dw, w.shape(), dev)?),
+            self.need
+                .0
+                .then(|| Tensor::from_vec(dx, x.shape(), dev))
+                .transpose()?,
+            self.need
+                .1
+                .then(|| Tensor::from_vec(dw, w.shape(), dev))
+                .transpose()?,
             Some(Tensor::from_vec(db, cout, dev)?),
         ))
     }
@@ -504,6 +591,7 @@ pub fn conv2d_residual(
         let op = Conv2dOp {
             geometry: g,
             residual: residual.map(|r| r.contiguous()).transpose()?,
+            need: (false, false),
         };
         x.contiguous()?
             .apply_op3_no_bwd(&weight.contiguous()?, &bias.contiguous()?, &op)
@@ -512,6 +600,7 @@ pub fn conv2d_residual(
         let op = Conv2dOp {
             geometry: g,
             residual: None,
+            need: (x.track_op(), weight.track_op()),
         };
         let y = x
             .contiguous()?
@@ -615,6 +704,40 @@ mod tests {
                 &v(&probe),
                 g,
             );
+            // Partial gradients (frozen weight; input that needs none) equal the full ones.
+            let (dx_only, dw_none, _) = conv2d_backward_some(
+                &v(x.as_tensor()),
+                (n, cin, h, w),
+                &v(wt.as_tensor()),
+                (cout, k, k),
+                &v(&probe),
+                g,
+                (true, false),
+            );
+            assert_eq!(dx_only, dx);
+            assert!(dw_none.is_empty());
+            let (dx_none, dw_only, _) = conv2d_backward_some(
+                &v(x.as_tensor()),
+                (n, cin, h, w),
+                &v(wt.as_tensor()),
+                (cout, k, k),
+                &v(&probe),
+                g,
+                (false, true),
+            );
+            assert_eq!(dw_only, dw);
+            assert!(dx_none.is_empty());
+            // Through autograd with a frozen weight: only x and b get gradients.
+            let frozen = wt.as_tensor().detach();
+            let partial = (conv2d(x.as_tensor(), &frozen, b.as_tensor(), g)? * &probe)?
+                .sum_all()?
+                .backward()?;
+            assert!(partial.get(&frozen).is_none());
+            let e = (partial.get(&x).unwrap() - reference.get(&x).unwrap())?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f32>()?;
+            assert!(e < 1e-4, "dx with a frozen weight: {e}");
             let direct = [dx, dw, db];
             for (i, (name, var)) in [("x", &x), ("w", &wt), ("b", &b)].into_iter().enumerate() {
                 let (a, r) = (ours.get(var).unwrap(), reference.get(var).unwrap());

@@ -267,7 +267,9 @@ impl CodaQuantizer {
     fn keys_values(&self) -> Result<(Tensor, Tensor)> {
         match (&self.attn, self.config.kind) {
             (Some(a), _) => {
-                let keys = a.norm_k.forward(&linear(&self.codebook, &a.to_k.0, &a.to_k.1)?)?;
+                let keys = a
+                    .norm_k
+                    .forward(&linear(&self.codebook, &a.to_k.0, &a.to_k.1)?)?;
                 let values = linear(&self.codebook, &a.to_v.0, &a.to_v.1)?;
                 Ok(((keys * self.scale())?, values))
             }
@@ -480,7 +482,10 @@ impl CodaQuantizer {
                 ((tokens.detach() - &zq)?.sqr()?.mean_all()?
                     + ((&tokens - zq.detach())?.sqr()?.mean_all()? * self.config.beta)?)?,
             );
-            let z = st.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?.contiguous()?;
+            let z = st
+                .reshape((b, h, w, c))?
+                .permute((0, 3, 1, 2))?
+                .contiguous()?;
             let up = Resize2d::new(Mode::Bicubic, (h, w), (hh, ww), f.device())?.apply(&z)?;
             f_hat = (f_hat + &up)?;
             residual = (residual - up)?;
@@ -526,20 +531,21 @@ pub fn init_parameters(
         .into_iter()
         .map(|(name, shape)| {
             let n: usize = shape.iter().product();
-            let data: Vec<f32> = if name == "codebooks.weight" && config.kind != QuantizerKind::Attention {
-                // The baselines start as taming's VQGAN does: U(-1/V, 1/V).
-                let b = 1.0 / config.codebook_size as f32;
-                let u = rand_distr::Uniform::new(-b, b);
-                (0..n).map(|_| u.sample(&mut rng)).collect()
-            } else if name == "codebooks.weight" {
-                (0..n)
-                    .map(|_| rand_distr::StandardNormal.sample(&mut rng))
-                    .collect()
-            } else if name.contains("norm_") {
-                vec![if name.ends_with("weight") { 1.0 } else { 0.0 }; n]
-            } else {
-                (0..n).map(|_| uniform.sample(&mut rng)).collect()
-            };
+            let data: Vec<f32> =
+                if name == "codebooks.weight" && config.kind != QuantizerKind::Attention {
+                    // The baselines start as taming's VQGAN does: U(-1/V, 1/V).
+                    let b = 1.0 / config.codebook_size as f32;
+                    let u = rand_distr::Uniform::new(-b, b);
+                    (0..n).map(|_| u.sample(&mut rng)).collect()
+                } else if name == "codebooks.weight" {
+                    (0..n)
+                        .map(|_| rand_distr::StandardNormal.sample(&mut rng))
+                        .collect()
+                } else if name.contains("norm_") {
+                    vec![if name.ends_with("weight") { 1.0 } else { 0.0 }; n]
+                } else {
+                    (0..n).map(|_| uniform.sample(&mut rng)).collect()
+                };
             Ok((name, Tensor::from_vec(data, shape, device)?))
         })
         .collect()

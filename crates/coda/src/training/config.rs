@@ -323,7 +323,11 @@ pub fn parse_set(s: &str) -> Result<toml::Table> {
 
 impl TrainConfig {
     /// Defaults, then the preset, then the file, then each override, in that order.
-    pub fn resolve(preset_name: Option<&str>, file: Option<&Path>, sets: &[String]) -> Result<Self> {
+    pub fn resolve(
+        preset_name: Option<&str>,
+        file: Option<&Path>,
+        sets: &[String],
+    ) -> Result<Self> {
         let mut table = toml::Table::try_from(TrainConfig::default())
             .map_err(|e| Error::Invalid(format!("cannot represent the defaults: {e}")))?;
         if let Some(p) = preset_name {
@@ -344,12 +348,13 @@ impl TrainConfig {
     }
 
     fn from_table(table: toml::Table, origin: &Path) -> Result<Self> {
-        let cfg: TrainConfig = toml::Value::Table(table)
-            .try_into()
-            .map_err(|e: toml::de::Error| Error::Config {
-                path: origin.into(),
-                reason: e.to_string(),
-            })?;
+        let cfg: TrainConfig =
+            toml::Value::Table(table)
+                .try_into()
+                .map_err(|e: toml::de::Error| Error::Config {
+                    path: origin.into(),
+                    reason: e.to_string(),
+                })?;
         cfg.check(origin)?;
         Ok(cfg)
     }
@@ -426,7 +431,11 @@ mod tests {
         let c = TrainConfig::resolve(
             Some("tiny-cpu"),
             Some(&f),
-            &["lr=0.01".into(), "model.scales=4".into(), "out=/tmp/x y".into()],
+            &[
+                "lr=0.01".into(),
+                "model.scales=4".into(),
+                "out=/tmp/x y".into(),
+            ],
         )
         .unwrap();
         assert_eq!((c.batch, c.steps, c.lr, c.size), (4, Some(7), 0.01, 64));

@@ -59,7 +59,11 @@ pub struct Forward {
 
 impl TrainModel {
     /// `config.quantizer` is ignored in the `Vae` role.
-    pub fn build(role: Role, config: &TokenizerConfig, tensors: &HashMap<String, Tensor>) -> Result<Self> {
+    pub fn build(
+        role: Role,
+        config: &TokenizerConfig,
+        tensors: &HashMap<String, Tensor>,
+    ) -> Result<Self> {
         let device = tensors
             .values()
             .next()
@@ -69,7 +73,10 @@ impl TrainModel {
         let vae = AutoencoderKl::new(config.vae.clone(), vb.clone())?;
         let quantizer = match role {
             Role::Vae => None,
-            _ => Some(CodaQuantizer::new(config.quantizer.clone(), vb.pp("quantizer"))?),
+            _ => Some(CodaQuantizer::new(
+                config.quantizer.clone(),
+                vb.pp("quantizer"),
+            )?),
         };
         Ok(Self {
             role,
@@ -123,7 +130,11 @@ impl TrainModel {
                 let scales = self.scales_for(h, w)?;
                 let tables = q.tables()?;
                 let (ids, f_hat) = q.encode(&tables, &f, &scales)?;
-                Ok((self.vae.decode(&self.vae.denormalize(&f_hat)?)?, ids, scales))
+                Ok((
+                    self.vae.decode(&self.vae.denormalize(&f_hat)?)?,
+                    ids,
+                    scales,
+                ))
             }
         }
     }

@@ -31,7 +31,12 @@ pub struct AdamW {
 }
 
 impl AdamW {
-    pub fn new(params: Vec<Param>, groups: Vec<Group>, betas: (f64, f64), eps: f64) -> Result<Self> {
+    pub fn new(
+        params: Vec<Param>,
+        groups: Vec<Group>,
+        betas: (f64, f64),
+        eps: f64,
+    ) -> Result<Self> {
         let m = params
             .iter()
             .map(|p| p.var.as_tensor().zeros_like())
@@ -126,7 +131,11 @@ pub fn cosine_factor(step: u64, warmup: u64, total: u64) -> f64 {
 pub fn global_norm(grads: &[Tensor]) -> Result<f64> {
     let mut sum = 0f64;
     for g in grads {
-        sum += g.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+        sum += g
+            .sqr()?
+            .sum_all()?
+            .to_dtype(candle_core::DType::F64)?
+            .to_scalar::<f64>()?;
     }
     Ok(sum.sqrt())
 }
@@ -184,7 +193,10 @@ mod tests {
         }
         let got = var.as_tensor().to_vec1::<f32>().unwrap();
         for i in 0..2 {
-            assert!((got[i] as f64 - expected[i]).abs() < 1e-6, "{got:?} {expected:?}");
+            assert!(
+                (got[i] as f64 - expected[i]).abs() < 1e-6,
+                "{got:?} {expected:?}"
+            );
         }
         assert_eq!(opt.t, 2);
     }

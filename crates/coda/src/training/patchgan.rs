@@ -39,7 +39,12 @@ impl PatchGan {
         let mut layers = Vec::new();
         let mut shapes = Vec::new();
         let mut i = 0;
-        let mut conv = |layers: &mut Vec<Layer>, cin: usize, cout: usize, stride: usize, bias: bool, i: &mut usize| {
+        let mut conv = |layers: &mut Vec<Layer>,
+                        cin: usize,
+                        cout: usize,
+                        stride: usize,
+                        bias: bool,
+                        i: &mut usize| {
             let key = format!("main.{i}");
             shapes.push((format!("{key}.weight"), vec![cout, cin, 4, 4]));
             if bias {
@@ -64,7 +69,14 @@ impl PatchGan {
             let prev = mult;
             mult = (1 << n).min(8);
             let stride = if n == cfg.layers { 1 } else { 2 };
-            conv(&mut layers, cfg.ndf * prev, cfg.ndf * mult, stride, false, &mut i);
+            conv(
+                &mut layers,
+                cfg.ndf * prev,
+                cfg.ndf * mult,
+                stride,
+                false,
+                &mut i,
+            );
             norm(&mut layers, cfg.ndf * mult, &mut i);
             layers.push(Layer::LeakyRelu);
             i += 1;
@@ -137,7 +149,11 @@ pub fn batch_norm_train(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Te
     let c = x.dim(1)?;
     let mean = x.mean_keepdim(0)?.mean_keepdim(2)?.mean_keepdim(3)?;
     let centred = x.broadcast_sub(&mean)?;
-    let var = centred.sqr()?.mean_keepdim(0)?.mean_keepdim(2)?.mean_keepdim(3)?;
+    let var = centred
+        .sqr()?
+        .mean_keepdim(0)?
+        .mean_keepdim(2)?
+        .mean_keepdim(3)?;
     let y = centred.broadcast_div(&(var + 1e-5)?.sqrt()?)?;
     y.broadcast_mul(&weight.reshape((1, c, 1, 1))?)?
         .broadcast_add(&bias.reshape((1, c, 1, 1))?)
@@ -150,13 +166,27 @@ mod tests {
     #[test]
     fn taming_layout_and_output_size() {
         let d = PatchGan::new(PatchGanConfig { ndf: 8, layers: 3 });
-        let names: Vec<&str> = d.parameter_shapes().iter().map(|(n, _)| n.as_str()).collect();
+        let names: Vec<&str> = d
+            .parameter_shapes()
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .collect();
         // taming's Sequential indices: conv 0, lrelu 1, (conv, bn, lrelu) x3 at 2..10, conv 11.
-        for k in ["main.0.weight", "main.0.bias", "main.2.weight", "main.3.weight", "main.8.weight", "main.9.bias", "main.11.weight", "main.11.bias"] {
+        for k in [
+            "main.0.weight",
+            "main.0.bias",
+            "main.2.weight",
+            "main.3.weight",
+            "main.8.weight",
+            "main.9.bias",
+            "main.11.weight",
+            "main.11.bias",
+        ] {
             assert!(names.contains(&k), "{k} missing from {names:?}");
         }
         assert!(!names.contains(&"main.2.bias"));
-        let params: HashMap<String, Tensor> = d.init(0, &Device::Cpu).unwrap().into_iter().collect();
+        let params: HashMap<String, Tensor> =
+            d.init(0, &Device::Cpu).unwrap().into_iter().collect();
         let x = Tensor::randn(0f32, 1.0, (2, 3, 64, 64), &Device::Cpu).unwrap();
         let y = d.forward(&params, &x).unwrap();
         // 64 -> 32 -> 16 -> 8 -> 7 -> 6, as taming's 256 -> 30 pattern.

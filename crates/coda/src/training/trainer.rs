@@ -24,7 +24,9 @@ use crate::error::{Error, Result};
 use crate::evaluation::lpips::Lpips;
 use crate::evaluation::{CodebookStats, Protocol};
 use crate::quantizer::{attention::init_parameters, QuantizerConfig, ScaleSpec};
-use crate::tokenizer::{Tokenizer, TokenizerConfig, Tokens, CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE};
+use crate::tokenizer::{
+    Tokenizer, TokenizerConfig, Tokens, CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE,
+};
 use crate::vae::VaeConfig;
 
 /// Consecutive non-finite updates that stop a run.
@@ -64,12 +66,26 @@ pub struct EvalReport {
 }
 
 pub enum Event<'a> {
-    Start { step: u64, total: u64, images: usize, trainable: usize, lpips: bool },
+    Start {
+        step: u64,
+        total: u64,
+        images: usize,
+        trainable: usize,
+        lpips: bool,
+    },
     Step(&'a StepLog),
-    Skipped { step: u64, reason: String },
+    Skipped {
+        step: u64,
+        reason: String,
+    },
     Eval(&'a EvalReport),
-    Checkpoint { step: u64, path: &'a Path },
-    Exported { path: &'a Path },
+    Checkpoint {
+        step: u64,
+        path: &'a Path,
+    },
+    Exported {
+        path: &'a Path,
+    },
 }
 
 struct Disc {
@@ -84,7 +100,10 @@ impl Disc {
             .iter()
             .map(|p| {
                 let t = p.var.as_tensor();
-                (p.name.clone(), if detached { t.detach() } else { t.clone() })
+                (
+                    p.name.clone(),
+                    if detached { t.detach() } else { t.clone() },
+                )
             })
             .collect()
     }
@@ -110,7 +129,10 @@ pub struct Trainer {
 }
 
 /// The architecture and starting weights of a run.
-pub fn initial_model(role: Role, cfg: &TrainConfig) -> Result<(TokenizerConfig, HashMap<String, Tensor>)> {
+pub fn initial_model(
+    role: Role,
+    cfg: &TrainConfig,
+) -> Result<(TokenizerConfig, HashMap<String, Tensor>)> {
     match role {
         Role::Adapt => {
             let dir = cfg.tokenizer.as_ref().ok_or_else(|| {
@@ -118,10 +140,11 @@ pub fn initial_model(role: Role, cfg: &TrainConfig) -> Result<(TokenizerConfig, 
             })?;
             let cfg_path = dir.join(CONFIG_FILE);
             let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
-            let config: TokenizerConfig = serde_json::from_str(&text).map_err(|e| Error::Config {
-                path: cfg_path.clone(),
-                reason: e.to_string(),
-            })?;
+            let config: TokenizerConfig =
+                serde_json::from_str(&text).map_err(|e| Error::Config {
+                    path: cfg_path.clone(),
+                    reason: e.to_string(),
+                })?;
             let path = dir.join(WEIGHTS_FILE);
             let tensors = crate::io::read_tensors(&path, &Device::Cpu)?;
             crate::io::check_tensor_shapes(&config.parameter_shapes(), &tensors, &path)?;
@@ -151,7 +174,9 @@ pub fn initial_model(role: Role, cfg: &TrainConfig) -> Result<(TokenizerConfig, 
                     format_version: FORMAT_VERSION,
                     vae,
                     quantizer,
-                    scales: ScaleSpec::Derived { num_scales: m.scales.max(1) },
+                    scales: ScaleSpec::Derived {
+                        num_scales: m.scales.max(1),
+                    },
                     lora: None,
                     resolution: Some(cfg.size as usize),
                 },
@@ -215,7 +240,10 @@ impl Trainer {
         let adaptive_name = cfg.adaptive_layer.clone().unwrap_or_else(|| match role {
             Role::Adapt => params
                 .iter()
-                .filter(|p| p.name.starts_with("decoder.up.0.") && p.name.ends_with("conv2.lora_layer.up.weight"))
+                .filter(|p| {
+                    p.name.starts_with("decoder.up.0.")
+                        && p.name.ends_with("conv2.lora_layer.up.weight")
+                })
                 .map(|p| p.name.clone())
                 .max()
                 .unwrap_or_default(),
@@ -227,7 +255,11 @@ impl Trainer {
                 "adaptive GAN weight: '{adaptive_name}' is not a trained parameter (set adaptive_layer)"
             )));
         }
-        let ema = if cfg.ema { Some(Ema::new(&params)?) } else { None };
+        let ema = if cfg.ema {
+            Some(Ema::new(&params)?)
+        } else {
+            None
+        };
         let opt = AdamW::new(params, vec![group, group], betas, cfg.eps)?;
         let disc = match cfg.disc {
             Discriminator::None => None,
@@ -236,7 +268,13 @@ impl Trainer {
                 let dparams = net
                     .init(cfg.seed.wrapping_add(11), &device)?
                     .into_iter()
-                    .map(|(name, t)| Ok(Param { name, var: Var::from_tensor(&t)?, group: 0 }))
+                    .map(|(name, t)| {
+                        Ok(Param {
+                            name,
+                            var: Var::from_tensor(&t)?,
+                            group: 0,
+                        })
+                    })
                     .collect::<Result<Vec<_>>>()?;
                 let g = Group {
                     lr: cfg.lr_disc,
@@ -275,7 +313,12 @@ impl Trainer {
         if resume {
             match t.latest_checkpoint()? {
                 Some(dir) => t.load_checkpoint(&dir)?,
-                None => return Err(Error::Invalid(format!("--resume: no checkpoint in {}", t.out.join("checkpoints").display()))),
+                None => {
+                    return Err(Error::Invalid(format!(
+                        "--resume: no checkpoint in {}",
+                        t.out.join("checkpoints").display()
+                    )))
+                }
             }
         }
         crate::io::write_atomic(&t.out.join("config.toml"), t.cfg.to_toml().as_bytes())?;
@@ -342,7 +385,12 @@ impl Trainer {
             lpips: self.lpips.is_some(),
         });
         let accum = self.cfg.accum as u64;
-        let rx = prefetch(self.sampler.clone(), self.step * accum, self.cfg.batch, self.cfg.prefetch);
+        let rx = prefetch(
+            self.sampler.clone(),
+            self.step * accum,
+            self.cfg.batch,
+            self.cfg.prefetch,
+        );
         while self.step < until {
             let mut batches = Vec::with_capacity(self.cfg.accum);
             for _ in 0..accum {
@@ -362,8 +410,13 @@ impl Trainer {
                     on(Event::Step(&log));
                 }
                 Err(reason) => {
-                    self.append_metrics(&serde_json::json!({"step": self.step, "skipped": &reason}))?;
-                    on(Event::Skipped { step: self.step, reason: reason.clone() });
+                    self.append_metrics(
+                        &serde_json::json!({"step": self.step, "skipped": &reason}),
+                    )?;
+                    on(Event::Skipped {
+                        step: self.step,
+                        reason: reason.clone(),
+                    });
                     if self.bad_streak >= MAX_BAD_STREAK {
                         return Err(Error::Invalid(format!(
                             "training stopped: {MAX_BAD_STREAK} updates in a row had non-finite loss or gradients (last at update {}: {reason}); the weights were not changed by them and the last checkpoint is intact. Lower the learning rate or check the data.",
@@ -379,7 +432,10 @@ impl Trainer {
                 self.append_metrics(&serde_json::json!({"step": s, "eval": &r}))?;
                 on(Event::Eval(&r));
             }
-            if (self.cfg.checkpoint_every > 0 && s % self.cfg.checkpoint_every == 0) || last || s == until {
+            if (self.cfg.checkpoint_every > 0 && s % self.cfg.checkpoint_every == 0)
+                || last
+                || s == until
+            {
                 let p = self.save_checkpoint()?;
                 on(Event::Checkpoint { step: s, path: &p });
             }
@@ -414,7 +470,12 @@ impl Trainer {
             .map(|p| p.var.as_tensor().zeros_like())
             .collect::<candle_core::Result<_>>()?;
         let mut dgrads: Vec<Tensor> = match &self.disc {
-            Some(d) => d.opt.params.iter().map(|p| p.var.as_tensor().zeros_like()).collect::<candle_core::Result<_>>()?,
+            Some(d) => d
+                .opt
+                .params
+                .iter()
+                .map(|p| p.var.as_tensor().zeros_like())
+                .collect::<candle_core::Result<_>>()?,
             None => Vec::new(),
         };
         let mut log = StepLog {
@@ -510,7 +571,11 @@ impl Trainer {
             self.bad_streak += 1;
             return Ok(Err(format!("loss {} grad norm {norm}", log.loss)));
         }
-        let dnorm = if gan_on { clip_by_global_norm(&mut dgrads, self.cfg.clip_disc)? } else { 0.0 };
+        let dnorm = if gan_on {
+            clip_by_global_norm(&mut dgrads, self.cfg.clip_disc)?
+        } else {
+            0.0
+        };
         if !dnorm.is_finite() {
             self.bad_streak += 1;
             return Ok(Err(format!("discriminator grad norm {dnorm}")));
@@ -523,7 +588,11 @@ impl Trainer {
             e.update(&self.opt.params, self.opt.t, copy)?;
         }
         if gan_on {
-            self.disc.as_mut().expect("gan_on").opt.step(&dgrads, factor)?;
+            self.disc
+                .as_mut()
+                .expect("gan_on")
+                .opt
+                .step(&dgrads, factor)?;
         }
         debug_assert_eq!(grads.len(), n);
         log.grad_norm = norm;
@@ -568,7 +637,10 @@ impl Trainer {
             }
         }
         let n = self.val.len().max(1) as f64;
-        let grid = self.out.join("eval").join(format!("step-{:08}.png", self.step));
+        let grid = self
+            .out
+            .join("eval")
+            .join(format!("step-{:08}.png", self.step));
         if let Some(parent) = grid.parent() {
             std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
         }
@@ -587,7 +659,10 @@ impl Trainer {
             images: self.val.len(),
             psnr: psnr / n,
             ssim: ssim / n,
-            usage_per_scale: report.as_ref().map(|r| r.usage_per_scale.clone()).unwrap_or_default(),
+            usage_per_scale: report
+                .as_ref()
+                .map(|r| r.usage_per_scale.clone())
+                .unwrap_or_default(),
             usage_all: report.as_ref().map(|r| r.usage_all),
             perplexity_all: report.as_ref().map(|r| r.perplexity_all),
             grid,
@@ -663,7 +738,12 @@ impl Trainer {
             "disc_opt_t": self.disc.as_ref().map(|d| d.opt.t),
             "bad_streak": self.bad_streak,
         });
-        crate::io::write_atomic(&tmp.join("state.json"), serde_json::to_string_pretty(&state).expect("json").as_bytes())?;
+        crate::io::write_atomic(
+            &tmp.join("state.json"),
+            serde_json::to_string_pretty(&state)
+                .expect("json")
+                .as_bytes(),
+        )?;
         if fin.exists() {
             std::fs::remove_dir_all(&fin).map_err(|e| Error::io(&fin, e))?;
         }
@@ -681,19 +761,27 @@ impl Trainer {
     fn load_checkpoint(&mut self, dir: &Path) -> Result<()> {
         let sp = dir.join("state.json");
         let text = std::fs::read_to_string(&sp).map_err(|e| Error::io(&sp, e))?;
-        let state: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Checkpoint {
-            path: sp.clone(),
-            reason: e.to_string(),
-        })?;
+        let state: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| Error::Checkpoint {
+                path: sp.clone(),
+                reason: e.to_string(),
+            })?;
         let wp = dir.join("state.safetensors");
         let t = crate::io::read_tensors(&wp, &self.device)?;
-        let bad = |reason: String| Error::Checkpoint { path: wp.clone(), reason };
+        let bad = |reason: String| Error::Checkpoint {
+            path: wp.clone(),
+            reason,
+        };
         let get = |k: &str| -> Option<Tensor> { t.get(k).cloned() };
         for p in &self.opt.params {
             let key = format!("param/{}", p.name);
             let v = get(&key).ok_or_else(|| bad(format!("missing {key}")))?;
             if v.dims() != p.var.dims() {
-                return Err(bad(format!("{key}: shape {:?}, the model has {:?}", v.dims(), p.var.dims())));
+                return Err(bad(format!(
+                    "{key}: shape {:?}, the model has {:?}",
+                    v.dims(),
+                    p.var.dims()
+                )));
             }
             p.var.set(&v)?;
         }
@@ -709,10 +797,17 @@ impl Trainer {
         if let Some(d) = &mut self.disc {
             for p in &d.opt.params {
                 let key = format!("disc/{}", p.name);
-                p.var.set(&get(&key).ok_or_else(|| bad(format!("missing {key} (was the run started with another discriminator?)")))?)?;
+                p.var.set(&get(&key).ok_or_else(|| {
+                    bad(format!(
+                        "missing {key} (was the run started with another discriminator?)"
+                    ))
+                })?)?;
             }
             d.opt
-                .load_state(&|k| get(&format!("disc_opt/{k}")), u("disc_opt_t").unwrap_or(0))
+                .load_state(
+                    &|k| get(&format!("disc_opt/{k}")),
+                    u("disc_opt_t").unwrap_or(0),
+                )
                 .map_err(bad)?;
         }
         self.step = u("step").ok_or_else(|| bad("state.json has no step".into()))?;
@@ -763,8 +858,10 @@ impl Trainer {
                 let (shift, scale) = self.latent_statistics(&tensors)?;
                 vae.shift_factor = shift;
                 vae.scaling_factor = scale;
-                let only_vae: HashMap<String, Tensor> =
-                    tensors.into_iter().filter(|(k, _)| !k.starts_with("quantizer.")).collect();
+                let only_vae: HashMap<String, Tensor> = tensors
+                    .into_iter()
+                    .filter(|(k, _)| !k.starts_with("quantizer."))
+                    .collect();
                 crate::vae::export::write_diffusers(&dir, &vae, &only_vae, self.cfg.size as usize)?;
                 Ok(dir)
             }
@@ -789,9 +886,18 @@ impl Trainer {
         let n = 64usize.min(self.sampler.len().max(8));
         let b = self.sampler.batch(u64::MAX / 1024, n)?;
         let x = Tensor::from_slice(&b.data, (b.batch, 3, b.size, b.size), &self.device)?;
-        let z = model.vae.encode(&x)?.mean.flatten_all()?.to_dtype(DType::F64)?;
+        let z = model
+            .vae
+            .encode(&x)?
+            .mean
+            .flatten_all()?
+            .to_dtype(DType::F64)?;
         let mean = z.mean_all()?.to_scalar::<f64>()?;
-        let var = z.broadcast_sub(&Tensor::new(mean, &self.device)?)?.sqr()?.mean_all()?.to_scalar::<f64>()?;
+        let var = z
+            .broadcast_sub(&Tensor::new(mean, &self.device)?)?
+            .sqr()?
+            .mean_all()?
+            .to_scalar::<f64>()?;
         Ok((mean, 1.0 / var.sqrt().max(1e-8)))
     }
 }
@@ -814,11 +920,10 @@ fn load_val(cfg: &TrainConfig, train: &[PathBuf]) -> Result<Vec<RgbImage>> {
         }
         match crate::data::load_image(&p) {
             Ok(img) => {
-                let r = resize_shorter(&img, cfg.resize_side());
-                let (w, h) = r.dimensions();
-                let left = ((w - s) as f64 / 2.0).round_ties_even() as u32;
-                let top = ((h - s) as f64 / 2.0).round_ties_even() as u32;
-                out.push(image::imageops::crop_imm(&r, left, top, s, s).to_image());
+                out.push(crate::data::center_crop(
+                    &resize_shorter(&img, cfg.resize_side()),
+                    s,
+                ));
             }
             Err(e) => tracing::warn!("skipping validation image: {e}"),
         }

@@ -99,7 +99,12 @@ pub fn init_parameters(cfg: &VaeConfig, seed: u64) -> Result<HashMap<String, Ten
     let fan_in: HashMap<String, usize> = shapes
         .iter()
         .filter(|(_, s)| s.len() == 4)
-        .map(|(k, s)| (k.trim_end_matches(".weight").to_string(), s[1] * s[2] * s[3]))
+        .map(|(k, s)| {
+            (
+                k.trim_end_matches(".weight").to_string(),
+                s[1] * s[2] * s[3],
+            )
+        })
         .collect();
     shapes
         .into_iter()
