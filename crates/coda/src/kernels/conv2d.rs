@@ -534,15 +534,19 @@ impl CustomOp3 for Conv2dOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let vec = |t: &Tensor| t.contiguous()?.flatten_all()?.to_vec1::<f32>();
         let (n, cin, h, wd) = x.dims4()?;
         let (cout, _, kh, kw) = w.dims4()?;
+        // Read the tensors in place: copying them out was ~7% of a training step.
+        let (x, w, grad) = (x.contiguous()?, w.contiguous()?, grad.contiguous()?);
+        let (xs, xl) = x.storage_and_layout();
+        let (ws, wl) = w.storage_and_layout();
+        let (gs, gl) = grad.storage_and_layout();
         let (dx, dw, db) = conv2d_backward_some(
-            &vec(x)?,
+            super::cpu_f32("coda-conv2d", &xs, xl)?,
             (n, cin, h, wd),
-            &vec(w)?,
+            super::cpu_f32("coda-conv2d", &ws, wl)?,
             (cout, kh, kw),
-            &vec(grad)?,
+            super::cpu_f32("coda-conv2d", &gs, gl)?,
             self.geometry,
             self.need,
         );

@@ -134,14 +134,17 @@ impl CustomOp3 for GroupNormOp {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let dims = x.dims().to_vec();
         let (n, c) = (dims[0], dims[1]);
-        let vec = |t: &Tensor| t.contiguous()?.flatten_all()?.to_vec1::<f32>();
-        let (xv, wv, bv, gv) = (vec(x)?, vec(w)?, vec(b)?, vec(grad)?);
+        let (wv, bv) = (w.to_vec1::<f32>()?, b.to_vec1::<f32>()?);
+        let hw = x.elem_count() / (n * c);
+        let (x, grad) = (x.contiguous()?, grad.contiguous()?);
+        let (xs, xl) = x.storage_and_layout();
+        let (gs, gl) = grad.storage_and_layout();
         let (dx, dw, db) = group_norm_backward(
-            &xv,
+            super::cpu_f32("coda-group-norm", &xs, xl)?,
             &wv,
             &bv,
-            &gv,
-            (n, c, xv.len() / (n * c)),
+            super::cpu_f32("coda-group-norm", &gs, gl)?,
+            (n, c, hw),
             self.groups,
             self.eps,
             self.silu,

@@ -23,3 +23,16 @@ pub(crate) fn f32_slice<'a>(
         None => candle_core::bail!("{op}: non-contiguous input"),
     }
 }
+
+/// The f32 data of a contiguous tensor's storage, if it lives on the CPU: backward passes read
+/// their inputs in place instead of copying them out.
+pub(crate) fn cpu_f32<'a>(
+    op: &str,
+    s: &'a candle_core::Storage,
+    l: &candle_core::Layout,
+) -> candle_core::Result<&'a [f32]> {
+    match s {
+        candle_core::Storage::Cpu(c) => f32_slice(op, c, l),
+        _ => candle_core::bail!("{op}: backward runs on the CPU only"),
+    }
+}
