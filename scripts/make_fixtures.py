@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "reference"))
 from ldm_vae import MAR_KL16, AutoencoderKL as LdmVae  # noqa: E402
 from coda_quantizer import CodaQuantizer, inject_lora  # noqa: E402
+import dino_disc  # noqa: E402,F401
 import torch.nn.functional as F  # noqa: E402
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fixtures")
@@ -336,6 +337,53 @@ def inception_fixture():
     save_io(os.path.join(EROOT, "inception_io.safetensors"), x=x, pool3=feats)
 
 
+def dino_fixture():
+    """The DINO discriminator on a tiny ViT (32 px, patch 8, 48 dims, 4 blocks, taps after blocks 1
+    and 3): logits through the bicubic-resize, crop and area-resize input paths (three calls in a
+    row, so the spectral-norm power iterations chain), input and head-parameter gradients of the
+    first call, and the u/v vectors after each call."""
+    from dino_disc import DinoDisc
+
+    torch.manual_seed(7)
+    d = DinoDisc(image=32, patch=8, dim=48, depth=4, heads=4, mlp=96, taps=(1, 3))
+    with torch.no_grad():
+        for name, p in d.vit.named_parameters():
+            p.copy_(torch.randn(p.shape) * (0.3 if "norm" not in name else 0.1) + (1.0 if name.endswith("norm1.weight") or name.endswith("norm2.weight") else 0.0))
+        for h in d.heads:
+            for name, p in h.named_parameters():
+                if name.endswith("weight_orig"):
+                    nn_init = torch.nn.init.trunc_normal_(torch.empty(p.shape), std=0.02)
+                    p.copy_(nn_init)
+                elif "bn" in name:
+                    p.copy_(torch.randn(p.shape) * 0.2 + (1.0 if name.endswith("weight") else 0.0))
+                else:
+                    p.copy_(torch.randn(p.shape) * 0.05)
+    d.train()
+    state = {k: v for k, v in contiguous(d.state_dict()).items()
+             if "running" not in k and "num_batches" not in k}
+    out = {}
+    x1 = torch.rand(2, 3, 24, 24) * 2 - 1
+    x1.requires_grad_(True)
+    probe = torch.randn(2, 3 * 16)
+    l1 = d(x1)
+    (l1 * probe).sum().backward()
+    out.update(x1=x1, probe=probe, logits1=l1, dx1=x1.grad)
+    for name, p in d.heads.named_parameters():
+        out[f"grad.heads.{name}"] = p.grad
+    for name, b in d.heads.named_buffers():
+        if name.endswith("weight_u") or name.endswith("weight_v"):
+            out[f"after1.heads.{name}"] = b.clone()
+    with torch.no_grad():
+        x2 = torch.rand(2, 3, 40, 44) * 2 - 1
+        out.update(x2=x2, logits2=d(x2, crop=(3, 5)))
+        x3 = torch.rand(2, 3, 48, 48) * 2 - 1
+        out.update(x3=x3, logits3=d(x3))
+    os.makedirs(os.path.join(FIXTURES, "training"), exist_ok=True)
+    save_file(state, os.path.join(FIXTURES, "training", "dino_weights.safetensors"))
+    save_io(os.path.join(FIXTURES, "training", "dino_io.safetensors"), **out)
+    print("dino: logits", tuple(l1.shape))
+
+
 def lpips_fixture():
     """The `lpips` package's LPIPS(net='vgg') (v0.1: ScalingLayer, VGG16 relu1_2..relu5_3,
     unit-normalised features, 1x1 lin layers, spatial mean) with deterministic random weights."""
@@ -381,4 +429,5 @@ if __name__ == "__main__":
     metrics_fixture()
     inception_fixture()
     lpips_fixture()
+    dino_fixture()
     print("wrote", os.path.normpath(FIXTURES))

@@ -16,6 +16,8 @@ pub enum Discriminator {
     None,
     /// taming's NLayer PatchGAN, trained from scratch.
     Patchgan,
+    /// VAR / CODA's DINO ViT-S/16 feature discriminator (frozen ViT, trained heads).
+    Dino,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -119,6 +121,9 @@ pub struct TrainConfig {
 
     pub disc: Discriminator,
     pub patchgan: PatchGanConfig,
+    /// `disc = "dino"`: DINO's `dino_deitsmall16_pretrain.pth` (or a safetensors conversion);
+    /// "random" gives a random frozen ViT, for smoke tests only.
+    pub dino: Option<PathBuf>,
     pub disc_weight: f64,
     pub gan_ramp: GanRamp,
     /// First update with the adversarial term (and discriminator training).
@@ -182,6 +187,7 @@ impl Default for TrainConfig {
             sample_posterior: true,
             disc: Discriminator::None,
             patchgan: PatchGanConfig { ndf: 64, layers: 3 },
+            dino: None,
             disc_weight: 1.0,
             gan_ramp: GanRamp::Linear,
             gan_start: 0,
@@ -231,8 +237,7 @@ pub fn preset(name: &str) -> Result<toml::Table> {
             "#
         }
         // coda-method.md §10, MAR KL-16, V = 16384: per-GPU batch 16 x 4 accumulation, 10
-        // epochs, lr 5e-4; the reference trains with the DINO discriminator, which this build
-        // does not have yet, so the PatchGAN stands in.
+        // epochs, lr 5e-4, the DINO discriminator (give its weights: --set dino=PATH).
         "mar-16384" => {
             r#"
             size = 256
@@ -242,7 +247,7 @@ pub fn preset(name: &str) -> Result<toml::Table> {
             epochs = 10.0
             lr = 5e-4
             lr_disc = 5e-4
-            disc = "patchgan"
+            disc = "dino"
             disc_weight = 1.0
             gan_ramp = "linear"
             adaptive_layer = "decoder.up.4.upsample.conv.lora_layer.up.weight"
@@ -263,7 +268,7 @@ pub fn preset(name: &str) -> Result<toml::Table> {
             epochs = 10.0
             lr = 5e-4
             lr_disc = 5e-4
-            disc = "patchgan"
+            disc = "dino"
             disc_weight = 1.0
             gan_ramp = "linear"
             adaptive_layer = "decoder.up.0.block.2.conv2.lora_layer.up.weight"

@@ -3,11 +3,12 @@
 //!
 //! - [`config`]: the run's keys, presets, TOML files and `--set` overrides.
 //! - [`model`]: what is trained in each role.
-//! - [`losses`], [`patchgan`]: objectives and the discriminator.
+//! - [`losses`], [`patchgan`], [`dino`]: objectives and the two discriminators.
 //! - [`optim`], [`ema`]: AdamW with groups, cosine schedule, clipping; the EMA weights.
 //! - [`trainer`]: the loop, evaluation, checkpoints (exact resume) and export.
 
 pub mod config;
+pub mod dino;
 pub mod ema;
 pub mod losses;
 pub mod model;

@@ -146,6 +146,16 @@ impl PatchGan {
 /// BatchNorm2d in training mode: batch statistics (biased variance), eps 1e-5; composite ops so
 /// that it is differentiable.
 pub fn batch_norm_train(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    batch_norm_train_eps(x, weight, bias, 1e-5)
+}
+
+/// [`batch_norm_train`] with a given eps, over (B, C, H, W).
+pub fn batch_norm_train_eps(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
     let c = x.dim(1)?;
     let mean = x.mean_keepdim(0)?.mean_keepdim(2)?.mean_keepdim(3)?;
     let centred = x.broadcast_sub(&mean)?;
@@ -154,7 +164,7 @@ pub fn batch_norm_train(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Te
         .mean_keepdim(0)?
         .mean_keepdim(2)?
         .mean_keepdim(3)?;
-    let y = centred.broadcast_div(&(var + 1e-5)?.sqrt()?)?;
+    let y = centred.broadcast_div(&(var + eps)?.sqrt()?)?;
     y.broadcast_mul(&weight.reshape((1, c, 1, 1))?)?
         .broadcast_add(&bias.reshape((1, c, 1, 1))?)
 }

@@ -14,6 +14,7 @@ use image::RgbImage;
 use serde::{Deserialize, Serialize};
 
 use super::config::{Discriminator, GanRamp, TrainConfig};
+use super::dino::{random_vit, DinoConfig, DinoDisc};
 use super::ema::Ema;
 use super::losses;
 use super::model::{Role, TrainModel};
@@ -88,8 +89,52 @@ pub enum Event<'a> {
     },
 }
 
+enum DiscNet {
+    PatchGan(PatchGan),
+    Dino(DinoDisc),
+}
+
+impl DiscNet {
+    /// Logits of a batch. The DINO discriminator's crop-or-resize coin (and crop position, shared
+    /// by the batch) is drawn from `call_seed`, so that a resumed run draws the same.
+    fn forward(
+        &self,
+        params: &HashMap<String, Tensor>,
+        x: &Tensor,
+        call_seed: u64,
+    ) -> Result<Tensor> {
+        use rand::{Rng, SeedableRng};
+        Ok(match self {
+            DiscNet::PatchGan(n) => n.forward(params, x)?,
+            DiscNet::Dino(d) => {
+                let (_, _, h, w) = x.dims4()?;
+                let s = d.image_size();
+                let mut rng = rand::rngs::StdRng::seed_from_u64(call_seed);
+                let crop = (d.can_crop(h, w) && rng.gen::<f64>() <= 0.5)
+                    .then(|| (rng.gen_range(0..=h - s), rng.gen_range(0..=w - s)));
+                d.forward(params, x, crop)?
+            }
+        })
+    }
+
+    /// Non-trained state (DINO's spectral-norm vectors).
+    fn state(&self) -> Vec<(String, Tensor)> {
+        match self {
+            DiscNet::PatchGan(_) => Vec::new(),
+            DiscNet::Dino(d) => d.spectral_state(),
+        }
+    }
+
+    fn load_state(&self, get: &dyn Fn(&str) -> Option<Tensor>) -> std::result::Result<(), String> {
+        match self {
+            DiscNet::PatchGan(_) => Ok(()),
+            DiscNet::Dino(d) => d.load_spectral_state(get),
+        }
+    }
+}
+
 struct Disc {
-    net: PatchGan,
+    net: DiscNet,
     opt: AdamW,
 }
 
@@ -263,10 +308,30 @@ impl Trainer {
         let opt = AdamW::new(params, vec![group, group], betas, cfg.eps)?;
         let disc = match cfg.disc {
             Discriminator::None => None,
-            Discriminator::Patchgan => {
-                let net = PatchGan::new(cfg.patchgan);
-                let dparams = net
-                    .init(cfg.seed.wrapping_add(11), &device)?
+            kind => {
+                let (net, init) = match kind {
+                    Discriminator::Dino => {
+                        let dcfg = DinoConfig::vit_s16();
+                        let (vit, origin) = match cfg.dino.as_deref() {
+                            Some(p) if p == Path::new("random") => (random_vit(&dcfg, cfg.seed.wrapping_add(13))?, p.to_path_buf()),
+                            Some(p) => (crate::io::read_tensors(p, &device)?, p.to_path_buf()),
+                            None => {
+                                return Err(Error::Invalid(
+                                    "disc = \"dino\" needs the DINO ViT-S/16 weights: --set dino=PATH/dino_deitsmall16_pretrain.pth".into(),
+                                ))
+                            }
+                        };
+                        let d = DinoDisc::new(dcfg, &vit, &origin, cfg.seed.wrapping_add(17))?;
+                        let init = d.init_heads(cfg.seed.wrapping_add(11))?;
+                        (DiscNet::Dino(d), init)
+                    }
+                    _ => {
+                        let n = PatchGan::new(cfg.patchgan);
+                        let init = n.init(cfg.seed.wrapping_add(11), &device)?;
+                        (DiscNet::PatchGan(n), init)
+                    }
+                };
+                let dparams = init
                     .into_iter()
                     .map(|(name, t)| {
                         Ok(Param {
@@ -522,7 +587,7 @@ impl Trainer {
             let mut g_adv_store = None;
             if gan_on {
                 let d = self.disc.as_ref().expect("gan_on");
-                let logits = d.net.forward(&d.params(true), &fwd.recon)?;
+                let logits = d.net.forward(&d.params(true), &fwd.recon, seed ^ 1)?;
                 let g_adv = losses::hinge_g(&logits)?;
                 add(&mut log.g_adv, scalar(&g_adv)?);
                 let store = g_adv.backward()?;
@@ -553,8 +618,8 @@ impl Trainer {
                 // generator's adversarial gradient never reaches the D heads).
                 let d = self.disc.as_ref().expect("gan_on");
                 let params = d.params(false);
-                let real = d.net.forward(&params, &x)?;
-                let fake = d.net.forward(&params, &fwd.recon.detach())?;
+                let real = d.net.forward(&params, &x, seed ^ 2)?;
+                let fake = d.net.forward(&params, &fwd.recon.detach(), seed ^ 3)?;
                 let ld = losses::hinge_d(&real, &fake)?;
                 add(&mut log.d_loss, scalar(&ld)?);
                 let store = ld.backward()?;
@@ -729,6 +794,9 @@ impl Trainer {
             for (k, v) in d.opt.state() {
                 t.push((format!("disc_opt/{k}"), v));
             }
+            for (k, v) in d.net.state() {
+                t.push((format!("disc_state/{k}"), v));
+            }
         }
         crate::io::write_safetensors(&tmp.join("state.safetensors"), &t, None)?;
         let state = serde_json::json!({
@@ -808,6 +876,9 @@ impl Trainer {
                     &|k| get(&format!("disc_opt/{k}")),
                     u("disc_opt_t").unwrap_or(0),
                 )
+                .map_err(bad)?;
+            d.net
+                .load_state(&|k| get(&format!("disc_state/{k}")))
                 .map_err(bad)?;
         }
         self.step = u("step").ok_or_else(|| bad("state.json has no step".into()))?;
