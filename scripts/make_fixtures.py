@@ -412,7 +412,10 @@ def lpips_fixture():
     y = (x + 0.2 * torch.randn(x.shape, generator=gen)).clamp(-1, 1)
     with torch.no_grad():
         d = model(x, y).reshape(2)
-    save_io(os.path.join(EROOT, "lpips_io.safetensors"), x=x, y=y, lpips=d)
+    # The gradient that training's LPIPS term sends to the reconstruction.
+    y_var = y.clone().requires_grad_(True)
+    model(x, y_var).sum().backward()
+    save_io(os.path.join(EROOT, "lpips_io.safetensors"), x=x, y=y, lpips=d, dy=y_var.grad)
 
 
 if __name__ == "__main__":

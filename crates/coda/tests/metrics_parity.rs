@@ -119,6 +119,19 @@ fn lpips_matches_the_lpips_package() {
         want.to_vec1::<f32>().unwrap()
     );
     assert!(err <= 1e-4 * scale, "LPIPS error {err} (values {scale})");
+    // Training's LPIPS term: the gradient with respect to the reconstruction.
+    let y = candle_core::Var::from_tensor(&io["y"]).unwrap();
+    let grads = net
+        .distance(&io["x"], y.as_tensor())
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let g = grads.get(y.as_tensor()).unwrap();
+    let rel = common::max_abs(g, &io["dy"]) / common::abs_max(&io["dy"]);
+    println!("LPIPS gradient: {rel:.2e} relative");
+    assert!(rel < 1e-4, "LPIPS gradient error {rel}");
 }
 
 #[test]

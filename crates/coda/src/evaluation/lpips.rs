@@ -46,6 +46,23 @@ pub fn parameter_shapes() -> Vec<(String, Vec<usize>)> {
     p
 }
 
+/// 2x2 max pooling, stride 2 (floor on odd sizes). candle's `max_pool2d` backward multiplies the
+/// gradient by the fraction of maxima in the window (1/4 for a unique maximum) instead of routing it
+/// whole to the maximum; when gradients are tracked, pool as a max over a reshape instead, whose
+/// backward sends the whole gradient to the maximum (to every one of exact ties).
+fn max_pool2(x: &Tensor) -> Result<Tensor> {
+    if !x.track_op() {
+        return x.max_pool2d(2);
+    }
+    let (b, c, h, w) = x.dims4()?;
+    let (h2, w2) = (h / 2, w / 2);
+    x.narrow(2, 0, 2 * h2)?
+        .narrow(3, 0, 2 * w2)?
+        .reshape((b, c, h2, 2, w2, 2))?
+        .max(5)?
+        .max(3)
+}
+
 pub struct Lpips {
     convs: Vec<(usize, usize, Tensor, Tensor)>,
     lins: Vec<Tensor>,
@@ -84,7 +101,7 @@ impl Lpips {
         for (_, s, w, b) in &self.convs {
             if *s != slice {
                 taps.push(h.clone());
-                h = h.max_pool2d(2)?;
+                h = max_pool2(&h)?;
                 slice = *s;
             }
             h = conv2d(&h, w, b, ConvGeometry::same(1, 1))?.relu()?;
