@@ -86,9 +86,7 @@ pub fn run(role: Role, a: Args) -> anyhow::Result<()> {
             // Only explicit overrides change a resumed run (e.g. more steps).
             let mut t = toml::Table::try_from(&cfg)?;
             for s in &sets {
-                for (k, v) in coda::training::config::parse_set(s)? {
-                    t.insert(k, v);
-                }
+                coda::training::config::merge(&mut t, coda::training::config::parse_set(s)?);
             }
             cfg = t.try_into()?;
         }
@@ -111,10 +109,13 @@ pub fn run(role: Role, a: Args) -> anyhow::Result<()> {
         Role::Vq => "train-vq",
     });
     pb.set_position(trainer.step());
+    // Without a terminal (logs, CI) the bar is hidden: lines go to stderr, and a step line
+    // every `log_every` updates stands in for the bar.
+    let log_every = trainer.log_every();
     let until = a.stop_after.map(|n| trainer.step() + n);
     trainer.run(until, &mut |e| match e {
         Event::Start { step, total, images, trainable, lpips } => {
-            pb.println(format!(
+            say(&pb, format!(
                 "{} training images, {trainable} trainable parameters, updates {step}..{total}, LPIPS {}",
                 images,
                 if lpips { "on" } else { "off (no --set lpips=WEIGHTS)" }
@@ -123,16 +124,22 @@ pub fn run(role: Role, a: Args) -> anyhow::Result<()> {
         Event::Step(l) => {
             pb.set_position(l.step);
             pb.set_message(format!("loss {:.4} mse {:.4}", l.loss, l.mse));
+            if pb.is_hidden() && (l.step % log_every == 0 || l.step == l.total) {
+                eprintln!(
+                    "update {}/{}: loss {:.4}, mse {:.4}, {:.2} s",
+                    l.step, l.total, l.loss, l.mse, l.seconds
+                );
+            }
         }
         Event::Skipped { step, reason } => {
-            pb.println(format!("update {step} skipped: {reason}"));
+            say(&pb, format!("update {step} skipped: {reason}"));
         }
         Event::Eval(r) => {
             let usage = r
                 .usage_all
                 .map(|u| format!(", usage {:.1}%", 100.0 * u))
                 .unwrap_or_default();
-            pb.println(format!(
+            say(&pb, format!(
                 "eval @ {}: PSNR {:.2} dB, SSIM {:.4}{usage} ({} images) -> {}",
                 r.step,
                 r.psnr,
@@ -142,10 +149,10 @@ pub fn run(role: Role, a: Args) -> anyhow::Result<()> {
             ));
         }
         Event::Checkpoint { step, path } => {
-            pb.println(format!("checkpoint @ {step}: {}", path.display()));
+            say(&pb, format!("checkpoint @ {step}: {}", path.display()));
         }
         Event::Exported { path } => {
-            pb.println(format!("exported: {}", path.display()));
+            say(&pb, format!("exported: {}", path.display()));
         }
     })?;
     pb.finish_and_clear();
@@ -157,4 +164,13 @@ pub fn run(role: Role, a: Args) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// A line above the progress bar, or on stderr when the bar is hidden.
+fn say(pb: &indicatif::ProgressBar, msg: String) {
+    if pb.is_hidden() {
+        eprintln!("{msg}");
+    } else {
+        pb.println(msg);
+    }
 }

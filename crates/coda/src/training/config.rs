@@ -289,7 +289,7 @@ pub fn preset(name: &str) -> Result<toml::Table> {
 }
 
 /// Merge `over` into `base`, recursing into tables.
-fn merge(base: &mut toml::Table, over: toml::Table) {
+pub fn merge(base: &mut toml::Table, over: toml::Table) {
     for (k, v) in over {
         match (base.get_mut(&k), v) {
             (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),

@@ -395,6 +395,10 @@ impl Trainer {
         self.step
     }
 
+    pub fn log_every(&self) -> u64 {
+        self.cfg.log_every.max(1)
+    }
+
     pub fn total_steps(&self) -> u64 {
         self.total
     }
