@@ -31,7 +31,7 @@ mkdir -p runs/eval
 [ -f runs/vq-6x/tokenizer/config.json ] || "$CODA" train-vq "${COMMON[@]}" --out runs/vq-6x --steps $((6 * STEPS)) \
   --set model.codebook_size="$CODEBOOK"
 
-EVAL=(--data data/photos/val --size 128 --resize 160 --batch 4)
+EVAL=(--data data/photos/val --size 64 --resize 160 --batch 4)
 "$CODA" eval --vae runs/vae/vae "${EVAL[@]}" --json runs/eval/vae.json
 for r in coda vq-1x vq-6x msvq; do
   "$CODA" eval --tokenizer runs/$r/tokenizer "${EVAL[@]}" --json runs/eval/$r.json

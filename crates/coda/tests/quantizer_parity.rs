@@ -165,10 +165,20 @@ const SCALES: [(usize, usize); 5] = [(1, 1), (2, 2), (3, 3), (5, 5), (8, 8)];
 
 #[test]
 fn training_forward_matches_pytorch_ids_values_losses_and_gradients() {
+    // Both paths: the fused recomputing ops (CPU default) and the candle-ops composite.
+    check_training_forward(true);
+    check_training_forward(false);
+}
+
+fn check_training_forward(fused: bool) {
     let io = load("quantizer_io.safetensors");
     let (q, vars) = small_quantizer(true);
     let f = Var::from_tensor(&io["f"]).unwrap();
-    let out = q.forward_train(f.as_tensor(), &SCALES).unwrap();
+    let out = if fused {
+        q.forward_train_fused(f.as_tensor(), &SCALES).unwrap()
+    } else {
+        q.forward_train_composite(f.as_tensor(), &SCALES).unwrap()
+    };
     for (k, ids) in out.ids.iter().enumerate() {
         let want = io[&format!("ids_{k}")].to_dtype(DType::U32).unwrap();
         let same = ids
@@ -203,7 +213,8 @@ fn training_forward_matches_pytorch_ids_values_losses_and_gradients() {
         worst = worst.max(e);
     }
     println!(
-        "f_hat {e_fhat:.2e}, loss_q {e_lq:.2e}, loss_ent {e_le:.2e}, worst gradient {worst:.2e}"
+        "{}: f_hat {e_fhat:.2e}, loss_q {e_lq:.2e}, loss_ent {e_le:.2e}, worst gradient {worst:.2e}",
+        if fused { "fused" } else { "composite" }
     );
     assert!(worst <= 1e-4);
 }

@@ -417,6 +417,71 @@ impl CodaQuantizer {
         if self.attn.is_none() {
             return self.forward_train_nearest(f, scales);
         }
+        if f.device().is_cpu() && f.dtype() == DType::F32 {
+            return self.forward_train_fused(f, scales);
+        }
+        self.forward_train_composite(f, scales)
+    }
+
+    /// [`forward_train`](Self::forward_train) with the soft assignment and the entropy loss as
+    /// recomputing custom ops (see `soft_assign`): the same values and gradients, without keeping
+    /// any (N, V) tensor for the backward pass. The hard ids come from the assignment kernel.
+    pub fn forward_train_fused(
+        &self,
+        f: &Tensor,
+        scales: &[(usize, usize)],
+    ) -> Result<TrainOutput> {
+        use super::soft_assign::{Entropy, SoftCodes};
+        let (b, c, hh, ww) = f.dims4()?;
+        let (keys, values) = self.keys_values()?;
+        let (keys, values) = (keys.contiguous()?, values.contiguous()?);
+        let tables = CodeTables {
+            keys: keys.detach(),
+            chunk: ASSIGN_CHUNK,
+            values: values.detach(),
+        };
+        let mut residual = f.clone();
+        let mut f_hat = f.zeros_like()?;
+        let (mut ids, mut lq, mut lent) = (Vec::new(), Vec::new(), Vec::new());
+        for &(h, w) in scales {
+            let q = Resize2d::new(Mode::Area, (hh, ww), (h, w), f.device())?.apply(&residual)?;
+            let queries = self.queries(&q)?.contiguous()?;
+            let idx = self.assign(&tables, &q.detach())?; // (B, h, w)
+            let hard = values.index_select(&idx.flatten_all()?, 0)?; // (N, C): grads to E_v
+            let soft = queries.apply_op3(&keys, &values, SoftCodes)?; // 0, grads to q and k
+            let to_map = |t: Tensor| -> Result<Tensor> {
+                t.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?.contiguous()
+            };
+            let z = to_map((&hard + soft)?)?;
+            let z_hat = to_map(hard)?;
+            lent.push(queries.apply_op2(&keys, Entropy::new(self.config.entropy_temperature))?);
+            let l = ((&z - &q)?.sqr()?.mean_all()? + (z_hat.detach() - &q)?.sqr()?.mean_all()?)?
+                .add(&((&z_hat - q.detach())?.sqr()?.mean_all()? * self.config.beta)?)?;
+            lq.push(l);
+            let up = Resize2d::new(Mode::Bicubic, (h, w), (hh, ww), f.device())?.apply(&z)?;
+            f_hat = (f_hat + &up)?;
+            residual = (residual - up)?;
+            ids.push(idx);
+        }
+        let k = scales.len() as f64;
+        Ok(TrainOutput {
+            ids,
+            f_hat,
+            loss_q: (Tensor::stack(&lq, 0)?.sum_all()? / k)?,
+            loss_entropy: (Tensor::stack(&lent, 0)?.sum_all()? / k)?,
+        })
+    }
+
+    /// The training forward from candle ops, materialising (N, V) per scale: other devices, and
+    /// the reference the fused path is tested against.
+    pub fn forward_train_composite(
+        &self,
+        f: &Tensor,
+        scales: &[(usize, usize)],
+    ) -> Result<TrainOutput> {
+        if self.attn.is_none() {
+            return self.forward_train_nearest(f, scales);
+        }
         let (b, c, hh, ww) = f.dims4()?;
         let v = self.config.codebook_size;
         let (keys, values) = self.keys_values()?;

@@ -4,6 +4,7 @@
 pub mod attention;
 pub mod resample;
 pub mod scales;
+pub mod soft_assign;
 
 pub use attention::{
     CodaQuantizer, CodeTables, NormKind, QuantizerConfig, QuantizerKind, TrainOutput,
