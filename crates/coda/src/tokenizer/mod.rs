@@ -86,6 +86,23 @@ pub fn weights_hash(tensors: &HashMap<String, Tensor>) -> Result<String> {
         .collect())
 }
 
+fn parse_config(text: &str, origin: &Path) -> Result<TokenizerConfig> {
+    let config: TokenizerConfig = serde_json::from_str(text).map_err(|e| Error::Config {
+        path: origin.into(),
+        reason: e.to_string(),
+    })?;
+    if config.format_version != FORMAT_VERSION {
+        return Err(Error::Config {
+            path: origin.into(),
+            reason: format!(
+                "format_version {} (this build reads {FORMAT_VERSION})",
+                config.format_version
+            ),
+        });
+    }
+    Ok(config)
+}
+
 impl Tokenizer {
     /// Load a tokenizer folder. LoRA adapters are fused into the convs (exact) for speed.
     pub fn from_dir(dir: &Path, device: &Device) -> Result<Self> {
@@ -94,22 +111,32 @@ impl Tokenizer {
         }
         let cfg_path = dir.join(CONFIG_FILE);
         let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
-        let config: TokenizerConfig = serde_json::from_str(&text).map_err(|e| Error::Config {
-            path: cfg_path.clone(),
-            reason: e.to_string(),
-        })?;
-        if config.format_version != FORMAT_VERSION {
-            return Err(Error::Config {
-                path: cfg_path,
-                reason: format!(
-                    "format_version {} (this build reads {FORMAT_VERSION})",
-                    config.format_version
-                ),
-            });
-        }
+        let config = parse_config(&text, &cfg_path)?;
         let weights = dir.join(WEIGHTS_FILE);
         let tensors = crate::io::read_tensors(&weights, device)?;
         Self::from_tensors(config, tensors, &weights, true)
+    }
+
+    /// Load a tokenizer from the contents of its two files (e.g. embedded in a binary); `origin`
+    /// names it in errors.
+    pub fn from_bytes(
+        config_json: &str,
+        safetensors: &[u8],
+        origin: &Path,
+        device: &Device,
+    ) -> Result<Self> {
+        let config = parse_config(config_json, origin)?;
+        let tensors = candle_core::safetensors::load_buffer(safetensors, device).map_err(|e| {
+            Error::Checkpoint {
+                path: origin.into(),
+                reason: format!("not a valid safetensors buffer ({e})"),
+            }
+        })?;
+        let tensors = tensors
+            .into_iter()
+            .map(|(k, t)| Ok((k, t.to_dtype(DType::F32)?)))
+            .collect::<Result<HashMap<_, _>>>()?;
+        Self::from_tensors(config, tensors, origin, true)
     }
 
     /// Build from a config and weights (canonical VAE names, LoRA, `quantizer.*`), checking every
