@@ -49,6 +49,14 @@ def save_io(path, **tensors):
     save_file({k: v.detach().contiguous() for k, v in tensors.items()}, path)
 
 
+VAE_GRAD_KEYS = [
+    "encoder.conv_in.weight", "encoder.down.0.block.0.norm1.weight", "encoder.down.0.downsample.conv.weight",
+    "encoder.down.2.attn.0.q.weight", "encoder.mid.attn_1.proj_out.bias", "encoder.conv_out.weight",
+    "quant_conv.weight", "post_quant_conv.bias", "decoder.mid.block_1.conv2.weight",
+    "decoder.up.1.upsample.conv.weight", "decoder.up.0.block.1.norm2.bias", "decoder.conv_out.weight",
+]
+
+
 def ldm_fixture():
     """LDM layout with encoder-level attention (as MAR KL-16), decoder-level attention, quant convs
     and a non-square input: what diffusers cannot express."""
@@ -72,6 +80,17 @@ def ldm_fixture():
     save_io(os.path.join(ROOT, "ldm_io.safetensors"), x=x, mean=mean, logvar=logvar, decoded=decoded)
     with open(os.path.join(ROOT, "ldm_config.json"), "w") as f:
         json.dump(cfg, f, indent=1)
+    # Training's backward through the whole VAE (every conv, GroupNorm+SiLU, attention,
+    # up/downsampler): gradients of a probe loss on the decoded posterior mean (plus a logvar term)
+    # with respect to the input and to a few weights.
+    xg = x.clone().requires_grad_(True)
+    mean, logvar = vae.encode(xg)
+    probe = torch.randn((2, 3, 24, 32), generator=gen)
+    loss = (vae.decode(mean) * probe).sum() + 0.1 * logvar.sum()
+    loss.backward()
+    named = dict(vae.named_parameters())
+    grads = {f"grad.{k}": named[k].grad for k in VAE_GRAD_KEYS}
+    save_io(os.path.join(ROOT, "ldm_grad.safetensors"), probe=probe, dx=xg.grad, **grads)
 
 
 def diffusers_fixture():
