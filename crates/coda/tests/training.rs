@@ -190,6 +190,7 @@ fn resume_continues_exactly() {
     let start = start_tokenizer(dir.path());
     let extra = [
         format!("tokenizer='{}'", start.display()),
+        "fuse_lora=true".into(),
         "steps=6".into(),
         "accum=2".into(),
         "disc='patchgan'".into(),
@@ -224,6 +225,13 @@ fn resume_continues_exactly() {
     let ta = std::fs::read(dir.path().join("whole/tokenizer/model.safetensors")).unwrap();
     let tb = std::fs::read(dir.path().join("split/tokenizer/model.safetensors")).unwrap();
     assert!(ta == tb, "exported EMA weights differ");
+    // fuse_lora: the export has the adapters folded into the convs.
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("whole/tokenizer/config.json")).unwrap(),
+    )
+    .unwrap();
+    assert!(cfg["lora"].is_null(), "{}", cfg["lora"]);
+    Tokenizer::from_dir(&dir.path().join("whole/tokenizer"), &Device::Cpu).unwrap();
     // keep_checkpoints = 3 of steps 2, 3, 4, 6 (3 is the stop point).
     let n = std::fs::read_dir(dir.path().join("split/checkpoints"))
         .unwrap()

@@ -62,6 +62,7 @@ pub struct EvalReport {
     pub ssim: f64,
     pub usage_per_scale: Vec<f64>,
     pub usage_all: Option<f64>,
+    pub perplexity_per_scale: Vec<f64>,
     pub perplexity_all: Option<f64>,
     pub grid: PathBuf,
 }
@@ -733,6 +734,10 @@ impl Trainer {
                 .map(|r| r.usage_per_scale.clone())
                 .unwrap_or_default(),
             usage_all: report.as_ref().map(|r| r.usage_all),
+            perplexity_per_scale: report
+                .as_ref()
+                .map(|r| r.perplexity_per_scale.clone())
+                .unwrap_or_default(),
             perplexity_all: report.as_ref().map(|r| r.perplexity_all),
             grid,
         })
