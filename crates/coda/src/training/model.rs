@@ -48,6 +48,9 @@ pub struct TrainModel {
     pub scales: ScaleSpec,
 }
 
+/// Reconstruction, token ids per scale (empty for a VAE) and the scales.
+pub type Reconstruction = (Tensor, Vec<Tensor>, Vec<(usize, usize)>);
+
 /// One forward pass.
 pub struct Forward {
     /// Reconstruction, unclamped, [-1, 1] scale.
@@ -120,7 +123,7 @@ impl TrainModel {
 
     /// Inference as the exported model runs it: posterior mean, hard assignment, decode.
     /// Returns the reconstruction and the ids per scale (empty for a VAE).
-    pub fn reconstruct(&self, x: &Tensor) -> Result<(Tensor, Vec<Tensor>, Vec<(usize, usize)>)> {
+    pub fn reconstruct(&self, x: &Tensor) -> Result<Reconstruction> {
         let post = self.vae.encode(x)?;
         match &self.quantizer {
             None => Ok((self.vae.decode(&post.mean)?, Vec::new(), Vec::new())),

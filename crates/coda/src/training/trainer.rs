@@ -474,7 +474,7 @@ impl Trainer {
                 Ok(mut log) => {
                     log.seconds = started.elapsed().as_secs_f64();
                     let s = self.step;
-                    if s % self.cfg.log_every.max(1) == 0 || s == until || s == 1 {
+                    if s.is_multiple_of(self.cfg.log_every.max(1)) || s == until || s == 1 {
                         self.append_metrics(&serde_json::json!({"step": s, "train": &log}))?;
                     }
                     on(Event::Step(&log));
@@ -497,12 +497,12 @@ impl Trainer {
             }
             let s = self.step;
             let last = s == self.total;
-            if (self.cfg.eval_every > 0 && s % self.cfg.eval_every == 0) || last {
+            if (self.cfg.eval_every > 0 && s.is_multiple_of(self.cfg.eval_every)) || last {
                 let r = self.evaluate()?;
                 self.append_metrics(&serde_json::json!({"step": s, "eval": &r}))?;
                 on(Event::Eval(&r));
             }
-            if (self.cfg.checkpoint_every > 0 && s % self.cfg.checkpoint_every == 0)
+            if (self.cfg.checkpoint_every > 0 && s.is_multiple_of(self.cfg.checkpoint_every))
                 || last
                 || s == until
             {
