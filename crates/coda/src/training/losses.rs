@@ -51,7 +51,8 @@ mod tests {
         // real: relu(1-2)=0, relu(1-0)=1 -> 0.5; fake: relu(-1)=0, relu(1.5)=1.5 -> 0.75
         let v = hinge_d(&real, &fake).unwrap().to_scalar::<f32>().unwrap();
         assert!((v - 0.625).abs() < 1e-6);
-        assert!((hinge_g(&fake).unwrap().to_scalar::<f32>().unwrap() + 0.75).abs() < 1e-6);
+        // −mean(−2, 0.5) = 0.75
+        assert!((hinge_g(&fake).unwrap().to_scalar::<f32>().unwrap() - 0.75).abs() < 1e-6);
         // N(0, 1) posterior has zero KL; mean 1 -> 0.5 per element.
         let z = Tensor::zeros((2, 3, 1, 1), candle_core::DType::F32, &d).unwrap();
         assert_eq!(kl(&z, &z, 3).unwrap().to_scalar::<f32>().unwrap(), 0.0);
