@@ -38,6 +38,57 @@ fn main() -> candle_core::Result<()> {
         );
         return Ok(());
     }
+    if std::env::var("WINOGRAD").is_ok() {
+        // im2col + GEMM against Winograd F(2x2, 3x3) on the FLUX decoder's 3x3 convs.
+        use coda::kernels::conv2d::conv2d_forward;
+        use coda::kernels::winograd::{conv3x3_forward, transform_weights};
+        for &(c, hw, up) in &[
+            (128usize, 256usize, 1usize),
+            (256, 128, 1),
+            (512, 64, 1),
+            (512, 32, 1),
+            (256, 64, 2),
+        ] {
+            let x: Vec<f32> = (0..c * hw * hw)
+                .map(|i| ((i * 7919) % 1009) as f32 / 1009.0 - 0.5)
+                .collect();
+            let w: Vec<f32> = (0..c * c * 9)
+                .map(|i| ((i * 104729) % 1013) as f32 / 10130.0 - 0.05)
+                .collect();
+            let b = vec![0f32; c];
+            let g = ConvGeometry {
+                stride: 1,
+                pad: (1, 1, 1, 1),
+                upsample: up,
+            };
+            let flops = 2.0 * (c * c * 9 * hw * hw * up * up) as f64;
+            let t_direct = time(
+                || {
+                    conv2d_forward(&x, (1, c, hw, hw), &w, (c, 3, 3), &b, None, g);
+                },
+                3,
+            );
+            let t_wino = time(
+                || {
+                    let u = transform_weights(&w, c, c);
+                    conv3x3_forward(&x, (1, c, hw, hw), &u, c, &b, None, up);
+                },
+                3,
+            );
+            let u = transform_weights(&w, c, c);
+            let t_wino_pre = time(
+                || {
+                    conv3x3_forward(&x, (1, c, hw, hw), &u, c, &b, None, up);
+                },
+                3,
+            );
+            println!(
+                "c {c} {hw}x{hw} up {up}: im2col {:.1} ms ({:.0} GFLOP/s), winograd {:.1} ms (weights cached {:.1} ms, {:.0} effective GFLOP/s)",
+                t_direct * 1e3, flops / t_direct / 1e9, t_wino * 1e3, t_wino_pre * 1e3, flops / t_wino_pre / 1e9
+            );
+        }
+        return Ok(());
+    }
     if std::env::var("ONLY_TRACKED").is_ok() {
         backward_alone();
         for _ in 0..3 {

@@ -5,6 +5,7 @@ pub mod assign;
 pub mod conv2d;
 pub mod group_norm;
 pub mod simd;
+pub mod winograd;
 
 pub use conv2d::{conv2d, conv2d_composite, conv2d_residual, ConvGeometry};
 pub use group_norm::{group_norm, group_norm_composite};
