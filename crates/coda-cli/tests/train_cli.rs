@@ -105,6 +105,21 @@ fn train_vae_then_adapt_with_resume_then_eval() {
     let out = ok(&a, d);
     assert!(out.contains("checkpoint @ 2"), "{out}");
     assert!(!d.join("run/tokenizer").exists(), "exported before the end");
+    // Starting afresh over a run folder is refused: nothing is overwritten.
+    let mut again = vec![
+        "adapt",
+        "--tokenizer",
+        "start",
+        "--data",
+        "photos",
+        "--out",
+        "run",
+        "--steps",
+        "4",
+    ];
+    again.extend(TINY);
+    let (s, _, err) = coda(&again, d);
+    assert!(!s && err.contains("--resume"), "{err}");
     let out = ok(&["adapt", "--resume", "--out", "run"], d);
     assert!(out.contains("updates 2..4"), "{out}");
     assert!(out.contains("exported"), "{out}");

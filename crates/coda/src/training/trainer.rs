@@ -376,6 +376,15 @@ impl Trainer {
             adaptive,
             device,
         };
+        if !resume {
+            if let Some(c) = t.latest_checkpoint()? {
+                return Err(Error::Invalid(format!(
+                    "{} already holds a run (checkpoint {}): continue it with --resume, or choose another --out",
+                    t.out.display(),
+                    c.display()
+                )));
+            }
+        }
         if resume {
             match t.latest_checkpoint()? {
                 Some(dir) => t.load_checkpoint(&dir)?,
