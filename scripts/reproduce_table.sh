@@ -20,19 +20,31 @@ COMMON=(--preset tiny-cpu --data data/photos/train --val data/photos/val --set r
 [ -d data/photos/train ] || { bash scripts/fetch_photos.sh && python3 scripts/prepare_photos.py; }
 mkdir -p runs/eval
 
-[ -f runs/vae/vae/config.json ] || "$CODA" train-vae "${COMMON[@]}" --out runs/vae --steps "$STEPS_VAE"
+# Run a trainer into OUT, or continue it when OUT already holds checkpoints (an interrupted run).
+train() {
+  local cmd=$1 out=$2
+  shift 2
+  if [ -d "$out/checkpoints" ]; then
+    "$CODA" "$cmd" --resume --out "$out"
+  else
+    "$CODA" "$cmd" "$@" --out "$out"
+  fi
+}
+
+[ -f runs/vae/vae/config.json ] || train train-vae runs/vae "${COMMON[@]}" --steps "$STEPS_VAE"
 [ -f runs/start/config.json ] || "$CODA" tokenizer new --vae runs/vae/vae --codebook-size "$CODEBOOK" \
   --lora-rank 8 --resolution 64 -o runs/start
-[ -f runs/coda/tokenizer/config.json ] || "$CODA" adapt "${COMMON[@]}" --tokenizer runs/start --out runs/coda --steps "$STEPS"
-[ -f runs/vq-1x/tokenizer/config.json ] || "$CODA" train-vq "${COMMON[@]}" --out runs/vq-1x --steps "$STEPS" \
+[ -f runs/coda/tokenizer/config.json ] || train adapt runs/coda "${COMMON[@]}" --tokenizer runs/start --steps "$STEPS"
+[ -f runs/vq-1x/tokenizer/config.json ] || train train-vq runs/vq-1x "${COMMON[@]}" --steps "$STEPS" \
   --set model.codebook_size="$CODEBOOK"
-[ -f runs/msvq/tokenizer/config.json ] || "$CODA" train-vq "${COMMON[@]}" --out runs/msvq --steps "$STEPS" \
+[ -f runs/msvq/tokenizer/config.json ] || train train-vq runs/msvq "${COMMON[@]}" --steps "$STEPS" \
   --set model.codebook_size="$CODEBOOK" --set model.scales=10
-[ -f runs/vq-6x/tokenizer/config.json ] || "$CODA" train-vq "${COMMON[@]}" --out runs/vq-6x --steps $((6 * STEPS)) \
+[ -f runs/vq-6x/tokenizer/config.json ] || train train-vq runs/vq-6x "${COMMON[@]}" --steps $((6 * STEPS)) \
   --set model.codebook_size="$CODEBOOK"
 
 EVAL=(--data data/photos/val --size 64 --resize 160 --batch 4)
 "$CODA" eval --vae runs/vae/vae "${EVAL[@]}" --json runs/eval/vae.json
+"$CODA" eval --tokenizer runs/start "${EVAL[@]}" --json runs/eval/start.json
 for r in coda vq-1x vq-6x msvq; do
   "$CODA" eval --tokenizer runs/$r/tokenizer "${EVAL[@]}" --json runs/eval/$r.json
 done

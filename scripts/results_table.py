@@ -9,6 +9,7 @@ import sys
 runs = sys.argv[1] if len(sys.argv) > 1 else "runs"
 rows = [
     ("Continuous KL-VAE (parent)", "vae", "vae/config.json"),
+    ("CODA before adaptation (random codebook, LoRA = identity)", "start", None),
     ("CODA (adapted, 1x)", "coda", "tokenizer/config.json"),
     ("VQ from scratch, 1x", "vq-1x", "tokenizer/config.json"),
     ("VQ from scratch, 6x", "vq-6x", "tokenizer/config.json"),
@@ -40,8 +41,12 @@ for label, run, out in rows:
     bits = f"{model['tokens_per_image']} / {model['bits_per_image']:.0f}" if model["kind"] == "tokenizer" else "continuous"
     lp = m.get("lpips")
     lp = f"{lp['value']:.4f}" if lp else "n/a"
-    start = os.path.getmtime(os.path.join(runs, run, "config.toml"))
-    end = os.path.getmtime(os.path.join(runs, run, out))
-    extra = " + parent" if run == "coda" else ""
+    if out is None:
+        steps, hours = "0", "0"
+    else:
+        start = os.path.getmtime(os.path.join(runs, run, "config.toml"))
+        end = os.path.getmtime(os.path.join(runs, run, out))
+        extra = " + parent" if run == "coda" else ""
+        steps, hours = f"{steps_of(run)}{extra}", f"{2 * (end - start) / 3600:.2f}{extra}"
     print(f"| {label} | {m['psnr']['uint8_truncated']:.2f} | {m['ssim']['uint8_truncated']:.4f} | {lp} | {usage} | {bits} "
-          f"| {steps_of(run)}{extra} | {2 * (end - start) / 3600:.2f}{extra} |")
+          f"| {steps} | {hours} |")
