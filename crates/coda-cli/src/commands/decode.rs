@@ -4,13 +4,13 @@ use std::collections::HashSet;
 use std::path::PathBuf;
 
 use coda::data;
-use coda::tokenizer::{token_file, Tokenizer};
+use coda::tokenizer::token_file;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// A tokenizer folder.
+    /// A tokenizer folder (default: the embedded default tokenizer).
     #[arg(long)]
-    pub tokenizer: PathBuf,
+    pub tokenizer: Option<PathBuf>,
     /// Output folder for the PNGs (created if missing).
     #[arg(short, long)]
     pub output: PathBuf,
@@ -27,7 +27,7 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let device = super::device()?;
-    let tok = Tokenizer::from_dir(&args.tokenizer, &device)?;
+    let (tok, _) = super::tokenizer_or_default(args.tokenizer.as_deref(), &device)?;
     let (tokens, meta) = token_file::read(&args.tokens, &device)?;
     anyhow::ensure!(
         meta.codebook_size == tok.codebook_size(),

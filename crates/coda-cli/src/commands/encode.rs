@@ -5,13 +5,13 @@ use std::time::Instant;
 
 use anyhow::Context;
 use coda::data;
-use coda::tokenizer::{token_file, Posterior, Tokenizer, Tokens};
+use coda::tokenizer::{token_file, Posterior, Tokens};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// A tokenizer folder.
+    /// A tokenizer folder (default: the embedded default tokenizer).
     #[arg(long)]
-    pub tokenizer: PathBuf,
+    pub tokenizer: Option<PathBuf>,
     /// The token file to write (safetensors; written atomically).
     #[arg(short, long)]
     pub output: PathBuf,
@@ -36,7 +36,7 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let device = super::device()?;
-    let tok = Tokenizer::from_dir(&args.tokenizer, &device)?;
+    let (tok, _) = super::tokenizer_or_default(args.tokenizer.as_deref(), &device)?;
     let paths = data::collect_images(&args.images)?;
     anyhow::ensure!(!paths.is_empty(), "no image files among {:?}", args.images);
     let size = if args.no_resize {

@@ -52,6 +52,38 @@ impl VaeArgs {
     }
 }
 
+/// The tokenizer compiled into the binary (assets/tokenizer/, trained on this project's photos;
+/// see README), used when a command gets no --tokenizer.
+pub fn default_tokenizer(
+    device: &candle_core::Device,
+) -> anyhow::Result<coda::tokenizer::Tokenizer> {
+    const CONFIG: &str = include_str!("../../../../assets/tokenizer/config.json");
+    const WEIGHTS: &[u8] = include_bytes!("../../../../assets/tokenizer/model.safetensors");
+    Ok(coda::tokenizer::Tokenizer::from_bytes(
+        CONFIG,
+        WEIGHTS,
+        std::path::Path::new("<embedded default tokenizer>"),
+        device,
+    )?)
+}
+
+/// `--tokenizer DIR`, or the embedded default without one.
+pub fn tokenizer_or_default(
+    dir: Option<&std::path::Path>,
+    device: &candle_core::Device,
+) -> anyhow::Result<(coda::tokenizer::Tokenizer, String)> {
+    match dir {
+        Some(d) => Ok((
+            coda::tokenizer::Tokenizer::from_dir(d, device)?,
+            d.display().to_string(),
+        )),
+        None => Ok((
+            default_tokenizer(device)?,
+            "the embedded default (assets/tokenizer)".into(),
+        )),
+    }
+}
+
 /// The device commands run on: the first CUDA GPU when built with `cuda` and one is present.
 pub fn device() -> anyhow::Result<candle_core::Device> {
     #[cfg(feature = "cuda")]

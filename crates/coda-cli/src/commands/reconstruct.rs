@@ -7,7 +7,7 @@ use std::time::Instant;
 use anyhow::Context;
 use candle_core::Tensor;
 use coda::data;
-use coda::tokenizer::{Posterior, Tokenizer};
+use coda::tokenizer::Posterior;
 use coda::vae::VaeWeights;
 use image::RgbImage;
 
@@ -15,7 +15,8 @@ use super::VaeArgs;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// A tokenizer folder (config.json + model.safetensors).
+    /// A tokenizer folder (config.json + model.safetensors). Without it and without --vae, the
+    /// embedded default tokenizer.
     #[arg(long, conflicts_with = "vae")]
     pub tokenizer: Option<PathBuf>,
     #[command(flatten)]
@@ -32,7 +33,7 @@ pub struct Args {
     #[arg(long)]
     pub raw: Option<PathBuf>,
     /// With a tokenizer: also write <output stem>_progressive.png, decoded from 1, 2, ..., K scales.
-    #[arg(long, requires = "tokenizer")]
+    #[arg(long)]
     pub progressive: bool,
     /// Sample the posterior instead of taking its mean.
     #[arg(long)]
@@ -83,16 +84,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut extra_outputs: Vec<(PathBuf, RgbImage)> = Vec::new();
 
     let t0 = Instant::now();
-    let recon = if let Some(dir) = &args.tokenizer {
-        let tok = Tokenizer::from_dir(dir, &device)?;
+    let recon = if args.vae.vae.is_none() {
+        let (tok, name) = super::tokenizer_or_default(args.tokenizer.as_deref(), &device)?;
         let enc = tok.encode_with(&x, posterior)?;
         let recon = tok.decode_latent(&enc.latent_hat)?;
         let n = enc.tokens.len_per_image();
-        lines.push(format!(
-            "tokenizer  {} (hash {})",
-            dir.display(),
-            tok.hash()
-        ));
+        lines.push(format!("tokenizer  {name} (hash {})", tok.hash()));
         lines.push(format!(
             "tokens     {n} over {} scales ({}), codebook {}",
             enc.tokens.scales.len(),
@@ -119,10 +116,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         raw.push(("latent_hat".into(), enc.latent_hat));
         recon
     } else {
-        let path = args
-            .vae
-            .path()
-            .context("give --tokenizer DIR or --vae PATH")?;
+        anyhow::ensure!(
+            !args.progressive,
+            "--progressive needs a tokenizer, not --vae"
+        );
+        let path = args.vae.path()?;
         let weights = VaeWeights::load(path, &args.vae.options(), &device)?;
         let vae = weights.build()?;
         let post = vae.encode(&x)?;

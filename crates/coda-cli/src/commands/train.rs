@@ -137,7 +137,7 @@ pub fn run(role: Role, a: Args) -> anyhow::Result<()> {
         Event::Eval(r) => {
             let usage = r
                 .usage_all
-                .map(|u| format!(", usage {:.1}%", 100.0 * u))
+                .map(|u| format!(", usage {u:.1}%"))
                 .unwrap_or_default();
             say(&pb, format!(
                 "eval @ {}: PSNR {:.2} dB, SSIM {:.4}{usage} ({} images) -> {}",
