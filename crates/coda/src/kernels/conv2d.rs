@@ -458,6 +458,9 @@ fn fill_row(
     }
 }
 
+/// Inference convs with at least this many input and output channels use Winograd.
+pub const WINOGRAD_MIN_CHANNELS: usize = 256;
+
 struct Conv2dOp {
     geometry: ConvGeometry,
     residual: Option<Tensor>,
@@ -514,6 +517,24 @@ impl CustomOp3 for Conv2dOp {
                 Some(super::f32_slice("coda-conv2d", cpu, layout)?)
             }
         };
+        // Winograd F(2x2, 3x3) where it measured faster than im2col (wide layers; at 128
+        // channels its transforms cost more than the GEMM FLOPs it saves).
+        if super::winograd::supports(kh, kw, self.geometry)
+            && cin >= WINOGRAD_MIN_CHANNELS
+            && cout >= WINOGRAD_MIN_CHANNELS
+        {
+            let u = super::winograd::transform_weights(wt, cout, cin);
+            let out = super::winograd::conv3x3_forward(
+                x,
+                (n, cin, h, w),
+                &u,
+                cout,
+                b,
+                residual,
+                self.geometry.upsample,
+            );
+            return Ok((CpuStorage::F32(out), Shape::from((n, cout, oh, ow))));
+        }
         let (out, oh, ow) = conv2d_forward(
             x,
             (n, cin, h, w),
@@ -802,6 +823,29 @@ mod tests {
                 },
             ),
             (1, 8, 45, 47, 40, 3, ConvGeometry::same(1, 1)),
+            // Wide enough for the Winograd path, plain and on an upsampled input.
+            (
+                2,
+                WINOGRAD_MIN_CHANNELS,
+                5,
+                7,
+                WINOGRAD_MIN_CHANNELS + 3,
+                3,
+                ConvGeometry::same(1, 1),
+            ),
+            (
+                1,
+                WINOGRAD_MIN_CHANNELS + 1,
+                3,
+                4,
+                WINOGRAD_MIN_CHANNELS,
+                3,
+                ConvGeometry {
+                    stride: 1,
+                    pad: (1, 1, 1, 1),
+                    upsample: 2,
+                },
+            ),
         ];
         for (n, cin, h, w, cout, k, g) in cases {
             let x = Tensor::randn(0f32, 1.0, (n, cin, h, w), &dev)?;
