@@ -166,11 +166,10 @@ pub fn conv3x3_forward(
                     let (ty, tx) = (tile / tw, tile % tw);
                     let mv = |r: usize, c: usize| m[((r * 4 + c) * cout + co) * tb + j];
                     // tmp = Aᵀ M (2x4)
-                    let mut s = [[0f32; 4]; 2];
-                    for c in 0..4 {
-                        s[0][c] = mv(0, c) + mv(1, c) + mv(2, c);
-                        s[1][c] = mv(1, c) - mv(2, c) - mv(3, c);
-                    }
+                    let s: [[f32; 4]; 2] = [
+                        std::array::from_fn(|c| mv(0, c) + mv(1, c) + mv(2, c)),
+                        std::array::from_fn(|c| mv(1, c) - mv(2, c) - mv(3, c)),
+                    ];
                     for (r, row) in s.iter().enumerate() {
                         let y = 2 * ty + r;
                         if y >= oh {
