@@ -35,6 +35,8 @@ train() {
 [ -f runs/start/config.json ] || "$CODA" tokenizer new --vae runs/vae/vae --codebook-size "$CODEBOOK" \
   --lora-rank 8 --resolution 64 -o runs/start
 [ -f runs/coda/tokenizer/config.json ] || train adapt runs/coda "${COMMON[@]}" --tokenizer runs/start --steps "$STEPS"
+[ -f runs/coda-6x/tokenizer/config.json ] || train adapt runs/coda-6x "${COMMON[@]}" --tokenizer runs/start --steps $((6 * STEPS)) \
+  --set eval_every=300 --set checkpoint_every=300
 [ -f runs/vq-1x/tokenizer/config.json ] || train train-vq runs/vq-1x "${COMMON[@]}" --steps "$STEPS" \
   --set model.codebook_size="$CODEBOOK"
 [ -f runs/msvq/tokenizer/config.json ] || train train-vq runs/msvq "${COMMON[@]}" --steps "$STEPS" \
@@ -45,7 +47,7 @@ train() {
 EVAL=(--data data/photos/val --size 64 --resize 160 --batch 4)
 "$CODA" eval --vae runs/vae/vae "${EVAL[@]}" --json runs/eval/vae.json
 "$CODA" eval --tokenizer runs/start "${EVAL[@]}" --json runs/eval/start.json
-for r in coda vq-1x vq-6x msvq; do
+for r in coda coda-6x vq-1x vq-6x msvq; do
   "$CODA" eval --tokenizer runs/$r/tokenizer "${EVAL[@]}" --json runs/eval/$r.json
 done
 python3 scripts/results_table.py runs

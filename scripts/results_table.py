@@ -11,6 +11,7 @@ rows = [
     ("Continuous KL-VAE (parent)", "vae", "vae/config.json"),
     ("CODA before adaptation (random codebook, LoRA = identity)", "start", None),
     ("CODA (adapted, 1x)", "coda", "tokenizer/config.json"),
+    ("CODA (adapted, 6x)", "coda-6x", "tokenizer/config.json"),
     ("VQ from scratch, 1x", "vq-1x", "tokenizer/config.json"),
     ("VQ from scratch, 6x", "vq-6x", "tokenizer/config.json"),
     ("Multi-scale VQ from scratch, 1x", "msvq", "tokenizer/config.json"),
@@ -46,7 +47,7 @@ for label, run, out in rows:
     else:
         start = os.path.getmtime(os.path.join(runs, run, "config.toml"))
         end = os.path.getmtime(os.path.join(runs, run, out))
-        extra = " + parent" if run == "coda" else ""
+        extra = " + parent" if run.startswith("coda") else ""
         steps, hours = f"{steps_of(run)}{extra}", f"{2 * (end - start) / 3600:.2f}{extra}"
     print(f"| {label} | {m['psnr']['uint8_truncated']:.2f} | {m['ssim']['uint8_truncated']:.4f} | {lp} | {usage} | {bits} "
           f"| {steps} | {hours} |")
