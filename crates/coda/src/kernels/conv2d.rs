@@ -234,18 +234,7 @@ fn add_row(
     up: usize,
     vw: isize,
 ) {
-    let s = stride as isize;
-    let n = src.len() as isize;
-    let vx0 = ox0 as isize * s + off;
-    let lo = if vx0 >= 0 { 0 } else { (-vx0 + s - 1) / s }.min(n);
-    let hi = if vx0 >= vw {
-        0
-    } else {
-        ((vw - vx0 + s - 1) / s).min(n)
-    }
-    .max(lo);
-    let (lo, hi) = (lo as usize, hi as usize);
-    let start = (vx0 + lo as isize * s) as usize;
+    let (lo, hi, start) = valid_span(src.len(), ox0, off, stride, vw);
     let src = &src[lo..hi];
     match (stride, up) {
         (1, 1) => {
@@ -414,6 +403,23 @@ pub fn conv2d_backward_some(
     (dx, dw, db)
 }
 
+/// For n columns i whose virtual column is vx = (ox0 + i)·stride + off: the first and
+/// one-past-last i with 0 <= vx < vw, and the virtual column of the first.
+#[inline]
+fn valid_span(n: usize, ox0: usize, off: isize, stride: usize, vw: isize) -> (usize, usize, usize) {
+    let s = stride as isize;
+    let n = n as isize;
+    let vx0 = ox0 as isize * s + off;
+    let lo = if vx0 >= 0 { 0 } else { (-vx0 + s - 1) / s }.min(n);
+    let hi = if vx0 >= vw {
+        0
+    } else {
+        ((vw - vx0 + s - 1) / s).min(n)
+    }
+    .max(lo);
+    (lo as usize, hi as usize, (vx0 + lo * s) as usize)
+}
+
 /// dst[i] = input row at virtual column (ox0 + i)·stride + off (zero outside [0, vw)), where the
 /// virtual row is `src` upsampled `up` times. The valid range is found first, so the inner loops
 /// are branch-free copies (a memcpy in the common stride-1 case).
@@ -427,21 +433,9 @@ fn fill_row(
     up: usize,
     vw: isize,
 ) {
-    let s = stride as isize;
-    let n = dst.len() as isize;
-    let vx0 = ox0 as isize * s + off;
-    // First and one-past-last i with 0 <= vx0 + i·s < vw.
-    let lo = if vx0 >= 0 { 0 } else { (-vx0 + s - 1) / s }.min(n);
-    let hi = if vx0 >= vw {
-        0
-    } else {
-        ((vw - vx0 + s - 1) / s).min(n)
-    }
-    .max(lo);
-    let (lo, hi) = (lo as usize, hi as usize);
+    let (lo, hi, start) = valid_span(dst.len(), ox0, off, stride, vw);
     dst[..lo].fill(0.0);
     dst[hi..].fill(0.0);
-    let start = (vx0 + lo as isize * s) as usize;
     let d = &mut dst[lo..hi];
     match (stride, up) {
         (1, 1) => d.copy_from_slice(&src[start..start + d.len()]),

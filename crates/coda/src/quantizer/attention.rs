@@ -316,7 +316,17 @@ impl CodaQuantizer {
     /// the lowest index, as `torch.argmax`.
     pub fn assign(&self, tables: &CodeTables, q: &Tensor) -> Result<Tensor> {
         let (b, _, h, w) = q.dims4()?;
-        let queries = self.queries(q)?.contiguous()?;
+        self.assign_queries(tables, &self.queries(q)?, (b, h, w))
+    }
+
+    /// [`assign`](Self::assign) from queries already computed, (B·h·w, ·) -> (B, h, w) ids.
+    fn assign_queries(
+        &self,
+        tables: &CodeTables,
+        queries: &Tensor,
+        (b, h, w): (usize, usize, usize),
+    ) -> Result<Tensor> {
+        let queries = queries.detach().contiguous()?;
         if queries.device().is_cpu() && queries.dtype() == DType::F32 {
             // The fused GEMM + running argmax kernel.
             let (n, d) = queries.dims2()?;
@@ -328,9 +338,9 @@ impl CodaQuantizer {
                 d,
                 tables.chunk,
             );
-            return Tensor::from_vec(ids, (b, h, w), q.device());
+            return Tensor::from_vec(ids, (b, h, w), queries.device());
         }
-        self.assign_composite(tables, q)
+        self.argmax_chunked(tables, &queries)?.reshape((b, h, w))
     }
 
     /// The same assignment from candle ops, chunk by chunk (other devices; and the reference
@@ -338,6 +348,11 @@ impl CodaQuantizer {
     pub fn assign_composite(&self, tables: &CodeTables, q: &Tensor) -> Result<Tensor> {
         let (b, _, h, w) = q.dims4()?;
         let queries = self.queries(q)?.contiguous()?;
+        self.argmax_chunked(tables, &queries)?.reshape((b, h, w))
+    }
+
+    /// Chunked argmax of `queries · keysᵀ` over codes from candle ops, (N,) u32.
+    fn argmax_chunked(&self, tables: &CodeTables, queries: &Tensor) -> Result<Tensor> {
         let v = tables.keys.dim(0)?;
         let mut best: Option<(Tensor, Tensor)> = None;
         let mut start = 0;
@@ -356,7 +371,7 @@ impl CodaQuantizer {
             start += n;
         }
         let (_, ids) = best.expect("a codebook has at least one code");
-        ids.reshape((b, h, w))
+        ids.flatten_all()
     }
 
     /// Code vectors of ids (B, h, w) -> (B, C, h, w).
@@ -446,7 +461,7 @@ impl CodaQuantizer {
         for &(h, w) in scales {
             let q = Resize2d::new(Mode::Area, (hh, ww), (h, w), f.device())?.apply(&residual)?;
             let queries = self.queries(&q)?.contiguous()?;
-            let idx = self.assign(&tables, &q.detach())?; // (B, h, w)
+            let idx = self.assign_queries(&tables, &queries, (b, h, w))?;
             let hard = values.index_select(&idx.flatten_all()?, 0)?; // (N, C): grads to E_v
             let soft = queries.apply_op3(&keys, &values, SoftCodes)?; // 0, grads to q and k
             let to_map = |t: Tensor| -> Result<Tensor> {
@@ -455,9 +470,7 @@ impl CodaQuantizer {
             let z = to_map((&hard + soft)?)?;
             let z_hat = to_map(hard)?;
             lent.push(queries.apply_op2(&keys, Entropy::new(self.config.entropy_temperature))?);
-            let l = ((&z - &q)?.sqr()?.mean_all()? + (z_hat.detach() - &q)?.sqr()?.mean_all()?)?
-                .add(&((&z_hat - q.detach())?.sqr()?.mean_all()? * self.config.beta)?)?;
-            lq.push(l);
+            lq.push(self.quantization_loss(&z, &z_hat, &q)?);
             let up = Resize2d::new(Mode::Bicubic, (h, w), (hh, ww), f.device())?.apply(&z)?;
             f_hat = (f_hat + &up)?;
             residual = (residual - up)?;
@@ -502,9 +515,7 @@ impl CodaQuantizer {
             let z = to_map(st.matmul(&values)?)?;
             let z_hat = to_map(hard.matmul(&values)?)?;
             lent.push(self.entropy_loss(&logits)?);
-            let l = ((&z - &q)?.sqr()?.mean_all()? + (z_hat.detach() - &q)?.sqr()?.mean_all()?)?
-                .add(&((&z_hat - q.detach())?.sqr()?.mean_all()? * self.config.beta)?)?;
-            lq.push(l);
+            lq.push(self.quantization_loss(&z, &z_hat, &q)?);
             let up = Resize2d::new(Mode::Bicubic, (h, w), (hh, ww), f.device())?.apply(&z)?;
             f_hat = (f_hat + &up)?;
             residual = (residual - up)?;
@@ -563,6 +574,12 @@ impl CodaQuantizer {
             loss_q: (Tensor::stack(&lq, 0)?.sum_all()? / k)?,
             loss_entropy: Tensor::zeros((), f.dtype(), f.device())?,
         })
+    }
+
+    /// L_q = mean (z − q)² + mean (sg[ẑ] − q)² + β · mean (ẑ − sg[q])² (coda-method.md §6.1).
+    fn quantization_loss(&self, z: &Tensor, z_hat: &Tensor, q: &Tensor) -> Result<Tensor> {
+        ((z - q)?.sqr()?.mean_all()? + (z_hat.detach() - q)?.sqr()?.mean_all()?)?
+            .add(&((z_hat - q.detach())?.sqr()?.mean_all()? * self.config.beta)?)
     }
 
     /// MAGVIT-v2 style entropy loss on (N, V) logits, as the reference computes it (including the
