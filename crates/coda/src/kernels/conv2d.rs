@@ -38,13 +38,13 @@ impl ConvGeometry {
 
 /// Shared output pointer: tasks write disjoint column ranges of the output.
 #[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
+pub(crate) struct OutPtr(pub(crate) *mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
 impl OutPtr {
     /// A method, so that closures capture the whole (Sync) wrapper, not the raw pointer field.
-    fn at(&self, offset: usize) -> *mut f32 {
+    pub(crate) fn at(&self, offset: usize) -> *mut f32 {
         // SAFETY: callers stay within the output buffer.
         unsafe { self.0.add(offset) }
     }
@@ -133,7 +133,7 @@ pub fn conv2d_forward(
 }
 
 /// Fill `col` (K rows of `tw` values) with the taps of output pixels p0..p0+tw.
-fn gather(
+pub(crate) fn gather(
     col: &mut [f32],
     x: &[f32],
     (cin, h, w): (usize, usize, usize),
@@ -511,6 +511,19 @@ impl CustomOp3 for Conv2dOp {
                 Some(super::f32_slice("coda-conv2d", cpu, layout)?)
             }
         };
+        if let Some(three) = super::precision().amx_three_pass() {
+            let (out, oh, ow) = super::amx::conv2d_forward(
+                x,
+                (n, cin, h, w),
+                wt,
+                (cout, kh, kw),
+                b,
+                residual,
+                self.geometry,
+                three,
+            );
+            return Ok((CpuStorage::F32(out), Shape::from((n, cout, oh, ow))));
+        }
         // Winograd F(2x2, 3x3) where it measured faster than im2col (wide layers; at 128
         // channels its transforms cost more than the GEMM FLOPs it saves).
         if super::winograd::supports(kh, kw, self.geometry)

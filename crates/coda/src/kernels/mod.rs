@@ -1,6 +1,7 @@
 //! Our own CPU kernels, for ops candle lacks or runs slowly. Each has a plain composite
 //! version beside it that the tests compare against.
 
+pub mod amx;
 pub mod assign;
 pub mod conv2d;
 pub mod group_norm;
@@ -35,5 +36,81 @@ pub(crate) fn cpu_f32<'a>(
     match s {
         candle_core::Storage::Cpu(c) => f32_slice(op, c, l),
         _ => candle_core::bail!("{op}: backward runs on the CPU only"),
+    }
+}
+
+/// Arithmetic of the inference convolutions. Training always runs in f32.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Precision {
+    /// f32 products and sums (the default; what the parity tests check).
+    #[default]
+    F32,
+    /// Each f32 operand split into two bf16 parts, three bf16 products per f32 one, f32 sums, on
+    /// AMX: ~16 mantissa bits per product instead of 24.
+    Bf16x3,
+    /// bf16 operands (8 mantissa bits), f32 sums, on AMX.
+    Bf16,
+}
+
+impl Precision {
+    /// For the AMX modes, whether products take three passes.
+    pub fn amx_three_pass(self) -> Option<bool> {
+        match self {
+            Precision::F32 => None,
+            Precision::Bf16x3 => Some(true),
+            Precision::Bf16 => Some(false),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16x3 => "bf16x3",
+            Precision::Bf16 => "bf16",
+        }
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = crate::Error;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "f32" => Ok(Precision::F32),
+            "bf16x3" => Ok(Precision::Bf16x3),
+            "bf16" => Ok(Precision::Bf16),
+            _ => Err(crate::Error::Invalid(format!(
+                "unknown precision {s:?}: expected f32, bf16x3 or bf16"
+            ))),
+        }
+    }
+}
+
+static PRECISION: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Choose the arithmetic of inference convolutions for the whole process (the CLI's
+/// `--precision`). The bf16 modes need AMX (Intel Sapphire Rapids or later) and are refused
+/// elsewhere rather than emulated slowly.
+pub fn set_precision(p: Precision) -> Result<(), crate::Error> {
+    if p != Precision::F32 && !amx::available() {
+        return Err(crate::Error::Invalid(format!(
+            "precision {} needs a CPU with AMX bf16 (Intel Sapphire Rapids or later)",
+            p.name()
+        )));
+    }
+    let code = match p {
+        Precision::F32 => 0,
+        Precision::Bf16x3 => 1,
+        Precision::Bf16 => 2,
+    };
+    PRECISION.store(code, std::sync::atomic::Ordering::Relaxed);
+    Ok(())
+}
+
+/// The arithmetic chosen by [`set_precision`].
+pub fn precision() -> Precision {
+    match PRECISION.load(std::sync::atomic::Ordering::Relaxed) {
+        1 => Precision::Bf16x3,
+        2 => Precision::Bf16,
+        _ => Precision::F32,
     }
 }
