@@ -1,17 +1,21 @@
 #!/usr/bin/env python3
 """Benchmark: coda-rs against PyTorch on the same machine, in the same run.
 
-    python scripts/bench.py [--what vae,tokenizer] [--size 256] [--batch 1,4] [--iters 3] [--threads 2]
+    python scripts/bench.py [--arch mar,flux] [--batch 1,8] [--size 256] [--iters 3]
+                            [--precision f32,bf16x3,bf16] [--threads 2]
 
-Builds a FLUX-architecture VAE (diffusers AutoencoderKL, block_out_channels 128/256/512/512,
-16 latent channels, random seeded weights) as a diffusers folder under .bench/, and a FLUX-size
-tokenizer on it (`coda tokenizer new`, V = 65536, the paper's 32x32 scales). Then it times, in
-PyTorch (eager, fp32) and in `coda bench` (release build), each in its own process with the
-same thread count:
-  vae:       VAE encode (posterior mean) and decode;
-  tokenizer: full tokenizer encode (image -> ids), the quantizer assignment alone, and decode.
-The PyTorch tokenizer is the straightforward implementation (full (N, V) logits, argmax, gather)
-on the very same weights. It prints the ratios. A benchmark, not a test: nothing asserts timings.
+Two architectures, random seeded weights, saved under .bench/ (diffusers AutoencoderKL folders):
+  mar:  MAR KL-16 size, ch 128, mult 1,1,2,2,4 (f16), 16 latent channels, and a V=16384
+        tokenizer on it (`coda tokenizer new`, scales 1,2,3,4,5,6,8,10,13,16 at 16x16);
+  flux: FLUX size, 128/256/512/512 (f8), 16 latent channels, V=65536, scales up to 32x32.
+For each architecture and batch, coda-rs (`coda bench`, release build, one process per precision)
+and PyTorch (eager fp32, one process) time, each with the same thread count: VAE encode
+(posterior mean), the quantizer assignment over all scales, VAE decode, full tokenizer encode
+(image -> ids) and full tokenizer decode (ids -> image). The PyTorch tokenizer is the
+straightforward implementation (full (N, V) logits, argmax, gather) on the very same weights.
+Printed: both times, the ratio (ours / PyTorch: below 1 = coda-rs faster), and each process's
+peak RSS; for the bf16 precisions also their effect against f32 (identical tokens, decoded image
+max |diff| and PSNR on a real photo). A benchmark, not a test: nothing asserts timings.
 """
 import argparse
 import json
@@ -22,25 +26,40 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODEL = os.path.join(ROOT, ".bench", "flux-random")
-TOKENIZER = os.path.join(ROOT, ".bench", "flux-tok")
 CODA = os.path.join(ROOT, "target", "release", "coda")
-FLUX_SCALES = [1, 2, 3, 4, 6, 9, 13, 18, 24, 32]
+PHOTO = os.path.join(ROOT, "assets", "photos", "ladybird.jpg")
+ARCHS = {
+    "mar": dict(blocks=(128, 128, 256, 256, 512), codebook=16384, scales=[1, 2, 3, 4, 5, 6, 8, 10, 13, 16],
+                scale=0.2325, shift=0.0, quant_conv=True),
+    "flux": dict(blocks=(128, 256, 512, 512), codebook=65536, scales=[1, 2, 3, 4, 6, 9, 13, 18, 24, 32],
+                 scale=0.3611, shift=0.1159, quant_conv=False),
+}
 
 
-def make_model():
+def model_dir(arch):
+    return os.path.join(ROOT, ".bench", f"{arch}-random")
+
+
+def tokenizer_dir(arch):
+    return os.path.join(ROOT, ".bench", f"{arch}-tok")
+
+
+def make_model(arch):
     import torch
     from diffusers import AutoencoderKL
 
-    if os.path.exists(os.path.join(MODEL, "config.json")):
+    if os.path.exists(os.path.join(model_dir(arch), "config.json")):
         return
+    a = ARCHS[arch]
     torch.manual_seed(0)
+    n = len(a["blocks"])
     vae = AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16,
-        use_quant_conv=False, use_post_quant_conv=False, scaling_factor=0.3611, shift_factor=0.1159,
+        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=a["blocks"], layers_per_block=2, latent_channels=16,
+        use_quant_conv=a["quant_conv"], use_post_quant_conv=a["quant_conv"], scaling_factor=a["scale"],
+        shift_factor=a["shift"] or None,
     )
-    vae.save_pretrained(MODEL, safe_serialization=True)
+    vae.save_pretrained(model_dir(arch), safe_serialization=True)
 
 
 def median_ms(fn, iters):
@@ -101,82 +120,113 @@ class TorchTokenizer:
         return self.vae.decode(f_hat / self.scale + self.shift).sample
 
 
-def torch_worker(what, size, batches, iters, threads):
+def torch_worker(arch, size, batch, iters, threads):
     import torch
     from diffusers import AutoencoderKL
     from safetensors.torch import load_file
 
     torch.set_num_threads(threads)
-    vae = AutoencoderKL.from_pretrained(MODEL).eval()
-    out = []
+    a = ARCHS[arch]
+    scales = a["scales"]
+    vae = AutoencoderKL.from_pretrained(model_dir(arch)).eval()
     with torch.inference_mode():
-        if what == "tokenizer":
-            w = load_file(os.path.join(TOKENIZER, "model.safetensors"))
-            q = {k[len("quantizer."):]: v for k, v in w.items() if k.startswith("quantizer.")}
-            tok = TorchTokenizer(vae, q, 0.3611, 0.1159)
-        for b in batches:
-            x = torch.rand(b, 3, size, size) * 2 - 1
-            if what == "vae":
-                z = vae.encode(x).latent_dist.mean
-                enc = median_ms(lambda: vae.encode(x).latent_dist.mean, iters)
-                dec = median_ms(lambda: vae.decode(z).sample, iters)
-                rec = dict(encode_ms=enc, decode_ms=dec)
-            else:
-                f = (vae.encode(x).latent_dist.mean - 0.1159) * 0.3611
-                ids = tok.encode(x, FLUX_SCALES)
-                rec = dict(tok_encode_ms=median_ms(lambda: tok.encode(x, FLUX_SCALES), iters),
-                           assign_ms=median_ms(lambda: tok.assign_all(f, FLUX_SCALES), iters),
-                           tok_decode_ms=median_ms(lambda: tok.decode(ids, (size // 8, size // 8)), iters))
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-            out.append(dict(impl="pytorch", size=size, batch=b, peak_rss_mib=peak, **rec))
-    print(json.dumps(out))
+        w = load_file(os.path.join(tokenizer_dir(arch), "model.safetensors"))
+        q = {k[len("quantizer."):]: v for k, v in w.items() if k.startswith("quantizer.")}
+        tok = TorchTokenizer(vae, q, a["scale"], a["shift"])
+        x = torch.rand(batch, 3, size, size) * 2 - 1
+        f = (vae.encode(x).latent_dist.mean - a["shift"]) * a["scale"]
+        ids = tok.encode(x, scales)
+        hw = tuple(f.shape[-2:])
+        z = f / a["scale"] + a["shift"]
+        rec = dict(vae_encode_ms=median_ms(lambda: vae.encode(x).latent_dist.mean, iters),
+                   assign_ms=median_ms(lambda: tok.assign_all(f, scales), iters),
+                   vae_decode_ms=median_ms(lambda: vae.decode(z).sample, iters),
+                   tok_encode_ms=median_ms(lambda: tok.encode(x, scales), iters),
+                   tok_decode_ms=median_ms(lambda: tok.decode(ids, hw), iters))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(dict(impl="pytorch", size=size, batch=batch, peak_rss_mib=peak, **rec)))
 
 
-def compare(what, a, env):
-    jsonl = os.path.join(ROOT, ".bench", f"coda-{what}.jsonl")
-    target = ["--tokenizer", TOKENIZER] if what == "tokenizer" else ["--vae", MODEL]
-    subprocess.run([CODA, "bench", *target, "--size", str(a.size), "--batch", a.batch, "--iters", str(a.iters),
-                    "--json", jsonl], env=env, check=True, stdout=subprocess.DEVNULL)
-    ours = [json.loads(line) for line in open(jsonl) if line.strip()]
-    res = subprocess.run([sys.executable, __file__, "--torch-worker", what, "--size", str(a.size), "--batch", a.batch,
-                          "--iters", str(a.iters), "--threads", str(a.threads)],
+STAGES = ("vae_encode", "assign", "vae_decode", "tok_encode", "tok_decode")
+
+
+def run_ours(arch, batch, precision, a, env):
+    jsonl = os.path.join(ROOT, ".bench", f"coda-{arch}-{batch}-{precision}.jsonl")
+    image = [] if precision == "f32" else ["--image", PHOTO]
+    subprocess.run([CODA, "bench", "--tokenizer", tokenizer_dir(arch), "--size", str(a.size), "--batch", str(batch),
+                    "--iters", str(a.iters), "--precision", precision, *image, "--json", jsonl],
+                   env=env, check=True, stdout=subprocess.DEVNULL)
+    return json.loads(open(jsonl).read().strip().splitlines()[-1])
+
+
+def run_torch(arch, batch, a, env):
+    res = subprocess.run([sys.executable, __file__, "--torch-worker", arch, "--size", str(a.size), "--batch",
+                          str(batch), "--iters", str(a.iters), "--threads", str(a.threads)],
                          env=env, check=True, capture_output=True, text=True)
-    ref = json.loads(res.stdout.strip().splitlines()[-1])
-    stages = ("encode", "decode") if what == "vae" else ("tok_encode", "assign", "tok_decode")
-    for o, r in zip(ours, ref):
-        for stage in stages:
-            ratio = o[f"{stage}_ms"] / r[f"{stage}_ms"]
-            name = f"{what} {stage.replace('tok_', '')}"
-            print(f"{name:<20} {o['batch']:>5} {o[stage + '_ms']:>11.1f} {r[stage + '_ms']:>11.1f} {ratio:>6.2f}x")
-    print(f"{'':<20} peak RSS: coda-rs {ours[-1]['peak_rss_mib']:.0f} MiB, pytorch {ref[-1]['peak_rss_mib']:.0f} MiB")
+    return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--what", default="vae,tokenizer")
+    ap.add_argument("--arch", default="mar,flux")
     ap.add_argument("--size", type=int, default=256)
-    ap.add_argument("--batch", default="1,4")
+    ap.add_argument("--batch", default="1,8")
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--precision", default="f32,bf16x3,bf16",
+                    help="coda-rs precisions to time (the bf16 ones need AMX; skipped without it)")
+    ap.add_argument("--json", default=os.path.join(ROOT, ".bench", "bench.json"), help="all results, as JSON")
     ap.add_argument("--torch-worker", help=argparse.SUPPRESS)
     a = ap.parse_args()
     batches = [int(b) for b in a.batch.split(",")]
     if a.torch_worker:
-        return torch_worker(a.torch_worker, a.size, batches, a.iters, a.threads)
+        return torch_worker(a.torch_worker, a.size, batches[0], a.iters, a.threads)
 
     import torch
 
-    make_model()
     subprocess.run(["cargo", "build", "--release", "-q", "-p", "coda-cli"], cwd=ROOT, check=True)
-    if not os.path.exists(os.path.join(TOKENIZER, "config.json")):
-        subprocess.run([CODA, "tokenizer", "new", "--vae", MODEL, "--codebook-size", "65536", "--scales",
-                        ",".join(map(str, FLUX_SCALES)), "-o", TOKENIZER], check=True, stdout=subprocess.DEVNULL)
     env = dict(os.environ, RAYON_NUM_THREADS=str(a.threads), OMP_NUM_THREADS=str(a.threads))
-    print(f"FLUX-architecture VAE / V=65536 tokenizer, random weights, {a.size}x{a.size}, fp32, {a.threads} threads, "
-          f"median of {a.iters}; torch {torch.__version__}, {os.cpu_count()} CPUs. ratio > 1: coda-rs is slower")
-    print(f"{'stage':<20} {'batch':>5} {'coda-rs ms':>11} {'pytorch ms':>11} {'ratio':>7}")
-    for what in a.what.split(","):
-        compare(what, a, env)
+    precisions = a.precision.split(",")
+    amx = "amx_bf16" in open("/proc/cpuinfo").read()
+    if not amx:
+        precisions = ["f32"]
+    print(f"random weights, {a.size}x{a.size}, {a.threads} threads each, median of {a.iters} after a warm-up; "
+          f"torch {torch.__version__}, {os.cpu_count()} CPUs. ratio = coda-rs / PyTorch time (< 1: coda-rs faster)")
+    head = f"{'arch':<5} {'batch':>5} {'stage':<11} {'pytorch ms':>10}"
+    for p in precisions:
+        head += f" {p + ' ms':>11} {'ratio':>6}"
+    print(head)
+    results = []
+    for arch in a.arch.split(","):
+        make_model(arch)
+        if not os.path.exists(os.path.join(tokenizer_dir(arch), "config.json")):
+            c = ARCHS[arch]
+            subprocess.run([CODA, "tokenizer", "new", "--vae", model_dir(arch), "--codebook-size", str(c["codebook"]),
+                            "--scales", ",".join(map(str, c["scales"])), "-o", tokenizer_dir(arch)],
+                           check=True, stdout=subprocess.DEVNULL)
+        for b in batches:
+            ref = run_torch(arch, b, a, env)
+            ours = {p: run_ours(arch, b, p, a, env) for p in precisions}
+            results.append(dict(arch=arch, batch=b, pytorch=ref, coda=ours))
+            for stage in STAGES + ("encode+decode",):
+                get = (lambda r: r["tok_encode_ms"] + r["tok_decode_ms"]) if stage == "encode+decode" \
+                    else (lambda r, s=stage: r[f"{s}_ms"])
+                line = f"{arch:<5} {b:>5} {stage:<11} {get(ref):>10.1f}"
+                for p in precisions:
+                    line += f" {get(ours[p]):>11.1f} {get(ours[p]) / get(ref):>5.2f}x"
+                print(line)
+            line = f"{arch:<5} {b:>5} {'peak RSS':<11} {ref['peak_rss_mib']:>7.0f} MiB"
+            for p in precisions:
+                line += f" {ours[p]['peak_rss_mib']:>7.0f} MiB {'':>6}"
+            print(line)
+            for p in precisions[1:]:
+                o = ours[p]
+                print(f"{arch:<5} {b:>5} {p} vs f32 on {os.path.basename(PHOTO)}: tokens {100 * o['token_agreement']:.2f}% "
+                      f"identical, decoded image max |diff| {o['decode_max_abs_vs_f32']:.2e}, "
+                      f"PSNR {o['decode_psnr_vs_f32_db']:.1f} dB")
+            sys.stdout.flush()
+    with open(a.json, "w") as fh:
+        json.dump(results, fh, indent=1)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,14 @@
-//! `coda bench`: VAE encode/decode timings on random input, printed and written as JSON lines.
-//! scripts/bench_vae.py runs it beside the identical PyTorch model and prints the ratios.
+//! `coda bench`: timings of a VAE (encode, decode) or a tokenizer (VAE encode, assignment, VAE
+//! decode, full encode, full decode) on random input, printed and written as JSON lines; in a
+//! reduced --precision also its effect against f32. scripts/bench.py runs it beside the
+//! identical PyTorch model and prints the ratios.
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::{DType, Tensor};
+use coda::data;
+use coda::kernels::{self, Precision};
 use coda::tokenizer::Tokenizer;
 use coda::vae::VaeWeights;
 use serde_json::json;
@@ -14,6 +18,8 @@ use super::VaeArgs;
 #[derive(clap::Args, Debug)]
 pub struct Args {
     #[command(flatten)]
+    pub precision: super::PrecisionArgs,
+    #[command(flatten)]
     pub vae: VaeArgs,
     /// Measure a tokenizer folder instead: full encode (image -> ids), quantizer assignment
     /// alone, and full decode (ids -> image).
@@ -22,11 +28,15 @@ pub struct Args {
     #[arg(long, default_value_t = 256)]
     pub size: usize,
     /// Batch sizes to measure.
-    #[arg(long, value_delimiter = ',', default_value = "1,4")]
+    #[arg(long, value_delimiter = ',', default_value = "1,8")]
     pub batch: Vec<usize>,
     /// Timed repetitions per stage (the median is reported), after one warm-up run.
     #[arg(long, default_value_t = 3)]
     pub iters: usize,
+    /// Run the tokenizer stages on this picture (resized and centre-cropped to --size, repeated
+    /// over the batch) instead of random pixels.
+    #[arg(long)]
+    pub image: Option<PathBuf>,
     /// Write one JSON object per measurement to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -57,47 +67,100 @@ pub fn peak_rss_mib() -> f64 {
         .unwrap_or(0.0)
 }
 
+/// Time `f` in `precision` (restoring the process setting afterwards).
+fn in_precision<T>(
+    precision: Precision,
+    f: impl FnOnce() -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    let before = kernels::precision();
+    kernels::set_precision(precision)?;
+    let r = f();
+    kernels::set_precision(before)?;
+    r
+}
+
+/// PSNR in dB of two images on the [-1, 1] scale, after clamping, as [0, 1] images.
+fn psnr(a: &Tensor, b: &Tensor) -> anyhow::Result<f64> {
+    let a = ((a.clamp(-1f32, 1f32)? + 1.0)? * 0.5)?;
+    let b = ((b.clamp(-1f32, 1f32)? + 1.0)? * 0.5)?;
+    let mse = (a - b)?.sqr()?.mean_all()?.to_scalar::<f32>()? as f64;
+    Ok(10.0 * (1.0 / mse.max(1e-20)).log10())
+}
+
 fn run_tokenizer(args: &Args, dir: &std::path::Path) -> anyhow::Result<Vec<String>> {
     let device = super::device()?;
     let tok = Tokenizer::from_dir(dir, &device)?;
+    let precision = args.precision.precision;
+    let vae = tok.vae();
     let f = tok.config().vae.downsample_factor();
     let mut lines = Vec::new();
     for &b in &args.batch {
-        let x = Tensor::rand(-1f32, 1f32, (b, 3, args.size, args.size), &device)?;
-        let enc = tok.encode_with(&x, coda::tokenizer::Posterior::Mean)?;
+        let x = match &args.image {
+            Some(p) => {
+                let img = data::prepare(data::load_image(p)?, Some(args.size as u32));
+                data::images_to_tensor(&vec![img; b], &device)?
+            }
+            None => Tensor::rand(-1f32, 1f32, (b, 3, args.size, args.size), &device)?,
+        };
+        // Reference tokens and images in f32; the stages below run in --precision.
+        let (enc, reference) = in_precision(Precision::F32, || {
+            let enc = tok.encode_with(&x, coda::tokenizer::Posterior::Mean)?;
+            let img = tok.decode(&enc.tokens)?;
+            Ok((enc, img))
+        })?;
         let tables = tok.quantizer().tables()?;
         let scales = enc.tokens.scales.clone();
-        let encode = median_ms(
-            || {
-                tok.encode(&x)?;
-                Ok(())
-            },
-            args.iters,
-        )?;
+        let z = vae.denormalize(&enc.latent_hat)?;
+        let vae_encode = median_ms(|| Ok(drop(vae.encode(&x)?.mean)), args.iters)?;
+        let vae_decode = median_ms(|| Ok(drop(vae.decode(&z)?)), args.iters)?;
         let assign = median_ms(
-            || {
-                tok.quantizer().encode(&tables, &enc.latent, &scales)?;
-                Ok(())
-            },
+            || Ok(drop(tok.quantizer().encode(&tables, &enc.latent, &scales)?)),
             args.iters,
         )?;
-        let decode = median_ms(
-            || {
-                tok.decode(&enc.tokens)?;
-                Ok(())
-            },
-            args.iters,
-        )?;
-        println!("batch {b}: tokenizer encode {encode:.1} ms (assignment {assign:.1} ms), decode {decode:.1} ms, peak RSS {:.0} MiB", peak_rss_mib());
-        lines.push(json!({
-            "impl": "coda-rs", "size": args.size, "batch": b, "latent": [tok.config().vae.latent_channels, args.size / f, args.size / f],
-            "tok_encode_ms": encode, "assign_ms": assign, "tok_decode_ms": decode, "peak_rss_mib": peak_rss_mib(),
-        }).to_string());
+        let encode = median_ms(|| Ok(drop(tok.encode(&x)?)), args.iters)?;
+        let decode = median_ms(|| Ok(drop(tok.decode(&enc.tokens)?)), args.iters)?;
+        let mut rec = json!({
+            "impl": "coda-rs", "precision": precision.name(), "size": args.size, "batch": b,
+            "latent": [tok.config().vae.latent_channels, args.size / f, args.size / f],
+            "codebook": tok.codebook_size(), "scales": scales.len(),
+            "vae_encode_ms": vae_encode, "assign_ms": assign, "vae_decode_ms": vae_decode,
+            "tok_encode_ms": encode, "tok_decode_ms": decode, "peak_rss_mib": peak_rss_mib(),
+        });
+        let mut effect = String::new();
+        if precision != Precision::F32 {
+            // What the reduced precision does: tokens of the same images, and the image decoded
+            // from the same (f32) tokens, against f32.
+            let ids = tok.encode(&x)?.flat()?.flatten_all()?.to_vec1::<u32>()?;
+            let ref_ids = enc.tokens.flat()?.flatten_all()?.to_vec1::<u32>()?;
+            let same = ids.iter().zip(&ref_ids).filter(|(a, b)| a == b).count();
+            let agreement = same as f64 / ref_ids.len() as f64;
+            let img = tok.decode(&enc.tokens)?;
+            let max_abs = (&img - &reference)?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f32>()?;
+            let p = psnr(&img, &reference)?;
+            rec["token_agreement"] = json!(agreement);
+            rec["decode_max_abs_vs_f32"] = json!(max_abs);
+            rec["decode_psnr_vs_f32_db"] = json!(p);
+            effect = format!(
+                "; vs f32: tokens {:.2}% identical, decoded image max |diff| {max_abs:.2e}, PSNR {p:.1} dB",
+                100.0 * agreement
+            );
+        }
+        println!(
+            "batch {b} ({}): VAE encode {vae_encode:.1} ms, assignment {assign:.1} ms, VAE decode {vae_decode:.1} ms, tokenizer encode {encode:.1} ms, decode {decode:.1} ms, peak RSS {:.0} MiB{effect}",
+            precision.name(),
+            peak_rss_mib()
+        );
+        lines.push(rec.to_string());
     }
     Ok(lines)
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    args.precision.apply()?;
     if let Some(dir) = args.tokenizer.clone() {
         let lines = run_tokenizer(&args, &dir)?;
         if let Some(p) = &args.json {

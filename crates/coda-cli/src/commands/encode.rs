@@ -9,6 +9,8 @@ use coda::tokenizer::{token_file, Posterior, Tokens};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
+    #[command(flatten)]
+    pub precision: super::PrecisionArgs,
     /// A tokenizer folder (default: the embedded default tokenizer).
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
@@ -35,6 +37,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    args.precision.apply()?;
     let device = super::device()?;
     let (tok, _) = super::tokenizer_or_default(args.tokenizer.as_deref(), &device)?;
     let paths = data::collect_images(&args.images)?;

@@ -16,6 +16,8 @@ use super::VaeArgs;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
+    #[command(flatten)]
+    pub precision: super::PrecisionArgs,
     /// A tokenizer folder.
     #[arg(long, conflicts_with = "vae")]
     pub tokenizer: Option<PathBuf>,
@@ -123,6 +125,7 @@ enum Model {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    args.precision.apply()?;
     let device = super::device()?;
     let model = match &args.tokenizer {
         Some(dir) => Model::Tokenizer(Box::new(Tokenizer::from_dir(dir, &device)?)),

@@ -14,6 +14,24 @@ use std::path::PathBuf;
 
 use coda::vae::{LoadOptions, Preset};
 
+/// Arithmetic of the convolutions (shared by the inference commands).
+#[derive(clap::Args, Debug, Clone)]
+pub struct PrecisionArgs {
+    /// Convolution arithmetic: f32 (default, exact to the parity tests), bf16x3 (three bf16
+    /// products per f32 one, ~16-bit mantissa) or bf16 (fastest, 8-bit mantissa). The bf16
+    /// modes need an Intel CPU with AMX (Sapphire Rapids or later). Tokens from a bf16 encode
+    /// can differ from f32 ones.
+    #[arg(long, default_value = "f32")]
+    pub precision: coda::kernels::Precision,
+}
+
+impl PrecisionArgs {
+    pub fn apply(&self) -> anyhow::Result<()> {
+        coda::kernels::set_precision(self.precision)?;
+        Ok(())
+    }
+}
+
 /// How to read a VAE checkpoint (shared by every command that takes `--vae`).
 #[derive(clap::Args, Debug, Clone)]
 pub struct VaeArgs {

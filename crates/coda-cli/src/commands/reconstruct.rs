@@ -15,6 +15,8 @@ use super::VaeArgs;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
+    #[command(flatten)]
+    pub precision: super::PrecisionArgs,
     /// A tokenizer folder (config.json + model.safetensors). Without it and without --vae, the
     /// embedded default tokenizer.
     #[arg(long, conflicts_with = "vae")]
@@ -63,6 +65,7 @@ pub fn strip(images: &[RgbImage]) -> RgbImage {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    args.precision.apply()?;
     let device = super::device()?;
     let img = data::prepare(data::load_image(&args.image)?, args.size);
     let x = data::images_to_tensor(std::slice::from_ref(&img), &device)?;

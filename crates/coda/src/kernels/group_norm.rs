@@ -84,6 +84,21 @@ unsafe fn normalize_block_avx2(
     normalize_block(o, xi, w, b, hw, eps, silu)
 }
 
+/// The same with 16-lane vectors (twice the SiLU throughput of AVX2 where the CPU has AVX-512).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn normalize_block_avx512(
+    o: &mut [f32],
+    xi: &[f32],
+    w: &[f32],
+    b: &[f32],
+    hw: usize,
+    eps: f64,
+    silu: bool,
+) {
+    normalize_block(o, xi, w, b, hw, eps, silu)
+}
+
 impl CustomOp3 for GroupNormOp {
     fn name(&self) -> &'static str {
         "coda-group-norm"
@@ -112,6 +127,13 @@ impl CustomOp3 for GroupNormOp {
             .for_each(|(bg, (o, xi))| {
                 let g = bg % self.groups;
                 let (wg, bgc) = (&w[g * cpg..(g + 1) * cpg], &b[g * cpg..(g + 1) * cpg]);
+                #[cfg(target_arch = "x86_64")]
+                if super::simd::has_avx512() {
+                    // SAFETY: the CPU has the features.
+                    return unsafe {
+                        normalize_block_avx512(o, xi, wg, bgc, hw, self.eps, self.silu)
+                    };
+                }
                 #[cfg(target_arch = "x86_64")]
                 if super::simd::has_avx2_fma() {
                     // SAFETY: the CPU has the features.

@@ -43,6 +43,19 @@ pub fn has_avx2_fma() -> bool {
     }
 }
 
+/// Whether the CPU can run the `avx512f` versions of our loops.
+#[inline]
+pub fn has_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f") && has_avx2_fma()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
