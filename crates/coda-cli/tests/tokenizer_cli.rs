@@ -135,42 +135,67 @@ fn encode_then_decode_reproduces_the_reconstruction() {
 fn tokens_are_identical_for_any_thread_count_and_batch_size() {
     let d = tempfile::tempdir().unwrap();
     new_tokenizer(d.path());
-    let mut flats = Vec::new();
-    for (threads, batch, sample) in [
-        ("1", "1", false),
-        ("2", "2", false),
-        ("1", "1", true),
-        ("2", "2", true),
-    ] {
-        let name = format!("t{threads}{sample}.safetensors");
-        let mut args = vec![
-            "encode",
-            "--tokenizer",
-            "tok",
-            "-o",
-            name.as_str(),
-            "--batch",
-            batch,
-        ];
-        if sample {
-            args.extend(["--sample", "--seed", "3"]);
-        }
-        let p = photos();
-        args.push(&p);
-        let o = coda_env(&args, d.path(), threads);
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        let (t, _) =
-            coda::tokenizer::token_file::read(&d.path().join(&name), &Device::Cpu).unwrap();
-        flats.push(t.flat().unwrap().to_vec2::<u32>().unwrap());
+    // The reduced-precision kernels need AMX; elsewhere `--precision bf16` is refused.
+    let amx = coda::kernels::amx::available();
+    let mut precisions = vec!["f32"];
+    if amx {
+        precisions.extend(["bf16x3", "bf16"]);
+    } else {
+        eprintln!("no AMX: bf16 precisions not checked");
     }
-    assert_eq!(
-        flats[0], flats[1],
-        "mean: same tokens on 1 and 2 threads, batch 1 and 2"
-    );
-    assert_eq!(
-        flats[2], flats[3],
-        "seeded sample: same tokens on 1 and 2 threads, batch 1 and 2"
-    );
+    for precision in precisions {
+        for sample in [false, true] {
+            let mut flats = Vec::new();
+            for (threads, batch) in [("1", "1"), ("2", "2"), ("4", "3")] {
+                let name = format!("t{threads}{sample}{precision}.safetensors");
+                let mut args = vec![
+                    "encode",
+                    "--tokenizer",
+                    "tok",
+                    "-o",
+                    name.as_str(),
+                    "--batch",
+                    batch,
+                    "--precision",
+                    precision,
+                ];
+                if sample {
+                    args.extend(["--sample", "--seed", "3"]);
+                }
+                let p = photos();
+                args.push(&p);
+                let o = coda_env(&args, d.path(), threads);
+                assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+                let (t, _) =
+                    coda::tokenizer::token_file::read(&d.path().join(&name), &Device::Cpu).unwrap();
+                flats.push(t.flat().unwrap().to_vec2::<u32>().unwrap());
+            }
+            assert_eq!(
+                flats[0], flats[1],
+                "{precision}, sample {sample}: same tokens on 1 and 2 threads, batch 1 and 2"
+            );
+            assert_eq!(
+                flats[0], flats[2],
+                "{precision}, sample {sample}: same tokens on 1 and 4 threads, batch 1 and 3"
+            );
+        }
+    }
+    if !amx {
+        let err = fail(
+            &[
+                "encode",
+                "--tokenizer",
+                "tok",
+                "--precision",
+                "bf16",
+                &photos(),
+                "-o",
+                "x.safetensors",
+            ],
+            d.path(),
+        );
+        assert!(err.contains("AMX"), "{err}");
+    }
 }
 
 #[test]

@@ -114,7 +114,13 @@ fn run_tokenizer(args: &Args, dir: &std::path::Path) -> anyhow::Result<Vec<Strin
         let vae_encode = median_ms(|| Ok(drop(vae.encode(&x)?.mean)), args.iters)?;
         let vae_decode = median_ms(|| Ok(drop(vae.decode(&z)?)), args.iters)?;
         let assign = median_ms(
-            || Ok(drop(tok.quantizer().encode(&tables, &enc.latent, &scales)?)),
+            || {
+                Ok(drop(tok.quantizer().encode(
+                    &tables,
+                    &enc.latent,
+                    &scales,
+                )?))
+            },
             args.iters,
         )?;
         let encode = median_ms(|| Ok(drop(tok.encode(&x)?)), args.iters)?;
