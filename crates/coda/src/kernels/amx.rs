@@ -1,11 +1,15 @@
 //! Reduced-precision convolution forward on Intel AMX (the tile units of Sapphire Rapids and
 //! later): products of bf16 operands accumulated in f32 by `tdpbf16ps`, which multiplies a 16x32
-//! by a 32x16 tile in one instruction (~16x the f32 FMA rate of AVX-512).
+//! by a 32x16 tile in one instruction (measured here: ~3 TFLOP/s per core for the instruction
+//! alone, ~0.8-1 TFLOP/s with its tile loads, against ~0.15 for f32 AVX-512 FMA).
 //!
-//! Same tiled im2col as [`super::conv2d`]: each task owns up to 256 output pixels, gathers the
-//! taps of a block of input channels (f32), converts them to the tile layout AMX reads (bf16,
-//! pairs of consecutive k interleaved), and accumulates weights · taps into 32x32 output blocks
-//! held in four tile registers. The weights are converted once per call.
+//! An implicit GEMM, no im2col: each image's input is converted once to bf16 in a padded layout
+//! (row, channel pair, column phase, column, 2) from which a B tile (32 input channels x 16
+//! output pixels, one tap) is 16 rows of 64 contiguous bytes; the weights are converted once per
+//! call into A tiles (16 output channels x 32 input channels, one tap). Each 32x32 block of the
+//! output (bias and residual preloaded) sits in four tile registers while taps and channel
+//! blocks stream through. Padding, stride 2 (a column phase per tap) and nearest-2x upsampling
+//! (materialised in the packed input) are handled by the packing.
 //!
 //! Two modes (see [`super::Precision`]): `bf16` rounds both operands to bf16 (8-bit mantissa);
 //! `bf16x3` splits each into hi + lo bf16 parts and sums hi·hi + hi·lo + lo·hi, three passes

@@ -133,7 +133,7 @@ pub fn conv2d_forward(
 }
 
 /// Fill `col` (K rows of `tw` values) with the taps of output pixels p0..p0+tw.
-pub(crate) fn gather(
+fn gather(
     col: &mut [f32],
     x: &[f32],
     (cin, h, w): (usize, usize, usize),
