@@ -65,6 +65,168 @@ fn scan(buf: &[f32], rows: usize, cols: usize, c0: usize, best: &mut [(f32, u32)
     scan_tile(buf, rows, cols, c0, best)
 }
 
+/// The keys in blocks of 16 codes, dimension-major inside a block ([block][dim][16]), for the
+/// fused AVX-512 kernel; `bias` is 0 for real codes and -inf for the padding (up to a whole
+/// number of NB blocks), so that a padded code never wins (the accumulators start from it).
+#[cfg(target_arch = "x86_64")]
+struct PackedKeys {
+    data: Vec<f32>,
+    bias: Vec<f32>,
+    blocks: usize,
+}
+
+/// Queries and code blocks per register block of the fused kernel: 4 x 4 accumulators of 16
+/// logits, each broadcast query component and each key vector used 4 times.
+#[cfg(target_arch = "x86_64")]
+const QB: usize = 4;
+#[cfg(target_arch = "x86_64")]
+const NB: usize = 4;
+
+/// Code blocks per cache chunk: 32 blocks = 512 codes, 32 KiB of keys at d = 16, so that a
+/// chunk stays in L1 while every query of the task passes over it.
+#[cfg(target_arch = "x86_64")]
+const CHUNK_BLOCKS: usize = 32;
+
+#[cfg(target_arch = "x86_64")]
+fn pack_keys(keys: &[f32], v: usize, d: usize) -> PackedKeys {
+    let blocks = v.div_ceil(16).div_ceil(NB) * NB;
+    let mut data = vec![0f32; blocks * d * 16];
+    let mut bias = vec![f32::NEG_INFINITY; blocks * 16];
+    for j in 0..v {
+        let (blk, lane) = (j / 16, j % 16);
+        bias[j] = 0.0;
+        for k in 0..d {
+            data[(blk * d + k) * 16 + lane] = keys[j * d + k];
+        }
+    }
+    PackedKeys { data, bias, blocks }
+}
+
+/// Running per-lane best (value, index) of 4 queries (`q` as [dim][4]) over code blocks
+/// cb0..cb1 (multiples of 4): the logits of 4 x 64 codes at a time stay in registers. Lane l of
+/// a query's state holds the best over codes ≡ l (mod 16). Common path: the 4 blocks' maximum
+/// against the running best, one compare; only when some lane improves (rare after the first
+/// blocks) are the blocks merged one by one with strict `>`, which keeps the earliest code on
+/// ties, exactly as a sequential scan.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn scan_fused(
+    q: &[f32],
+    d: usize,
+    keys: &PackedKeys,
+    (cb0, cb1): (usize, usize),
+    best_v: &mut [f32],
+    best_i: &mut [u32],
+) {
+    use std::arch::x86_64::*;
+    debug_assert!(q.len() >= QB * d && best_v.len() >= QB * 16 && best_i.len() >= QB * 16);
+    debug_assert!(cb0 % NB == 0 && cb1 % NB == 0 && cb1 <= keys.blocks);
+    let mut bv = [_mm512_setzero_ps(); QB];
+    for (r, b) in bv.iter_mut().enumerate() {
+        *b = _mm512_loadu_ps(best_v.as_ptr().add(r * 16));
+    }
+    let lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    let qp = q.as_ptr();
+    let mut cb = cb0;
+    while cb < cb1 {
+        let kb = keys.data.as_ptr().add(cb * d * 16);
+        let mut acc = [[_mm512_setzero_ps(); NB]; QB];
+        for j in 0..NB {
+            let bias = _mm512_loadu_ps(keys.bias.as_ptr().add((cb + j) * 16));
+            for a in acc.iter_mut() {
+                a[j] = bias;
+            }
+        }
+        for k in 0..d {
+            let mut kv = [_mm512_setzero_ps(); NB];
+            for (j, v) in kv.iter_mut().enumerate() {
+                *v = _mm512_loadu_ps(kb.add((j * d + k) * 16));
+            }
+            let qk = qp.add(k * QB);
+            for (r, a) in acc.iter_mut().enumerate() {
+                let b = _mm512_set1_ps(*qk.add(r));
+                for j in 0..NB {
+                    a[j] = _mm512_fmadd_ps(b, kv[j], a[j]);
+                }
+            }
+        }
+        for r in 0..QB {
+            let a = &acc[r];
+            let m = _mm512_max_ps(_mm512_max_ps(a[0], a[1]), _mm512_max_ps(a[2], a[3]));
+            if _mm512_cmp_ps_mask::<_CMP_GT_OQ>(m, bv[r]) != 0 {
+                let bi_ptr = best_i.as_mut_ptr().add(r * 16);
+                let mut bi = _mm512_loadu_si512(bi_ptr as *const _);
+                for (j, &aj) in a.iter().enumerate() {
+                    let mk = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(aj, bv[r]);
+                    bv[r] = _mm512_mask_blend_ps(mk, bv[r], aj);
+                    let idx = _mm512_add_epi32(_mm512_set1_epi32(((cb + j) * 16) as i32), lanes);
+                    bi = _mm512_mask_blend_epi32(mk, bi, idx);
+                }
+                _mm512_storeu_si512(bi_ptr as *mut _, bi);
+            }
+        }
+        cb += NB;
+    }
+    for (r, b) in bv.iter().enumerate() {
+        _mm512_storeu_ps(best_v.as_mut_ptr().add(r * 16), *b);
+    }
+}
+
+/// The fused kernel over one task's queries (rows x d) and code blocks cb0..cb1: cache chunks
+/// of codes outside, register blocks of 4 queries inside.
+#[cfg(target_arch = "x86_64")]
+fn fused_task(
+    q: &[f32],
+    rows: usize,
+    d: usize,
+    keys: &PackedKeys,
+    (cb0, cb1): (usize, usize),
+) -> Vec<(f32, u32)> {
+    let groups = rows.div_ceil(QB);
+    // Queries by groups of 4, dimension-major inside a group ([group][dim][4]): the kernel's
+    // broadcasts then sit at fixed offsets from one pointer.
+    let mut qpad = vec![0f32; groups * QB * d];
+    for r in 0..rows {
+        let (g, i) = (r / QB, r % QB);
+        for k in 0..d {
+            qpad[(g * d + k) * QB + i] = q[r * d + k];
+        }
+    }
+    let mut best_v = vec![f32::NEG_INFINITY; groups * QB * 16];
+    let mut best_i = vec![u32::MAX; groups * QB * 16];
+    let mut c = cb0;
+    while c < cb1 {
+        let ce = (c + CHUNK_BLOCKS).min(cb1);
+        for gidx in 0..groups {
+            let sl = gidx * QB * 16..(gidx + 1) * QB * 16;
+            // SAFETY: the CPU has AVX-512 (checked by the caller); the slices hold 4 queries.
+            unsafe {
+                scan_fused(
+                    &qpad[gidx * QB * d..(gidx + 1) * QB * d],
+                    d,
+                    keys,
+                    (c, ce),
+                    &mut best_v[sl.clone()],
+                    &mut best_i[sl],
+                )
+            };
+        }
+        c = ce;
+    }
+    (0..rows)
+        .map(|r| {
+            let mut b = (f32::NEG_INFINITY, u32::MAX);
+            for l in 0..16 {
+                let (v, i) = (best_v[r * 16 + l], best_i[r * 16 + l]);
+                if i != u32::MAX && (v > b.0 || (v == b.0 && i < b.1)) {
+                    b = (v, i);
+                }
+            }
+            b
+        })
+        .collect()
+}
+
 /// `argmax_j q_i · k_j` for every row i of `q` (n x d) over the rows of `keys` (v x d), both
 /// row-major. `chunk` codes are compared per GEMM call. Deterministic for any thread count:
 /// partial results are merged by (value, then lowest index).
@@ -74,6 +236,22 @@ pub fn argmax_dot(q: &[f32], n: usize, keys: &[f32], v: usize, d: usize, chunk: 
     if n == 0 {
         return Vec::new();
     }
+    #[cfg(target_arch = "x86_64")]
+    if super::simd::has_avx512() {
+        return argmax_dot_fused(q, n, keys, v, d);
+    }
+    argmax_dot_gemm(q, n, keys, v, d, chunk)
+}
+
+/// The portable path: GEMM tiles of (256 queries x `chunk` codes) and a vectorised scan.
+pub fn argmax_dot_gemm(
+    q: &[f32],
+    n: usize,
+    keys: &[f32],
+    v: usize,
+    d: usize,
+    chunk: usize,
+) -> Vec<u32> {
     let chunk = chunk.clamp(1, 1024);
     let qtiles = n.div_ceil(QUERY_TILE);
     // Split the codes too when there are few queries, so that every thread has work.
@@ -124,6 +302,13 @@ pub fn argmax_dot(q: &[f32], n: usize, keys: &[f32], v: usize, d: usize, chunk: 
             },
         )
         .collect();
+    merge(&partial, n, splits)
+}
+
+/// One id per query from the per-split partial results (ties: the lowest index, as
+/// `torch.argmax`).
+fn merge(partial: &[Vec<(f32, u32)>], n: usize, splits: usize) -> Vec<u32> {
+    let qtiles = n.div_ceil(QUERY_TILE);
     let mut out = vec![0u32; n];
     for qt in 0..qtiles {
         for r in 0..QUERY_TILE.min(n - qt * QUERY_TILE) {
@@ -139,6 +324,32 @@ pub fn argmax_dot(q: &[f32], n: usize, keys: &[f32], v: usize, d: usize, chunk: 
         }
     }
     out
+}
+
+/// [`argmax_dot`] with the fused AVX-512 kernel: same task split (query tiles x code ranges,
+/// merged deterministically), no logits tile in memory.
+#[cfg(target_arch = "x86_64")]
+fn argmax_dot_fused(q: &[f32], n: usize, keys: &[f32], v: usize, d: usize) -> Vec<u32> {
+    let packed = pack_keys(keys, v, d);
+    let blocks = packed.blocks;
+    let qtiles = n.div_ceil(QUERY_TILE);
+    let want_tasks = 4 * rayon::current_num_threads();
+    let splits = want_tasks
+        .div_ceil(qtiles)
+        .clamp(1, blocks.div_ceil(CHUNK_BLOCKS));
+    let blocks_per_split = blocks.div_ceil(splits).div_ceil(NB) * NB;
+    let partial: Vec<Vec<(f32, u32)>> = (0..qtiles * splits)
+        .into_par_iter()
+        .map(|task| {
+            let (qt, s) = (task / splits, task % splits);
+            let q0 = qt * QUERY_TILE;
+            let rows = QUERY_TILE.min(n - q0);
+            let cb0 = (s * blocks_per_split).min(blocks);
+            let cb1 = ((s + 1) * blocks_per_split).min(blocks);
+            fused_task(&q[q0 * d..(q0 + rows) * d], rows, d, &packed, (cb0, cb1))
+        })
+        .collect();
+    merge(&partial, n, splits)
 }
 
 #[cfg(test)]
@@ -171,16 +382,28 @@ mod tests {
             (600, 300, 5, 64),
             (65, 4099, 16, 1024),
             (200, 50, 3, 7),
+            (9, 2100, 16, 64),
+            (300, 70000, 16, 4096),
         ] {
             // Integer-valued data: exact dot products, so exact ties are tested too.
             let q: Vec<f32> = (0..n * d).map(|_| rng.gen_range(-3..4) as f32).collect();
             let k: Vec<f32> = (0..v * d).map(|_| rng.gen_range(-3..4) as f32).collect();
+            let want = naive(&q, n, &k, v, d);
             assert_eq!(
-                argmax_dot(&q, n, &k, v, d, chunk),
-                naive(&q, n, &k, v, d),
-                "{:?}",
+                argmax_dot_gemm(&q, n, &k, v, d, chunk),
+                want,
+                "gemm {:?}",
                 (n, v, d, chunk)
             );
+            #[cfg(target_arch = "x86_64")]
+            if crate::kernels::simd::has_avx512() {
+                assert_eq!(
+                    argmax_dot_fused(&q, n, &k, v, d),
+                    want,
+                    "fused {:?}",
+                    (n, v, d, chunk)
+                );
+            }
         }
     }
 }
