@@ -89,6 +89,18 @@ fn main() -> candle_core::Result<()> {
         }
         return Ok(());
     }
+    if std::env::var("GN").is_ok() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (1, 128, 256, 256), &dev)?;
+        let gw = Tensor::ones(128, candle_core::DType::F32, &dev)?;
+        let gb = Tensor::zeros(128, candle_core::DType::F32, &dev)?;
+        let t = time(
+            || drop(group_norm(&x, &gw, &gb, 32, 1e-6, true).unwrap()),
+            20,
+        );
+        println!("groupnorm+silu 128x256x256: {:.2} ms", t * 1e3);
+        return Ok(());
+    }
     if std::env::var("ASSIGN").is_ok() {
         // Code assignment at V = 65536, d = 16 (FLUX-size), against the machine's f32 GEMM peak
         // (a 2048^3 GEMM on all threads, same crate and microkernels as our convolution).

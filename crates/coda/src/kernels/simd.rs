@@ -21,7 +21,9 @@ pub fn exp(x: f32) -> f32 {
     let p = p * r + 5e-1;
     let e = p * r * r + r + 1.0;
     // Scale by 2^n through the exponent bits.
-    let bits = ((n as i32 + 127) as u32) << 23;
+    // SAFETY: x is clamped above, so n lies in [-126, 127]; the unchecked conversion avoids
+    // the saturating `as` cast, whose NaN/overflow checks kept the loops from vectorising.
+    let bits = ((unsafe { n.to_int_unchecked::<i32>() } + 127) as u32) << 23;
     e * f32::from_bits(bits)
 }
 
