@@ -38,6 +38,13 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     args.precision.apply()?;
+    if args.precision.precision == coda::kernels::Precision::Bf16 {
+        // Measured: 55-61% of the default tokenizer's ids survive a bf16 encode (a changed
+        // coarse id changes every finer scale's residual); bf16x3 kept 100%.
+        eprintln!(
+            "warning: --precision bf16 changes many token ids against f32; bf16x3 is fast and keeps them"
+        );
+    }
     let device = super::device()?;
     let (tok, _) = super::tokenizer_or_default(args.tokenizer.as_deref(), &device)?;
     let paths = data::collect_images(&args.images)?;
