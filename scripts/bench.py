@@ -219,6 +219,11 @@ def main():
             for p in precisions:
                 line += f" {ours[p]['peak_rss_mib']:>7.0f} MiB {'':>6}"
             print(line)
+            if "bf16x3" in ours and "bf16" in ours:
+                mixed = ours["bf16x3"]["tok_encode_ms"] + ours["bf16"]["tok_decode_ms"]
+                both = ref["tok_encode_ms"] + ref["tok_decode_ms"]
+                print(f"{arch:<5} {b:>5} encode bf16x3 + decode bf16 (tokens as f32): {mixed:.1f} ms vs PyTorch "
+                      f"{both:.1f} ms, {mixed / both:.2f}x")
             for p in precisions[1:]:
                 o = ours[p]
                 print(f"{arch:<5} {b:>5} {p} vs f32 on {os.path.basename(PHOTO)}: tokens {100 * o['token_agreement']:.2f}% "
