@@ -166,6 +166,21 @@ def run_torch(arch, batch, a, env):
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+def markdown(files):
+    """README rows: | arch | batch | stage | PyTorch ms | each precision: ms (ratio) |."""
+    names = dict(vae_encode="VAE encode", assign="assignment, all scales", vae_decode="VAE decode",
+                 tok_encode="tokenizer encode", tok_decode="tokenizer decode")
+    for f in files:
+        for r in json.load(open(f)):
+            ref, ours = r["pytorch"], r["coda"]
+            for stage in STAGES + ("encode+decode",):
+                get = (lambda x: x["tok_encode_ms"] + x["tok_decode_ms"]) if stage == "encode+decode" \
+                    else (lambda x, s=stage: x[f"{s}_ms"])
+                cells = [f"{get(o):.0f} ({get(o) / get(ref):.2f}x)" for o in ours.values()]
+                label = f"**{stage}**" if stage == "encode+decode" else names[stage]
+                print(f"| {r['arch'].upper()} | {r['batch']} | {label} | {get(ref):.0f} | " + " | ".join(cells) + " |")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--arch", default="mar,flux")
@@ -176,8 +191,11 @@ def main():
     ap.add_argument("--precision", default="f32,bf16x3,bf16",
                     help="coda-rs precisions to time (the bf16 ones need AMX; skipped without it)")
     ap.add_argument("--json", default=os.path.join(ROOT, ".bench", "bench.json"), help="all results, as JSON")
+    ap.add_argument("--table", help="print saved results (comma-separated --json files) as a Markdown table, and exit")
     ap.add_argument("--torch-worker", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.table:
+        return markdown(a.table.split(","))
     batches = [int(b) for b in a.batch.split(",")]
     if a.torch_worker:
         return torch_worker(a.torch_worker, a.size, batches[0], a.iters, a.threads)

@@ -102,9 +102,9 @@ fn main() -> candle_core::Result<()> {
         return Ok(());
     }
     if std::env::var("ASSIGN").is_ok() {
-        // Code assignment at V = 65536, d = 16 (FLUX-size), against the machine's f32 GEMM peak
+        // Code assignment at V = 65536, d = 32 (FLUX-size), against the machine's f32 GEMM peak
         // (a 2048^3 GEMM on all threads, same crate and microkernels as our convolution).
-        use coda::kernels::assign::{argmax_dot, argmax_dot_gemm};
+        use coda::kernels::assign::{argmax_dot_gemm, Codebook};
         let threads = rayon::current_num_threads();
         let m = 2048;
         let a: Vec<f32> = (0..m * m)
@@ -139,16 +139,18 @@ fn main() -> candle_core::Result<()> {
         );
         let peak = 2.0 * (m * m * m) as f64 / t_gemm / 1e9;
         println!("f32 GEMM {m}^3 on {threads} threads: {peak:.0} GFLOP/s");
-        let (v, d) = (65536usize, 16usize);
+        let (v, d) = (65536usize, 32usize); // the FLUX-size tokenizer: V = 65536, attention dim 32
         let keys: Vec<f32> = (0..v * d)
             .map(|i| ((i * 104729) % 1013) as f32 / 1013.0 - 0.5)
             .collect();
+        // Prepared once per tokenizer, as the quantizer does.
+        let codebook = Codebook::new(keys.clone(), v, d);
         for n in [1024usize, 2240, 8 * 2240] {
             let q: Vec<f32> = (0..n * d)
                 .map(|i| ((i * 7919) % 1009) as f32 / 1009.0 - 0.5)
                 .collect();
             let flops = 2.0 * (n * v * d) as f64;
-            let tf = time(|| drop(argmax_dot(&q, n, &keys, v, d, 4096)), 3);
+            let tf = time(|| drop(codebook.argmax(&q, n, 4096)), 3);
             let tg = time(|| drop(argmax_dot_gemm(&q, n, &keys, v, d, 4096)), 3);
             println!(
                 "assign n {n} V {v} d {d}: fused {:.1} ms ({:.0} GFLOP/s, {:.0}% of GEMM peak), gemm+scan {:.1} ms ({:.0}%)",

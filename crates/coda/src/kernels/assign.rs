@@ -69,6 +69,7 @@ fn scan(buf: &[f32], rows: usize, cols: usize, c0: usize, best: &mut [(f32, u32)
 /// fused AVX-512 kernel; `bias` is 0 for real codes and -inf for the padding (up to a whole
 /// number of NB blocks), so that a padded code never wins (the accumulators start from it).
 #[cfg(target_arch = "x86_64")]
+#[derive(Debug)]
 struct PackedKeys {
     data: Vec<f32>,
     bias: Vec<f32>,
@@ -82,10 +83,12 @@ const QB: usize = 4;
 #[cfg(target_arch = "x86_64")]
 const NB: usize = 4;
 
-/// Code blocks per cache chunk: 32 blocks = 512 codes, 32 KiB of keys at d = 16, so that a
+/// Code blocks per cache chunk: 32 KiB of keys (512 codes at d = 16, 256 at d = 32), so that a
 /// chunk stays in L1 while every query of the task passes over it.
 #[cfg(target_arch = "x86_64")]
-const CHUNK_BLOCKS: usize = 32;
+fn chunk_blocks(d: usize) -> usize {
+    ((32 * 1024) / (d.max(1) * 64) / NB * NB).max(NB)
+}
 
 #[cfg(target_arch = "x86_64")]
 fn pack_keys(keys: &[f32], v: usize, d: usize) -> PackedKeys {
@@ -196,7 +199,7 @@ fn fused_task(
     let mut best_i = vec![u32::MAX; groups * QB * 16];
     let mut c = cb0;
     while c < cb1 {
-        let ce = (c + CHUNK_BLOCKS).min(cb1);
+        let ce = (c + chunk_blocks(d)).min(cb1);
         for gidx in 0..groups {
             let sl = gidx * QB * 16..(gidx + 1) * QB * 16;
             // SAFETY: the CPU has AVX-512 (checked by the caller); the slices hold 4 queries.
@@ -227,6 +230,55 @@ fn fused_task(
         .collect()
 }
 
+/// A codebook's keys prepared once for repeated assignments (every scale of every batch): the
+/// row-major keys, and on AVX-512 CPUs their packed form for the fused kernel.
+#[derive(Debug)]
+pub struct Codebook {
+    keys: Vec<f32>,
+    v: usize,
+    d: usize,
+    #[cfg(target_arch = "x86_64")]
+    packed: Option<PackedKeys>,
+}
+
+impl Codebook {
+    /// `keys`: v x d, row-major.
+    pub fn new(keys: Vec<f32>, v: usize, d: usize) -> Self {
+        assert_eq!(keys.len(), v * d);
+        #[cfg(target_arch = "x86_64")]
+        let packed = super::simd::has_avx512().then(|| pack_keys(&keys, v, d));
+        Codebook {
+            keys,
+            v,
+            d,
+            #[cfg(target_arch = "x86_64")]
+            packed,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.v
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.v == 0
+    }
+
+    /// The best code for each of the n queries (n x d, row-major); ties go to the lowest index.
+    /// `chunk` codes per GEMM tile on the portable path.
+    pub fn argmax(&self, q: &[f32], n: usize, chunk: usize) -> Vec<u32> {
+        assert_eq!(q.len(), n * self.d);
+        if n == 0 {
+            return Vec::new();
+        }
+        #[cfg(target_arch = "x86_64")]
+        if let Some(p) = &self.packed {
+            return argmax_dot_fused(q, n, p, self.d);
+        }
+        argmax_dot_gemm(q, n, &self.keys, self.v, self.d, chunk)
+    }
+}
+
 /// `argmax_j q_i · k_j` for every row i of `q` (n x d) over the rows of `keys` (v x d), both
 /// row-major. `chunk` codes are compared per GEMM call. Deterministic for any thread count:
 /// partial results are merged by (value, then lowest index).
@@ -236,11 +288,7 @@ pub fn argmax_dot(q: &[f32], n: usize, keys: &[f32], v: usize, d: usize, chunk: 
     if n == 0 {
         return Vec::new();
     }
-    #[cfg(target_arch = "x86_64")]
-    if super::simd::has_avx512() {
-        return argmax_dot_fused(q, n, keys, v, d);
-    }
-    argmax_dot_gemm(q, n, keys, v, d, chunk)
+    Codebook::new(keys.to_vec(), v, d).argmax(q, n, chunk)
 }
 
 /// The portable path: GEMM tiles of (256 queries x `chunk` codes) and a vectorised scan.
@@ -329,14 +377,13 @@ fn merge(partial: &[Vec<(f32, u32)>], n: usize, splits: usize) -> Vec<u32> {
 /// [`argmax_dot`] with the fused AVX-512 kernel: same task split (query tiles x code ranges,
 /// merged deterministically), no logits tile in memory.
 #[cfg(target_arch = "x86_64")]
-fn argmax_dot_fused(q: &[f32], n: usize, keys: &[f32], v: usize, d: usize) -> Vec<u32> {
-    let packed = pack_keys(keys, v, d);
+fn argmax_dot_fused(q: &[f32], n: usize, packed: &PackedKeys, d: usize) -> Vec<u32> {
     let blocks = packed.blocks;
     let qtiles = n.div_ceil(QUERY_TILE);
     let want_tasks = 4 * rayon::current_num_threads();
     let splits = want_tasks
         .div_ceil(qtiles)
-        .clamp(1, blocks.div_ceil(CHUNK_BLOCKS));
+        .clamp(1, blocks.div_ceil(chunk_blocks(d)));
     let blocks_per_split = blocks.div_ceil(splits).div_ceil(NB) * NB;
     let partial: Vec<Vec<(f32, u32)>> = (0..qtiles * splits)
         .into_par_iter()
@@ -346,7 +393,7 @@ fn argmax_dot_fused(q: &[f32], n: usize, keys: &[f32], v: usize, d: usize) -> Ve
             let rows = QUERY_TILE.min(n - q0);
             let cb0 = (s * blocks_per_split).min(blocks);
             let cb1 = ((s + 1) * blocks_per_split).min(blocks);
-            fused_task(&q[q0 * d..(q0 + rows) * d], rows, d, &packed, (cb0, cb1))
+            fused_task(&q[q0 * d..(q0 + rows) * d], rows, d, packed, (cb0, cb1))
         })
         .collect();
     merge(&partial, n, splits)
@@ -397,8 +444,9 @@ mod tests {
             );
             #[cfg(target_arch = "x86_64")]
             if crate::kernels::simd::has_avx512() {
+                let packed = pack_keys(&k, v, d);
                 assert_eq!(
-                    argmax_dot_fused(&q, n, &k, v, d),
+                    argmax_dot_fused(&q, n, &packed, d),
                     want,
                     "fused {:?}",
                     (n, v, d, chunk)

@@ -165,6 +165,8 @@ pub struct CodeTables {
     keys: Tensor,
     /// Codes compared per step.
     chunk: usize,
+    /// The keys prepared for the CPU assignment kernel, built at the first CPU assignment.
+    codebook: std::sync::OnceLock<std::sync::Arc<crate::kernels::assign::Codebook>>,
     /// `to_v(E)`: the vector each code decodes to, (V, C).
     pub values: Tensor,
 }
@@ -257,6 +259,7 @@ impl CodaQuantizer {
             keys,
             chunk: chunk.max(1),
             values,
+            codebook: Default::default(),
         })
     }
 
@@ -330,14 +333,21 @@ impl CodaQuantizer {
         if queries.device().is_cpu() && queries.dtype() == DType::F32 {
             // The fused GEMM + running argmax kernel.
             let (n, d) = queries.dims2()?;
-            let ids = crate::kernels::assign::argmax_dot(
-                &queries.flatten_all()?.to_vec1::<f32>()?,
-                n,
-                &tables.keys.flatten_all()?.to_vec1::<f32>()?,
-                tables.keys.dim(0)?,
-                d,
-                tables.chunk,
-            );
+            let codebook = match tables.codebook.get() {
+                Some(c) => c.clone(),
+                None => {
+                    let c = crate::kernels::assign::Codebook::new(
+                        tables.keys.flatten_all()?.to_vec1::<f32>()?,
+                        tables.keys.dim(0)?,
+                        d,
+                    );
+                    tables
+                        .codebook
+                        .get_or_init(|| std::sync::Arc::new(c))
+                        .clone()
+                }
+            };
+            let ids = codebook.argmax(&queries.flatten_all()?.to_vec1::<f32>()?, n, tables.chunk);
             return Tensor::from_vec(ids, (b, h, w), queries.device());
         }
         self.argmax_chunked(tables, &queries)?.reshape((b, h, w))
@@ -454,6 +464,7 @@ impl CodaQuantizer {
             keys: keys.detach(),
             chunk: ASSIGN_CHUNK,
             values: values.detach(),
+            codebook: Default::default(),
         };
         let mut residual = f.clone();
         let mut f_hat = f.zeros_like()?;
@@ -540,6 +551,7 @@ impl CodaQuantizer {
             keys: keys.detach().contiguous()?,
             chunk: ASSIGN_CHUNK,
             values: values.detach(),
+            codebook: Default::default(),
         };
         let mut residual = f.clone();
         let mut f_hat = f.zeros_like()?;
