@@ -185,6 +185,9 @@ fn main() -> candle_core::Result<()> {
             };
             let flops = 2.0 * (c * c * k * k * hw * hw * up * up) as f64;
             let dims = (1, c, hw, hw);
+            // Weights packed once, as the model's convs keep them.
+            let p16 = amx::PackedWeights::new(&w, (c, c, k, k), false);
+            let p3 = amx::PackedWeights::new(&w, (c, c, k, k), true);
             let t32 = time(
                 || drop(conv2d_forward(&x, dims, &w, (c, k, k), &b, None, g)),
                 3,
@@ -200,6 +203,7 @@ fn main() -> candle_core::Result<()> {
                         None,
                         g,
                         false,
+                        Some(&p16),
                     ))
                 },
                 5,
@@ -215,6 +219,7 @@ fn main() -> candle_core::Result<()> {
                         None,
                         g,
                         true,
+                        Some(&p3),
                     ))
                 },
                 5,

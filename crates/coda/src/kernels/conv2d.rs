@@ -461,6 +461,8 @@ struct Conv2dOp {
     /// Which of (x, weight) need a gradient: frozen weights and input images do not, and
     /// skipping their GEMMs is most of a frozen VAE's backward cost.
     need: (bool, bool),
+    /// The weights already converted for the AMX kernel (inference in a bf16 mode).
+    packed: Option<std::sync::Arc<super::amx::PackedWeights>>,
 }
 
 impl CustomOp3 for Conv2dOp {
@@ -521,6 +523,7 @@ impl CustomOp3 for Conv2dOp {
                 residual,
                 self.geometry,
                 three,
+                self.packed.as_deref(),
             );
             return Ok((CpuStorage::F32(out), Shape::from((n, cout, oh, ow))));
         }
@@ -612,6 +615,19 @@ pub fn conv2d_residual(
     residual: Option<&Tensor>,
     g: ConvGeometry,
 ) -> candle_core::Result<Tensor> {
+    conv2d_residual_cached(x, weight, bias, residual, g, None)
+}
+
+/// As [`conv2d_residual`], taking the reduced-precision form of `weight` from `cache` (a model
+/// conv's own cache) instead of converting it on every call.
+pub fn conv2d_residual_cached(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    residual: Option<&Tensor>,
+    g: ConvGeometry,
+    cache: Option<&super::amx::WeightCache>,
+) -> candle_core::Result<Tensor> {
     let inputs = [Some(x), Some(weight), Some(bias), residual];
     let on_cpu_f32 = x.device().is_cpu()
         && inputs
@@ -620,10 +636,15 @@ pub fn conv2d_residual(
             .all(|t| t.dtype() == candle_core::DType::F32);
     let tracked = inputs.iter().flatten().any(|t| t.track_op());
     if on_cpu_f32 && !tracked {
+        let packed = match cache {
+            Some(c) => c.get(weight)?,
+            None => None,
+        };
         let op = Conv2dOp {
             geometry: g,
             residual: residual.map(|r| r.contiguous()).transpose()?,
             need: (false, false),
+            packed,
         };
         x.contiguous()?
             .apply_op3_no_bwd(&weight.contiguous()?, &bias.contiguous()?, &op)
@@ -633,6 +654,7 @@ pub fn conv2d_residual(
             geometry: g,
             residual: None,
             need: (x.track_op(), weight.track_op()),
+            packed: None,
         };
         let y = x
             .contiguous()?

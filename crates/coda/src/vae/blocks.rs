@@ -25,6 +25,8 @@ pub struct Conv2d {
     pub stride: usize,
     pub padding: usize,
     pub lora: Option<Lora>,
+    /// `weight` converted for the AMX kernels, made at the first bf16-mode call.
+    packed: std::sync::Arc<kernels::amx::WeightCache>,
 }
 
 impl Conv2d {
@@ -53,6 +55,7 @@ impl Conv2d {
             stride,
             padding,
             lora,
+            packed: Default::default(),
         })
     }
 }
@@ -79,7 +82,14 @@ impl Conv2d {
         residual: Option<&Tensor>,
         g: ConvGeometry,
     ) -> Result<Tensor> {
-        let y = kernels::conv2d_residual(x, &self.weight, &self.bias, residual, g)?;
+        let y = kernels::conv2d::conv2d_residual_cached(
+            x,
+            &self.weight,
+            &self.bias,
+            residual,
+            g,
+            Some(&self.packed),
+        )?;
         match &self.lora {
             None => Ok(y),
             Some(l) => {
