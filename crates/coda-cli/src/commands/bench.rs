@@ -42,7 +42,7 @@ pub struct Args {
     pub json: Option<PathBuf>,
 }
 
-fn median_ms(mut f: impl FnMut() -> anyhow::Result<()>, iters: usize) -> anyhow::Result<f64> {
+fn median_ms<T>(mut f: impl FnMut() -> anyhow::Result<T>, iters: usize) -> anyhow::Result<f64> {
     f()?; // warm-up
     let mut t = Vec::with_capacity(iters);
     for _ in 0..iters.max(1) {
@@ -111,20 +111,14 @@ fn run_tokenizer(args: &Args, dir: &std::path::Path) -> anyhow::Result<Vec<Strin
         let tables = tok.quantizer().tables()?;
         let scales = enc.tokens.scales.clone();
         let z = vae.denormalize(&enc.latent_hat)?;
-        let vae_encode = median_ms(|| Ok(drop(vae.encode(&x)?.mean)), args.iters)?;
-        let vae_decode = median_ms(|| Ok(drop(vae.decode(&z)?)), args.iters)?;
+        let vae_encode = median_ms(|| Ok(vae.encode(&x)?.mean), args.iters)?;
+        let vae_decode = median_ms(|| Ok(vae.decode(&z)?), args.iters)?;
         let assign = median_ms(
-            || {
-                Ok(drop(tok.quantizer().encode(
-                    &tables,
-                    &enc.latent,
-                    &scales,
-                )?))
-            },
+            || Ok(tok.quantizer().encode(&tables, &enc.latent, &scales)?),
             args.iters,
         )?;
-        let encode = median_ms(|| Ok(drop(tok.encode(&x)?)), args.iters)?;
-        let decode = median_ms(|| Ok(drop(tok.decode(&enc.tokens)?)), args.iters)?;
+        let encode = median_ms(|| Ok(tok.encode(&x)?), args.iters)?;
+        let decode = median_ms(|| Ok(tok.decode(&enc.tokens)?), args.iters)?;
         let mut rec = json!({
             "impl": "coda-rs", "precision": precision.name(), "size": args.size, "batch": b,
             "latent": [tok.config().vae.latent_channels, args.size / f, args.size / f],

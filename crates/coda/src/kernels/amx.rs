@@ -645,7 +645,7 @@ pub fn conv2d_forward(
                                     let (hi, lo) = (&input.hi, &input.lo);
                                     if three {
                                         tiles::dot3(
-                                            [a(&a_hi, 0), a(&a_hi, 1), a(&a_lo, 0), a(&a_lo, 1)],
+                                            [a(a_hi, 0), a(a_hi, 1), a(a_lo, 0), a(a_lo, 1)],
                                             [bp(hi, 0), bp(hi, 1), bp(lo, 0), bp(lo, 1)],
                                             cbs,
                                             bs,
@@ -653,8 +653,8 @@ pub fn conv2d_forward(
                                         );
                                     } else {
                                         tiles::dot(
-                                            a(&a_hi, 0),
-                                            a(&a_hi, 1),
+                                            a(a_hi, 0),
+                                            a(a_hi, 1),
                                             bp(hi, 0),
                                             bp(hi, 1),
                                             cbs,
@@ -714,7 +714,8 @@ mod tests {
 
     /// Odd shapes: non-square, channel counts that are not multiples of 16 or 32, several K
     /// chunks, every geometry of the VAE, batch 1 and 3, outputs not divisible by the tile.
-    const CASES: &[(
+    /// (n, cin, h, w, cout, kh, kw, geometry)
+    type Case = (
         usize,
         usize,
         usize,
@@ -723,7 +724,8 @@ mod tests {
         usize,
         usize,
         ConvGeometry,
-    )] = &[
+    );
+    const CASES: &[Case] = &[
         // (n, cin, h, w, cout, kh, kw, geometry)
         (
             1,
