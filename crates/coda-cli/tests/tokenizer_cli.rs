@@ -409,6 +409,10 @@ fn eval_records_metrics_and_protocol_and_skips_unreadable_images() {
     assert_eq!(j["data"]["skipped"].as_array().unwrap().len(), 1);
     assert_eq!(j["model"]["tokens_per_image"], 204);
     assert_eq!(j["posterior"], "mean");
+    assert_eq!(
+        j["precision"], "f32",
+        "the convolution arithmetic is recorded"
+    );
     for p in ["uint8_truncated", "float"] {
         assert!(j["metrics"]["psnr"][p].as_f64().unwrap() > 0.0);
         let s = j["metrics"]["ssim"][p].as_f64().unwrap();

@@ -360,6 +360,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "lpips": "VGG16 v0.1 (lpips package / taming vgg_lpips), inputs in [-1,1], unclamped reconstructions clamped to [-1,1] first, mean over images; null without --lpips",
         },
         "images_per_second": count as f64 / secs,
+        // The convolution arithmetic (--precision): bf16 modes give slightly different numbers.
+        "precision": args.precision.precision.name(),
     });
     coda::io::write_atomic(
         &args.json,
