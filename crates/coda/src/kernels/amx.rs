@@ -287,9 +287,18 @@ impl WeightCache {
         &self,
         weight: &candle_core::Tensor,
     ) -> candle_core::Result<Option<std::sync::Arc<PackedWeights>>> {
-        let Some(three) = super::precision().amx_three_pass() else {
-            return Ok(None);
-        };
+        match super::precision().amx_three_pass() {
+            Some(three) => self.get_for(weight, three),
+            None => Ok(None),
+        }
+    }
+
+    /// As [`get`](Self::get) for an explicit mode (`three`: bf16x3).
+    pub fn get_for(
+        &self,
+        weight: &candle_core::Tensor,
+        three: bool,
+    ) -> candle_core::Result<Option<std::sync::Arc<PackedWeights>>> {
         if weight.is_variable()
             || !weight.device().is_cpu()
             || weight.dtype() != candle_core::DType::F32
@@ -858,6 +867,34 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn weight_cache_packs_once_per_tensor_and_mode_and_never_for_variables(
+    ) -> candle_core::Result<()> {
+        use candle_core::{Device, Tensor, Var};
+        use std::sync::Arc;
+        let w = Tensor::randn(0f32, 1.0, (5, 3, 3, 3), &Device::Cpu)?;
+        let cache = WeightCache::default();
+        let a = cache
+            .get_for(&w, false)?
+            .expect("a plain f32 CPU weight is cached");
+        let b = cache.get_for(&w, false)?.unwrap();
+        assert!(Arc::ptr_eq(&a, &b), "second call: the same packed weights");
+        let c = cache.get_for(&w, true)?.unwrap();
+        assert!(
+            c.three() && !Arc::ptr_eq(&a, &c),
+            "another mode: packed again"
+        );
+        let other = (&w + 1.0)?;
+        let d = cache.get_for(&other, true)?.unwrap();
+        assert!(!Arc::ptr_eq(&c, &d), "another tensor: packed again");
+        let v = Var::from_tensor(&w)?;
+        assert!(
+            cache.get_for(v.as_tensor(), false)?.is_none(),
+            "training variables change in place: never cached"
+        );
+        Ok(())
     }
 
     #[test]
