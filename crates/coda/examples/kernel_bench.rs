@@ -192,38 +192,25 @@ fn main() -> candle_core::Result<()> {
                 || drop(conv2d_forward(&x, dims, &w, (c, k, k), &b, None, g)),
                 3,
             );
-            let t16 = time(
-                || {
-                    drop(amx::conv2d_forward(
-                        &x,
-                        dims,
-                        &w,
-                        (c, k, k),
-                        &b,
-                        None,
-                        g,
-                        false,
-                        Some(&p16),
-                    ))
-                },
-                5,
-            );
-            let t3 = time(
-                || {
-                    drop(amx::conv2d_forward(
-                        &x,
-                        dims,
-                        &w,
-                        (c, k, k),
-                        &b,
-                        None,
-                        g,
-                        true,
-                        Some(&p3),
-                    ))
-                },
-                5,
-            );
+            let amx_time = |three: bool, packed: &amx::PackedWeights| {
+                time(
+                    || {
+                        drop(amx::conv2d_forward(
+                            &x,
+                            dims,
+                            &w,
+                            (c, k, k),
+                            &b,
+                            None,
+                            g,
+                            three,
+                            Some(packed),
+                        ))
+                    },
+                    5,
+                )
+            };
+            let (t16, t3) = (amx_time(false, &p16), amx_time(true, &p3));
             println!(
                 "c {c} {hw}x{hw} up {up} k{k}: f32 im2col {:.1} ms ({:.0} GFLOP/s), amx bf16 {:.1} ms ({:.0}), amx 3xbf16 {:.1} ms ({:.0})",
                 t32 * 1e3, flops / t32 / 1e9, t16 * 1e3, flops / t16 / 1e9, t3 * 1e3, flops / t3 / 1e9

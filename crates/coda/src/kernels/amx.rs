@@ -18,7 +18,7 @@
 //! The tile registers are invisible to the compiler, so they keep their contents between the
 //! `asm!` blocks below; no other code in the process uses them.
 
-use super::conv2d::{ConvGeometry, OutPtr};
+use super::conv2d::{init_accumulator, ConvGeometry, OutPtr};
 use rayon::prelude::*;
 
 /// AMX tiles in the kernel: 16 rows x 64 bytes (16 f32 or 32 bf16 per row).
@@ -147,6 +147,27 @@ impl Plan {
     }
 }
 
+/// Run `fill(index, hi_chunk, lo_chunk)` over matching `chunk`-sized pieces of `hi` and (for
+/// 3xbf16) `lo`, in parallel.
+fn par_fill_pair<T: Send>(
+    hi: &mut [T],
+    lo: &mut [T],
+    chunk: usize,
+    three: bool,
+    fill: impl Fn(usize, &mut [T], Option<&mut [T]>) + Sync,
+) {
+    if three {
+        hi.par_chunks_mut(chunk)
+            .zip(lo.par_chunks_mut(chunk))
+            .enumerate()
+            .for_each(|(i, (h, l))| fill(i, h, Some(l)));
+    } else {
+        hi.par_chunks_mut(chunk)
+            .enumerate()
+            .for_each(|(i, h)| fill(i, h, None));
+    }
+}
+
 /// A channel pair of one pixel as the u32 a B tile row holds: the even channel in the low half.
 #[inline(always)]
 fn pair(v0: f32, v1: f32) -> u32 {
@@ -223,16 +244,7 @@ fn pack_input(x: &[f32], p: &Plan, three: bool) -> PackedInput {
             }
         }
     };
-    if three {
-        hi.par_chunks_mut(row_len)
-            .zip(lo.par_chunks_mut(row_len))
-            .enumerate()
-            .for_each(|(yv, (h, l))| fill(yv, h, Some(l)));
-    } else {
-        hi.par_chunks_mut(row_len)
-            .enumerate()
-            .for_each(|(yv, h)| fill(yv, h, None));
-    }
+    par_fill_pair(&mut hi, &mut lo, row_len, three, fill);
     PackedInput {
         hi,
         lo,
@@ -346,16 +358,7 @@ fn pack_weights(w: &[f32], p: &Plan, three: bool) -> (Vec<u16>, Vec<u16>) {
             }
         }
     };
-    if three {
-        hi.par_chunks_mut(block)
-            .zip(lo.par_chunks_mut(block))
-            .enumerate()
-            .for_each(|(mb, (h, l))| fill(mb, h, Some(l)));
-    } else {
-        hi.par_chunks_mut(block)
-            .enumerate()
-            .for_each(|(mb, h)| fill(mb, h, None));
-    }
+    par_fill_pair(&mut hi, &mut lo, block, three, fill);
     (hi, lo)
 }
 
@@ -607,14 +610,7 @@ pub fn conv2d_forward(
                     for (co, &bc) in bias.iter().enumerate() {
                         let o = co * pixels + y * ow + x0;
                         let row = unsafe { std::slice::from_raw_parts_mut(dst.add(o), cols) };
-                        match residual {
-                            Some(r) => {
-                                for (v, &rv) in row.iter_mut().zip(&r[img + o..][..cols]) {
-                                    *v = bc + rv;
-                                }
-                            }
-                            None => row.fill(bc),
-                        }
+                        init_accumulator(row, bc, residual.map(|r| &r[img + o..][..cols]));
                     }
                 }
                 unsafe { tiles::configure(&cfg) };

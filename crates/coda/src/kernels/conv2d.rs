@@ -57,6 +57,20 @@ fn tile_width(k: usize, pixels: usize) -> usize {
     t.clamp(64, 1024).min(pixels).max(1)
 }
 
+/// Start an output row segment of channel `co` at its bias plus the residual, if any: the GEMM
+/// then accumulates into it (shared by the f32 and AMX convolutions).
+#[inline]
+pub(crate) fn init_accumulator(row: &mut [f32], bias: f32, residual: Option<&[f32]>) {
+    match residual {
+        Some(r) => {
+            for (o, &rv) in row.iter_mut().zip(r) {
+                *o = bias + rv;
+            }
+        }
+        None => row.fill(bias),
+    }
+}
+
 /// y = conv(x, w) + b (+ residual) over contiguous NCHW f32 slices. Returns (out, oh, ow). The
 /// residual, of the output's shape, is added for free: it initialises the GEMM's accumulator.
 #[allow(clippy::too_many_arguments)]
@@ -89,14 +103,7 @@ pub fn conv2d_forward(
             let dst = out_ptr.at(base);
             for (co, &bc) in bias.iter().enumerate() {
                 let row = unsafe { std::slice::from_raw_parts_mut(dst.add(co * pixels), tw) };
-                match residual {
-                    Some(r) => {
-                        for (o, &rv) in row.iter_mut().zip(&r[base + co * pixels..][..tw]) {
-                            *o = bc + rv;
-                        }
-                    }
-                    None => row.fill(bc),
-                }
+                init_accumulator(row, bc, residual.map(|r| &r[base + co * pixels..][..tw]));
             }
             let (rhs, rhs_rs) = if direct {
                 (xb[p0..].as_ptr(), pixels as isize)
