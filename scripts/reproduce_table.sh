@@ -1,53 +1,84 @@
 #!/usr/bin/env bash
-# Reproduce the README's results table: a continuous KL-VAE trained here on the Debian photos,
-# CODA adaptation of it, and VQ baselines trained from scratch with the same architecture and
-# codebook size (1x and 6x the adaptation's updates, and the multi-scale variant).
+# Reproduce the README's results table and the embedded default tokenizer, on a CPU:
+#   1. a continuous KL-VAE (f4, 8 latent channels, GroupNorm eps 1) trained from scratch on
+#      Debian's photos: 64-px crops of the pictures at a random scale (shorter side 144-512 px, the
+#      density of the 128-px evaluation), colour augmentation, extra weight on the chroma error;
+#   2. CODA adaptation of it (the default tokenizer: V = 1024, 10 scales, LoRA rank 8);
+#   3. baselines trained from scratch with the same architecture and codebook size: VQ at 1x and
+#      6x the adaptation's updates, and VAR-style multi-scale VQ at 1x;
+#   4. `coda eval` of every model on the validation split (128 px, whole picture: shorter side to
+#      144, centre crop), with the solid-colour probe; CODA's codebook usage on the training split.
 #
-#   bash scripts/reproduce_table.sh            # everything, ~2.5 CPU-hours on 2 cores
-#   STEPS_VAE=200 STEPS=40 bash scripts/reproduce_table.sh   # a quick smoke run
+#   bash scripts/reproduce_table.sh                  # everything (see README for the hours)
+#   STEPS_VAE=60 STEPS=20 RUNS=/tmp/smoke bash scripts/reproduce_table.sh   # a quick smoke run
+#   STAGES="vae start coda" bash scripts/reproduce_table.sh                 # some stages only
 #
-# Runs land in runs/ (git-ignored); evaluation JSON in runs/eval/. Each stage is skipped when
-# its output exists, so the script can be re-run after an interruption (a stage itself resumes
-# with `coda ... --resume --out DIR`).
+# Each stage is skipped when its output exists and resumes from its latest checkpoint when it
+# was interrupted, so the script can simply be run again. Wall seconds of every invocation are
+# appended to $RUNS/wall.jsonl (scripts/results_table.py sums them per run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CODA=${CODA:-target/release/coda}
-STEPS_VAE=${STEPS_VAE:-2000}
-STEPS=${STEPS:-400}
+RUNS=${RUNS:-runs}
+STEPS_VAE=${STEPS_VAE:-3600}
+STEPS=${STEPS:-500}
 CODEBOOK=${CODEBOOK:-1024}
-COMMON=(--preset tiny-cpu --data data/photos/train --val data/photos/val --set resize=160)
+STAGES=${STAGES:-"vae start coda vq-1x msvq vq-6x eval"}
+DATA=(--data data/photos/train --val data/photos/val --batch 8
+  --set resize=144 --set resize_max=512 --set colour_aug=true --set chroma_weight=4)
+ARCH=(--set "model.channels=[32,64,128]" --set model.latent_channels=8 --set model.norm_eps=1.0)
 [ -x "$CODA" ] || cargo build --release -p coda-cli
 [ -d data/photos/train ] || { bash scripts/fetch_photos.sh && python3 scripts/prepare_photos.py; }
-mkdir -p runs/eval
+mkdir -p "$RUNS/eval"
 
-# Run a trainer into OUT, or continue it when OUT already holds checkpoints (an interrupted run).
+want() { [[ " $STAGES " == *" $1 "* ]]; }
+
+# Run a trainer into $RUNS/NAME, or continue it when it holds checkpoints (an interrupted run).
 train() {
-  local cmd=$1 out=$2
+  local cmd=$1 name=$2 out="$RUNS/$2" t0
   shift 2
+  t0=$(date +%s)
   if [ -d "$out/checkpoints" ]; then
     "$CODA" "$cmd" --resume --out "$out"
   else
     "$CODA" "$cmd" "$@" --out "$out"
   fi
+  echo "{\"run\": \"$name\", \"seconds\": $(($(date +%s) - t0))}" >> "$RUNS/wall.jsonl"
 }
 
-[ -f runs/vae/vae/config.json ] || train train-vae runs/vae "${COMMON[@]}" --steps "$STEPS_VAE"
-[ -f runs/start/config.json ] || "$CODA" tokenizer new --vae runs/vae/vae --codebook-size "$CODEBOOK" \
-  --lora-rank 8 --resolution 64 -o runs/start
-[ -f runs/coda/tokenizer/config.json ] || train adapt runs/coda "${COMMON[@]}" --tokenizer runs/start --steps "$STEPS"
-[ -f runs/coda-6x/tokenizer/config.json ] || train adapt runs/coda-6x "${COMMON[@]}" --tokenizer runs/start --steps $((6 * STEPS)) \
-  --set eval_every=300 --set checkpoint_every=300
-[ -f runs/vq-1x/tokenizer/config.json ] || train train-vq runs/vq-1x "${COMMON[@]}" --steps "$STEPS" \
-  --set model.codebook_size="$CODEBOOK"
-[ -f runs/msvq/tokenizer/config.json ] || train train-vq runs/msvq "${COMMON[@]}" --steps "$STEPS" \
-  --set model.codebook_size="$CODEBOOK" --set model.scales=10
-[ -f runs/vq-6x/tokenizer/config.json ] || train train-vq runs/vq-6x "${COMMON[@]}" --steps $((6 * STEPS)) \
-  --set model.codebook_size="$CODEBOOK"
+if want vae && [ ! -f "$RUNS/vae/vae/config.json" ]; then
+  train train-vae vae --preset tiny-cpu "${DATA[@]}" --size 64 "${ARCH[@]}" --steps "$STEPS_VAE" \
+    --set eval_every=400 --set checkpoint_every=400
+fi
+if want start && [ ! -f "$RUNS/start/config.json" ]; then
+  "$CODA" tokenizer new --vae "$RUNS/vae/vae" --codebook-size "$CODEBOOK" --num-scales 10 \
+    --lora-rank 8 --resolution 128 -o "$RUNS/start"
+fi
+if want coda && [ ! -f "$RUNS/coda/tokenizer/config.json" ]; then
+  train adapt coda --preset tiny-cpu "${DATA[@]}" --tokenizer "$RUNS/start" --steps "$STEPS"
+fi
+if want vq-1x && [ ! -f "$RUNS/vq-1x/tokenizer/config.json" ]; then
+  train train-vq vq-1x --preset tiny-cpu "${DATA[@]}" "${ARCH[@]}" --steps "$STEPS" \
+    --set model.codebook_size="$CODEBOOK"
+fi
+if want msvq && [ ! -f "$RUNS/msvq/tokenizer/config.json" ]; then
+  train train-vq msvq --preset tiny-cpu "${DATA[@]}" "${ARCH[@]}" --steps "$STEPS" \
+    --set model.codebook_size="$CODEBOOK" --set model.scales=10
+fi
+if want vq-6x && [ ! -f "$RUNS/vq-6x/tokenizer/config.json" ]; then
+  train train-vq vq-6x --preset tiny-cpu "${DATA[@]}" "${ARCH[@]}" --steps $((6 * STEPS)) \
+    --set model.codebook_size="$CODEBOOK" --set eval_every=300 --set checkpoint_every=300
+fi
 
-EVAL=(--data data/photos/val --size 64 --resize 160 --batch 4)
-"$CODA" eval --vae runs/vae/vae "${EVAL[@]}" --json runs/eval/vae.json
-"$CODA" eval --tokenizer runs/start "${EVAL[@]}" --json runs/eval/start.json
-for r in coda coda-6x vq-1x vq-6x msvq; do
-  "$CODA" eval --tokenizer runs/$r/tokenizer "${EVAL[@]}" --json runs/eval/$r.json
-done
-python3 scripts/results_table.py runs
+if want eval; then
+  EVAL=(--data data/photos/val --size 128 --resize 144 --batch 4 --colours)
+  [ -f "$RUNS/vae/vae/config.json" ] && "$CODA" eval --vae "$RUNS/vae/vae" "${EVAL[@]}" --json "$RUNS/eval/vae.json"
+  for r in start coda vq-1x vq-6x msvq; do
+    dir="$RUNS/$r/tokenizer"; [ "$r" = start ] && dir="$RUNS/start"
+    [ -f "$dir/config.json" ] && "$CODA" eval --tokenizer "$dir" "${EVAL[@]}" --json "$RUNS/eval/$r.json"
+  done
+  # Codebook usage on the training pictures (the whole picture at 128 px, as for validation).
+  [ -f "$RUNS/coda/tokenizer/config.json" ] && "$CODA" eval --tokenizer "$RUNS/coda/tokenizer" \
+    --data data/photos/train --size 128 --resize 144 --batch 4 --json "$RUNS/eval/coda-train.json"
+  python3 scripts/results_table.py "$RUNS"
+fi

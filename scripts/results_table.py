@@ -1,20 +1,20 @@
 #!/usr/bin/env python3
 """Print the README's results table (Markdown) from the runs and `coda eval` JSON files written
-by scripts/reproduce_table.sh. Wall time of a run = from its config.toml (written at start) to its
-exported model; CPU-hours = wall time x 2 threads (the runs use RAYON_NUM_THREADS=2)."""
+by scripts/reproduce_table.sh. Wall time of a run = the sum of its invocations' seconds in
+RUNS/wall.jsonl (a resumed run has several); CPU-hours = wall time x 2 (the runs use the machine's
+2 cores)."""
 import json
 import os
 import sys
 
 runs = sys.argv[1] if len(sys.argv) > 1 else "runs"
 rows = [
-    ("Continuous KL-VAE (parent)", "vae", "vae/config.json"),
-    ("CODA before adaptation (random codebook, LoRA = identity)", "start", None),
-    ("CODA (adapted, 1x)", "coda", "tokenizer/config.json"),
-    ("CODA (adapted, 6x)", "coda-6x", "tokenizer/config.json"),
-    ("VQ from scratch, 1x", "vq-1x", "tokenizer/config.json"),
-    ("VQ from scratch, 6x", "vq-6x", "tokenizer/config.json"),
-    ("Multi-scale VQ from scratch, 1x", "msvq", "tokenizer/config.json"),
+    ("Continuous KL-VAE (parent)", "vae"),
+    ("CODA before adaptation (random codebook, LoRA = identity)", "start"),
+    ("CODA (adapted, 1x)", "coda"),
+    ("VQ from scratch, 1x", "vq-1x"),
+    ("VQ from scratch, 6x", "vq-6x"),
+    ("Multi-scale VQ from scratch, 1x", "msvq"),
 ]
 
 
@@ -28,26 +28,53 @@ def steps_of(run):
     return last
 
 
-print("| model | PSNR (dB) | SSIM | LPIPS | codebook usage (all scales) | tokens / bits per image | updates | CPU-hours |")
-print("|---|---|---|---|---|---|---|---|")
-for label, run, out in rows:
-    e = os.path.join(runs, "eval", f"{run}.json")
-    if not os.path.exists(e):
-        continue
-    r = json.load(open(e))
-    m = r["metrics"]
-    cb = m.get("codebook")
-    usage = f"{cb['usage_all']:.1f}%" if cb else "-"
-    model = r["model"]
-    bits = f"{model['tokens_per_image']} / {model['bits_per_image']:.0f}" if model["kind"] == "tokenizer" else "continuous"
-    lp = m.get("lpips")
-    lp = f"{lp['value']:.4f}" if lp else "n/a"
-    if out is None:
-        steps, hours = "0", "0"
-    else:
-        start = os.path.getmtime(os.path.join(runs, run, "config.toml"))
-        end = os.path.getmtime(os.path.join(runs, run, out))
-        extra = " + parent" if run.startswith("coda") else ""
-        steps, hours = f"{steps_of(run)}{extra}", f"{2 * (end - start) / 3600:.2f}{extra}"
-    print(f"| {label} | {m['psnr']['uint8_truncated']:.2f} | {m['ssim']['uint8_truncated']:.4f} | {lp} | {usage} | {bits} "
-          f"| {steps} | {hours} |")
+def wall_seconds():
+    total = {}
+    path = os.path.join(runs, "wall.jsonl")
+    if os.path.exists(path):
+        for line in open(path):
+            d = json.loads(line)
+            total[d["run"]] = total.get(d["run"], 0) + d["seconds"]
+    return total
+
+
+def main():
+    wall = wall_seconds()
+    train_usage = None
+    p = os.path.join(runs, "eval", "coda-train.json")
+    if os.path.exists(p):
+        train_usage = json.load(open(p))["metrics"]["codebook"]["usage_all"]
+    print("| model | PSNR (dB) | SSIM | LPIPS | colour error (mean / worst, /255) | codebook usage, val (train) "
+          "| tokens / bits per image | updates | wall time | CPU-hours |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for label, run in rows:
+        e = os.path.join(runs, "eval", f"{run}.json")
+        if not os.path.exists(e):
+            continue
+        r = json.load(open(e))
+        m = r["metrics"]
+        cb = m.get("codebook")
+        usage = f"{cb['usage_all']:.1f}%" if cb else "-"
+        if run == "coda" and train_usage is not None:
+            usage += f" ({train_usage:.1f}%)"
+        model = r["model"]
+        bits = (f"{model['tokens_per_image']} / {model['bits_per_image']:.0f}"
+                if model["kind"] == "tokenizer" else "continuous")
+        lp = m.get("lpips")
+        lp = f"{lp['value']:.4f}" if lp else "n/a"
+        col = m.get("colours")
+        col = f"{col['mean_mae']:.1f} / {col['worst_mae']:.1f}" if col else "-"
+        if run == "start":
+            steps, wt, hours = "0", "0", "0"
+        else:
+            extra = " + parent" if run.startswith("coda") else ""
+            sec = wall.get(run)
+            wt = f"{sec / 60:.0f} min{extra}" if sec else "?"
+            hours = f"{2 * sec / 3600:.2f}{extra}" if sec else "?"
+            steps = f"{steps_of(run)}{extra}"
+        print(f"| {label} | {m['psnr']['uint8_truncated']:.2f} | {m['ssim']['uint8_truncated']:.4f} | {lp} | {col} "
+              f"| {usage} | {bits} | {steps} | {wt} | {hours} |")
+
+
+if __name__ == "__main__":
+    main()

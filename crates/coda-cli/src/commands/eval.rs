@@ -66,6 +66,11 @@ pub struct Args {
     /// Images shown in the report.
     #[arg(long, default_value_t = 6)]
     pub report_images: usize,
+    /// Also reconstruct solid --size x --size patches of 30 colours (the 3x3x3 grid of the RGB
+    /// cube, then green, purple and teal) and record the colour that comes back and its mean
+    /// absolute error per channel (0-255).
+    #[arg(long)]
+    pub colours: bool,
     /// Where to write the results (JSON, atomically).
     #[arg(long)]
     pub json: PathBuf,
@@ -320,6 +325,34 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 "inception_weights_hash": hash})
         }
     };
+    let colours = if args.colours {
+        let posterior = if args.sample {
+            Posterior::Sample(args.seed)
+        } else {
+            Posterior::Mean
+        };
+        let r = coda::evaluation::colour_probe(args.size, &device, |x| match &model {
+            Model::Tokenizer(t) => t.decode_latent(&t.encode_with(x, posterior)?.latent_hat),
+            Model::Vae(vae, _) => vae.decode(&posterior.latent(&vae.encode(x)?)?),
+        })?;
+        let mean_mae = r.iter().map(|c| c.mae).sum::<f64>() / r.len() as f64;
+        let worst = r
+            .iter()
+            .max_by(|a, b| a.mae.total_cmp(&b.mae))
+            .expect("30 colours");
+        println!(
+            "colours: mean abs error {mean_mae:.2}/255 over {} solid {}x{} patches, worst {:.2} at {:?} -> {:?}",
+            r.len(),
+            args.size,
+            args.size,
+            worst.mae,
+            worst.rgb,
+            worst.reconstructed.map(|v| v.round() as u8)
+        );
+        json!({"size": args.size, "mean_mae": mean_mae, "worst_mae": worst.mae, "patches": r})
+    } else {
+        serde_json::Value::Null
+    };
     let (model_json, codebook_json) = match &model {
         Model::Tokenizer(t) => {
             let r = codebook.as_ref().map(|c| c.report());
@@ -350,6 +383,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "codebook": codebook_json,
             "rfid": rfid,
             "lpips": lpips.as_ref().map(|(_, hash)| json!({"value": lpips_sum / count as f64, "weights_hash": hash})),
+            "colours": colours,
         },
         "protocol": {
             "psnr": "per image, 20 log10(R / sqrt(MSE)) over all pixels and channels, then the mean over images",
@@ -358,6 +392,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "float": "clamp((x+1)/2, 0, 1) as float, R = 1",
             "rfid": "pytorch-fid InceptionV3 (TF-FID graph), pool3 2048-d, bilinear resize to 299 (align_corners=False), inputs clamp((x+1)/2,0,1) as floats, unbiased covariance, Frechet distance in f64 via eigendecompositions; null without --inception",
             "lpips": "VGG16 v0.1 (lpips package / taming vgg_lpips), inputs in [-1,1], unclamped reconstructions clamped to [-1,1] first, mean over images; null without --lpips",
+            "colours": "solid size x size patches of the 27 colours {0,128,255}^3 and (40,160,60), (150,120,200), (20,120,110); mean absolute error per channel of the 8-bit reconstruction (0-255); null without --colours",
         },
         "images_per_second": count as f64 / secs,
         // The convolution arithmetic (--precision): bf16 modes give slightly different numbers.

@@ -94,6 +94,9 @@ pub fn run(role: Role, a: Args) -> anyhow::Result<()> {
     } else {
         TrainConfig::resolve(a.preset.as_deref(), a.config.as_deref(), &sets)?
     };
+    for d in cfg.recipe_departures() {
+        eprintln!("warning: {d}");
+    }
     let mut trainer = Trainer::new(role, cfg, a.resume)?;
     let pb = indicatif::ProgressBar::new(trainer.total_steps());
     pb.set_style(

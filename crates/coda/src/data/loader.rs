@@ -1,6 +1,7 @@
 //! Training batches: a deterministic sample order (a fresh permutation per epoch, drawn from
-//! the run seed), random crops after resizing the shorter side, an optional flip, decoding on
-//! several threads, and prefetching on a background thread so that the model is never starved.
+//! the run seed), random crops after resizing the shorter side (to a fixed side, or to a side
+//! drawn per sample), an optional flip, optional colour augmentation, decoding on several
+//! threads, and prefetching on a background thread so that the model is never starved.
 //!
 //! Everything about batch `i` is a function of (seed, i): a resumed run draws exactly the
 //! batches an uninterrupted run would have drawn. A corrupt image is skipped (the next image of
@@ -30,6 +31,14 @@ pub struct Augment {
     pub random_crop: bool,
     /// Random horizontal flip (the reference has none).
     pub flip: bool,
+    /// Random scale: the shorter side is drawn per sample, log-uniformly from
+    /// [`resize`, `resize_max`] (capped at the picture's own shorter side; never upsampled
+    /// beyond `resize`), and the crop is cut from the full picture and resized to `size`.
+    pub resize_max: Option<u32>,
+    /// Colour augmentation: a random permutation of the RGB channels and a random saturation
+    /// factor (log-uniform in [1/2, 2], clamped to [0, 255]), so that no hue or saturation is
+    /// rare in training whatever the palette of the pictures.
+    pub colour: bool,
 }
 
 /// Images resized to their shorter side, kept in memory while under a budget: small datasets
@@ -125,14 +134,17 @@ impl Sampler {
         perm[(pos % n) as usize]
     }
 
+    /// Image `i` as the crops are cut from it: resized to the fixed shorter side, or as decoded
+    /// when the scale is drawn per sample.
     fn resized(&self, i: usize) -> Result<Arc<RgbImage>> {
         if let Some(img) = self.cache.lock().expect("not poisoned").images.get(&i) {
             return Ok(img.clone());
         }
-        let img = Arc::new(resize_shorter(
-            &load_image(&self.paths[i])?,
-            self.aug.resize,
-        ));
+        let decoded = load_image(&self.paths[i])?;
+        let img = Arc::new(match self.aug.resize_max {
+            Some(_) => decoded,
+            None => resize_shorter(&decoded, self.aug.resize),
+        });
         let mut c = self.cache.lock().expect("not poisoned");
         let bytes = img.as_raw().len();
         if c.bytes + bytes <= c.budget {
@@ -162,9 +174,51 @@ impl Sampler {
     }
 
     fn crop(&self, img: &RgbImage, pos: u64) -> RgbImage {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(mix(self.seed ^ 0xC0DA, pos));
+        let mut out = match self.aug.resize_max {
+            Some(max) => self.scaled_crop(img, max, &mut rng),
+            None => self.fixed_crop(img, &mut rng),
+        };
+        if self.aug.flip && rng.gen_bool(0.5) {
+            image::imageops::flip_horizontal_in_place(&mut out);
+        }
+        if self.aug.colour {
+            colour_jitter(&mut out, &mut rng);
+        }
+        out
+    }
+
+    /// A crop of the picture at a shorter side drawn log-uniformly from [resize, max]: the crop
+    /// is cut at full resolution (its side is size · shorter / side) and resized to `size`,
+    /// which costs a resize of the crop only.
+    fn scaled_crop(&self, img: &RgbImage, max: u32, rng: &mut impl Rng) -> RgbImage {
         let s = self.aug.size;
         let (w, h) = img.dimensions();
-        let mut rng = rand::rngs::StdRng::seed_from_u64(mix(self.seed ^ 0xC0DA, pos));
+        let short = w.min(h);
+        let lo = self.aug.resize.min(short) as f64;
+        let hi = (max.min(short) as f64).max(lo);
+        let side = if self.aug.random_crop {
+            (lo.ln() + rng.gen::<f64>() * (hi.ln() - lo.ln())).exp()
+        } else {
+            lo
+        };
+        let c = ((s as f64 * short as f64 / side).round() as u32).clamp(1, short);
+        let (left, top) = if self.aug.random_crop {
+            (rng.gen_range(0..=w - c), rng.gen_range(0..=h - c))
+        } else {
+            ((w - c) / 2, (h - c) / 2)
+        };
+        let cut = image::imageops::crop_imm(img, left, top, c, c).to_image();
+        if c == s {
+            cut
+        } else {
+            image::imageops::resize(&cut, s, s, FilterType::Lanczos3)
+        }
+    }
+
+    fn fixed_crop(&self, img: &RgbImage, rng: &mut impl Rng) -> RgbImage {
+        let s = self.aug.size;
+        let (w, h) = img.dimensions();
         let (left, top) = if self.aug.random_crop {
             (rng.gen_range(0..=w - s), rng.gen_range(0..=h - s))
         } else {
@@ -173,11 +227,7 @@ impl Sampler {
                 ((h - s) as f64 / 2.0).round_ties_even() as u32,
             )
         };
-        let mut out = image::imageops::crop_imm(img, left, top, s, s).to_image();
-        if self.aug.flip && rng.gen_bool(0.5) {
-            image::imageops::flip_horizontal_in_place(&mut out);
-        }
-        out
+        image::imageops::crop_imm(img, left, top, s, s).to_image()
     }
 
     /// Batch `index` of `batch` samples (stream positions index·batch ..), decoded in parallel.
@@ -201,6 +251,31 @@ impl Sampler {
             batch,
             size: s,
         })
+    }
+}
+
+/// A random permutation of the channels (each of the six equally likely) and a saturation
+/// factor f, log-uniform in [1/2, 2]: each pixel becomes grey + f · (pixel − grey), with grey
+/// its Rec. 601 luma, rounded and clamped to [0, 255].
+pub fn colour_jitter(img: &mut RgbImage, rng: &mut impl Rng) {
+    const PERMS: [[usize; 3]; 6] = [
+        [0, 1, 2],
+        [0, 2, 1],
+        [1, 0, 2],
+        [1, 2, 0],
+        [2, 0, 1],
+        [2, 1, 0],
+    ];
+    let perm = PERMS[rng.gen_range(0..6)];
+    let f = (rng.gen::<f32>() * 2.0 - 1.0)
+        .mul_add(std::f32::consts::LN_2, 0.0)
+        .exp();
+    for px in img.pixels_mut() {
+        let v = [px[perm[0]], px[perm[1]], px[perm[2]]].map(f32::from);
+        let grey = 0.299 * v[0] + 0.587 * v[1] + 0.114 * v[2];
+        for c in 0..3 {
+            px[c] = (grey + f * (v[c] - grey)).round().clamp(0.0, 255.0) as u8;
+        }
     }
 }
 
@@ -250,6 +325,8 @@ mod tests {
             resize: 20,
             random_crop: true,
             flip: true,
+            resize_max: None,
+            colour: false,
         }
     }
 
@@ -267,6 +344,48 @@ mod tests {
         let mut seen: Vec<usize> = (0..5).map(|p| a.index_at(5 + p)).collect();
         seen.sort();
         assert_eq!(seen, vec![0, 1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn random_scale_and_colour_are_deterministic_and_vary() {
+        let (_d, paths) = folder(3);
+        let a = Augment {
+            resize_max: Some(36),
+            colour: true,
+            ..aug()
+        };
+        let s1 = Sampler::new(paths.clone(), a.clone(), 3, 0).unwrap();
+        let s2 = Sampler::new(paths, a, 3, 64).unwrap();
+        let batches: Vec<Vec<f32>> = (0..6).map(|i| s1.batch(i, 2).unwrap().data).collect();
+        for (i, b) in batches.iter().enumerate() {
+            assert_eq!(b.len(), 2 * 3 * 16 * 16);
+            assert_eq!(*b, s2.batch(i as u64, 2).unwrap().data, "batch {i}");
+        }
+        // Different draws give different crops.
+        assert_ne!(batches[0], batches[1]);
+    }
+
+    #[test]
+    fn colour_jitter_permutes_channels_and_keeps_grey() {
+        let mut seen = BTreeSet::new();
+        for seed in 0..64u64 {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            // A grey pixel has no saturation to scale and no channel order to permute.
+            let mut img = RgbImage::from_fn(2, 1, |x, _| {
+                if x == 0 {
+                    image::Rgb([90, 90, 90])
+                } else {
+                    image::Rgb([10, 120, 250])
+                }
+            });
+            colour_jitter(&mut img, &mut rng);
+            assert_eq!(img.get_pixel(0, 0).0, [90, 90, 90]);
+            let p = img.get_pixel(1, 0).0;
+            // Which channel holds the largest value tells the permutation.
+            let argmax = (0..3).max_by_key(|&c| p[c]).unwrap();
+            seen.insert(argmax);
+        }
+        assert_eq!(seen.len(), 3, "every channel order occurs");
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! codebook statistics.
 
 pub mod codebook;
+pub mod colour;
 pub mod frechet;
 pub mod inception;
 pub mod lpips;
@@ -11,6 +12,7 @@ pub mod report;
 pub mod ssim;
 
 pub use codebook::{CodebookReport, CodebookStats};
+pub use colour::{colour_probe, probe_colours, ColourResult};
 pub use frechet::{frechet_distance, GaussianStats};
 pub use protocol::{psnr_ssim, Protocol};
 pub use psnr::psnr_u8;

@@ -40,6 +40,9 @@ pub struct ModelSpec {
     pub latent_channels: usize,
     pub mid_attention: bool,
     pub norm_groups: usize,
+    /// GroupNorm epsilon (LDM / diffusers: 1e-6). A large value (e.g. 1) keeps the magnitude of
+    /// low-variance features, such as the colour of a flat region, instead of rescaling it away.
+    pub norm_eps: f64,
     /// Codebook size of `train-vq`.
     pub codebook_size: usize,
     /// `nearest` or `nearest_l2` (l2-normalised codes and features).
@@ -59,6 +62,7 @@ impl Default for ModelSpec {
             latent_channels: 8,
             mid_attention: false,
             norm_groups: 8,
+            norm_eps: 1e-6,
             codebook_size: 1024,
             quantizer: QuantizerKind::Nearest,
             beta: 0.25,
@@ -70,6 +74,8 @@ impl Default for ModelSpec {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrainConfig {
+    /// The preset the run was resolved from (set by `resolve`, saved with the run).
+    pub preset: Option<String>,
     /// `adapt`: the starting tokenizer folder (`coda tokenizer new`).
     pub tokenizer: Option<PathBuf>,
     /// Training images: a folder (searched recursively, ImageFolder or flat).
@@ -84,6 +90,11 @@ pub struct TrainConfig {
     /// Shorter side after resizing, before cropping; default round(1.125 · size) as the reference.
     pub resize: Option<u32>,
     pub flip: bool,
+    /// Random scale: the shorter side drawn per sample, log-uniformly in [resize, resize_max]
+    /// (the crop cut from the full picture); unset: every picture at the fixed `resize`.
+    pub resize_max: Option<u32>,
+    /// Colour augmentation (random channel permutation and saturation factor in [1/2, 2]).
+    pub colour_aug: bool,
     /// Decoded, resized images kept in memory (MiB).
     pub cache_mb: usize,
     /// Batches decoded ahead of the model.
@@ -108,6 +119,9 @@ pub struct TrainConfig {
 
     pub l1_weight: f64,
     pub mse_weight: f64,
+    /// Extra weight on the chroma part of the squared error (`losses::chroma_mse`); 0 in the
+    /// paper's recipe.
+    pub chroma_weight: f64,
     /// LPIPS (VGG16) weight; used when `lpips` names converted weights
     /// (scripts/convert_lpips.py), otherwise the term is off and the log says so.
     pub lpips_weight: f64,
@@ -155,6 +169,7 @@ impl Default for TrainConfig {
     /// The paper's recipe (coda-method.md §6-10), without a discriminator and at 256 px.
     fn default() -> Self {
         Self {
+            preset: None,
             tokenizer: None,
             data: None,
             val: None,
@@ -162,6 +177,8 @@ impl Default for TrainConfig {
             size: 256,
             resize: None,
             flip: false,
+            resize_max: None,
+            colour_aug: false,
             cache_mb: 2048,
             prefetch: 2,
             batch: 16,
@@ -179,6 +196,7 @@ impl Default for TrainConfig {
             clip_disc: 10.0,
             l1_weight: 0.2,
             mse_weight: 1.0,
+            chroma_weight: 0.0,
             lpips_weight: 1.0,
             lpips: None,
             vq_weight: 1.0,
@@ -208,6 +226,10 @@ impl Default for TrainConfig {
 }
 
 pub const PRESETS: [&str; 3] = ["tiny-cpu", "mar-16384", "flux-65536"];
+
+/// The presets that claim the official recipe (coda-method.md §10): they refuse to start with a
+/// loss term silently missing, and report every departure from the recipe.
+pub const PAPER_PRESETS: [&str; 2] = ["mar-16384", "flux-65536"];
 
 /// A preset as TOML keys over the defaults.
 pub fn preset(name: &str) -> Result<toml::Table> {
@@ -337,6 +359,7 @@ impl TrainConfig {
             .map_err(|e| Error::Invalid(format!("cannot represent the defaults: {e}")))?;
         if let Some(p) = preset_name {
             merge(&mut table, preset(p)?);
+            table.insert("preset".into(), toml::Value::String(p.into()));
         }
         if let Some(f) = file {
             let text = std::fs::read_to_string(f).map_err(|e| Error::io(f, e))?;
@@ -393,7 +416,52 @@ impl TrainConfig {
         if self.steps.is_none() && self.epochs.is_none() {
             return bad("give steps or epochs".into());
         }
+        if self.follows_paper() && self.lpips_weight > 0.0 && self.lpips.is_none() {
+            return bad(format!(
+                "preset {} is the paper's recipe, which trains with LPIPS at weight {}: give the \
+                 converted VGG weights (--set lpips=PATH, see scripts/convert_lpips.py), or \
+                 --set lpips_weight=0 to train without it (then the recipe is not the paper's)",
+                self.preset.as_deref().unwrap_or_default(),
+                self.lpips_weight
+            ));
+        }
         Ok(())
+    }
+
+    fn follows_paper(&self) -> bool {
+        self.preset
+            .as_deref()
+            .is_some_and(|p| PAPER_PRESETS.contains(&p))
+    }
+
+    /// Where a run from a paper preset departs from the official recipe (the loss terms and the
+    /// discriminator), one sentence each; empty for other runs. Callers print them as warnings.
+    pub fn recipe_departures(&self) -> Vec<String> {
+        if !self.follows_paper() {
+            return Vec::new();
+        }
+        let p = self.preset.as_deref().unwrap_or_default();
+        let mut out = Vec::new();
+        if self.lpips_weight != 1.0 {
+            out.push(format!(
+                "LPIPS weight {} (the paper's recipe, preset {p}: 1): not the paper's recipe",
+                self.lpips_weight
+            ));
+        }
+        if self.disc != Discriminator::Dino {
+            out.push(format!(
+                "discriminator {:?} (the paper's recipe, preset {p}: the DINO discriminator): \
+                 not the paper's recipe",
+                self.disc
+            ));
+        }
+        if self.disc_weight != 1.0 && self.disc != Discriminator::None {
+            out.push(format!(
+                "discriminator weight {} (the paper's recipe: 1): not the paper's recipe",
+                self.disc_weight
+            ));
+        }
+        out
     }
 
     /// Shorter side before cropping.
@@ -421,11 +489,12 @@ mod tests {
 
     #[test]
     fn presets_files_and_overrides_compose() {
+        let lpips = ["lpips=vgg.safetensors".to_string()];
         for p in PRESETS {
-            let c = TrainConfig::resolve(Some(p), None, &[]).unwrap();
+            let c = TrainConfig::resolve(Some(p), None, &lpips).unwrap();
             assert!(c.steps.is_some() || c.epochs.is_some(), "{p}");
         }
-        let c = TrainConfig::resolve(Some("mar-16384"), None, &[]).unwrap();
+        let c = TrainConfig::resolve(Some("mar-16384"), None, &lpips).unwrap();
         assert_eq!((c.batch, c.accum, c.lr, c.betas), (16, 4, 5e-4, [0.5, 0.9]));
         assert_eq!(c.weight_decay, 0.005);
         // ImageNet-1k on one process: floor(1281167 / 64) = 20018 updates per epoch.
@@ -453,5 +522,46 @@ mod tests {
         // Unknown keys are errors, not silently ignored.
         let e = TrainConfig::resolve(None, None, &["stepz=3".into()]).unwrap_err();
         assert!(e.to_string().contains("stepz"), "{e}");
+    }
+
+    #[test]
+    fn paper_presets_refuse_a_silently_missing_lpips_and_name_departures() {
+        let weights = [
+            "lpips=/w/vgg.safetensors".to_string(),
+            "dino=/w/dino.pth".to_string(),
+        ];
+        for p in PAPER_PRESETS {
+            // No LPIPS weights: refused, naming the way out.
+            let e = TrainConfig::resolve(Some(p), None, &[])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("lpips_weight=0") && e.contains(p), "{e}");
+            // The full recipe: no departures, and the preset is saved with the run.
+            let c = TrainConfig::resolve(Some(p), None, &weights).unwrap();
+            assert_eq!(c.preset.as_deref(), Some(p));
+            assert!(
+                c.recipe_departures().is_empty(),
+                "{:?}",
+                c.recipe_departures()
+            );
+            let saved = TrainConfig::from_table(toml::Table::try_from(&c).unwrap(), Path::new("x"));
+            assert_eq!(saved.unwrap(), c);
+            // Explicitly without LPIPS and without the discriminator: allowed, and both named.
+            let c = TrainConfig::resolve(
+                Some(p),
+                None,
+                &["lpips_weight=0".into(), "disc=none".into()],
+            )
+            .unwrap();
+            let d = c.recipe_departures();
+            assert_eq!(d.len(), 2, "{d:?}");
+            assert!(
+                d[0].contains("LPIPS") && d[1].contains("discriminator"),
+                "{d:?}"
+            );
+        }
+        // tiny-cpu makes no claim to the recipe.
+        let c = TrainConfig::resolve(Some("tiny-cpu"), None, &[]).unwrap();
+        assert!(c.recipe_departures().is_empty());
     }
 }

@@ -1,13 +1,16 @@
 //! Exponential moving average of the trained weights (coda-method.md §9): decay
-//! `min(0.9999, (g//2 + 1) / (g//2 + 10))` after g updates, a plain copy before the start step.
-//! Evaluation and export use the EMA weights.
+//! `min(0.9999, (g//2 + 1) / (g//2 + 10))` where g is the number of updates done *before* the
+//! current one (the official `train_scripts/train_mar.py` passes `global_step`, which it
+//! increments after the EMA call), a plain copy before the start step. Evaluation and export use
+//! the EMA weights.
 
 use candle_core::{Result, Tensor};
 
 use super::optim::Param;
 
-pub fn ema_decay(updates: u64) -> f64 {
-    let h = (updates / 2) as f64;
+/// The decay of the EMA update that follows `done` earlier updates.
+pub fn ema_decay(done: u64) -> f64 {
+    let h = (done / 2) as f64;
     ((h + 1.0) / (h + 10.0)).min(0.9999)
 }
 
@@ -26,10 +29,10 @@ impl Ema {
         })
     }
 
-    /// After `updates` optimizer updates: copy the weights while `copy` is set (before the start
-    /// step), else blend them in with the decay rule.
-    pub fn update(&mut self, params: &[Param], updates: u64, copy: bool) -> Result<()> {
-        let d = ema_decay(updates);
+    /// After an optimizer update that followed `done` earlier ones: copy the weights while
+    /// `copy` is set (before the start step), else blend them in with the decay rule.
+    pub fn update(&mut self, params: &[Param], done: u64, copy: bool) -> Result<()> {
+        let d = ema_decay(done);
         for ((_, e), p) in self.weights.iter_mut().zip(params) {
             let w = p.var.as_tensor().detach();
             *e = if copy {

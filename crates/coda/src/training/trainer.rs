@@ -202,6 +202,7 @@ pub fn initial_model(
             vae.num_res_blocks = m.res_blocks;
             vae.mid_attention = m.mid_attention;
             vae.norm_groups = m.norm_groups;
+            vae.norm_eps = m.norm_eps;
             vae.validate(Path::new("[model]"))?;
             let mut quantizer = QuantizerConfig::new(m.codebook_size, m.latent_channels);
             quantizer.kind = m.quantizer;
@@ -255,6 +256,8 @@ impl Trainer {
             resize: cfg.resize_side(),
             random_crop: true,
             flip: cfg.flip,
+            resize_max: cfg.resize_max,
+            colour: cfg.colour_aug,
         };
         let sampler = Arc::new(Sampler::new(paths.clone(), aug, cfg.seed, cfg.cache_mb)?);
         let total = cfg.total_steps(sampler.len());
@@ -431,6 +434,15 @@ impl Trainer {
             .map(|p| p.var.as_tensor().clone())
     }
 
+    /// EMA weights of a trained parameter (None without EMA).
+    pub fn ema_param(&self, name: &str) -> Option<Tensor> {
+        let e = self.ema.as_ref()?;
+        e.weights
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, t)| t.clone())
+    }
+
     pub fn param_names(&self) -> Vec<String> {
         self.opt.params.iter().map(|p| p.name.clone()).collect()
     }
@@ -570,6 +582,10 @@ impl Trainer {
             let l1 = losses::l1(&x, &fwd.recon)?;
             let mse = losses::mse(&x, &fwd.recon)?;
             let mut nll = ((&l1 * self.cfg.l1_weight)? + (&mse * self.cfg.mse_weight)?)?;
+            if self.cfg.chroma_weight > 0.0 {
+                let c = losses::chroma_mse(&x, &fwd.recon)?;
+                nll = (nll + (c * self.cfg.chroma_weight)?)?;
+            }
             log.l1 += scalar(&l1)? / k;
             log.mse += scalar(&mse)? / k;
             if let Some(lp) = &self.lpips {
@@ -664,7 +680,9 @@ impl Trainer {
         self.opt.step(&grads, factor)?;
         if let Some(e) = &mut self.ema {
             let copy = (step as f64) < self.cfg.ema_start * self.total as f64;
-            e.update(&self.opt.params, self.opt.t, copy)?;
+            // The official rule counts the updates before this one (`global_step` is
+            // incremented after the EMA call); `opt.t` already includes this update.
+            e.update(&self.opt.params, self.opt.t - 1, copy)?;
         }
         if gan_on {
             self.disc

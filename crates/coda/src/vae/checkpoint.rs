@@ -187,6 +187,10 @@ struct DiffusersVaeConfig {
     latent_channels: usize,
     #[serde(default = "thirty_two")]
     norm_num_groups: usize,
+    /// Not a diffusers key (diffusers' AutoencoderKL uses 1e-6): written by coda-rs for VAEs it
+    /// trained with another GroupNorm eps, so that they load back exactly.
+    #[serde(default = "diffusers_norm_eps")]
+    norm_eps: f64,
     #[serde(default = "sd_scale")]
     scaling_factor: f64,
     #[serde(default)]
@@ -208,6 +212,10 @@ fn one() -> usize {
 fn four() -> usize {
     4
 }
+fn diffusers_norm_eps() -> f64 {
+    1e-6
+}
+
 fn thirty_two() -> usize {
     32
 }
@@ -275,7 +283,7 @@ pub fn parse_diffusers_config(path: &Path) -> Result<VaeConfig> {
         quant_conv: c.use_quant_conv,
         post_quant_conv: c.use_post_quant_conv,
         norm_groups: c.norm_num_groups,
-        norm_eps: 1e-6,
+        norm_eps: c.norm_eps,
         scaling_factor: c.scaling_factor,
         shift_factor: c.shift_factor.unwrap_or(0.0),
     })

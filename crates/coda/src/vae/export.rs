@@ -34,7 +34,7 @@ pub fn diffusers_config(cfg: &VaeConfig, sample_size: usize) -> serde_json::Valu
         .rev()
         .map(|&a| kind(a, "UpDecoderBlock2D"))
         .collect();
-    serde_json::json!({
+    let mut config = serde_json::json!({
         "_class_name": "AutoencoderKL",
         "in_channels": cfg.in_channels,
         "out_channels": cfg.out_channels,
@@ -51,7 +51,12 @@ pub fn diffusers_config(cfg: &VaeConfig, sample_size: usize) -> serde_json::Valu
         "use_quant_conv": cfg.quant_conv,
         "use_post_quant_conv": cfg.post_quant_conv,
         "mid_block_add_attention": cfg.mid_attention,
-    })
+    });
+    if cfg.norm_eps != 1e-6 {
+        // diffusers hard-codes 1e-6 and ignores this key: only coda-rs reads it back.
+        config["norm_eps"] = serde_json::json!(cfg.norm_eps);
+    }
+    config
 }
 
 /// Write `tensors` (LDM names, as the runtime uses them) as a diffusers folder, atomically file
