@@ -152,3 +152,55 @@ fn training_keys_are_ignored_and_reported() {
         vec!["loss.discriminator.main.0.weight".to_string()]
     );
 }
+
+/// Issue #15: tokenizer settings that used to panic are refused when the config is read, naming
+/// the setting (the config is checked before any weight is read, so no weights are needed here).
+#[test]
+fn impossible_tokenizer_configs_are_refused() {
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../assets/tokenizer/config.json"),
+    )
+    .unwrap();
+    let base: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let cases: Vec<(&str, serde_json::Value, &str)> = vec![
+        (
+            "/scales",
+            serde_json::json!({"derived": {"num_scales": 0}}),
+            "num_scales",
+        ),
+        (
+            "/scales",
+            serde_json::json!({"fixed": {"sizes": []}}),
+            "scales",
+        ),
+        (
+            "/scales",
+            serde_json::json!({"fixed": {"sizes": [1, 4, 2]}}),
+            "increasing",
+        ),
+        ("/resolution", serde_json::json!(0), "resolution 0"),
+        ("/resolution", serde_json::json!(6), "multiple"),
+        (
+            "/quantizer/codebook_size",
+            serde_json::json!(0),
+            "codebook_size",
+        ),
+    ];
+    for (pointer, value, expect) in cases {
+        let mut cfg = base.clone();
+        *cfg.pointer_mut(pointer).unwrap() = value.clone();
+        let err = coda::tokenizer::Tokenizer::from_bytes(
+            &cfg.to_string(),
+            &[],
+            Path::new("edited/config.json"),
+            &Device::Cpu,
+        )
+        .err()
+        .unwrap_or_else(|| panic!("{pointer} = {value} was accepted"))
+        .to_string();
+        assert!(
+            err.contains(expect) && err.contains("edited/config.json"),
+            "{pointer} = {value}: {err}"
+        );
+    }
+}

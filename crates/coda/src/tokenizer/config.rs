@@ -22,6 +22,53 @@ pub struct TokenizerConfig {
 }
 
 impl TokenizerConfig {
+    /// Refuse what the runtime cannot run (instead of panicking later): no scales, an empty or
+    /// non-increasing fixed list, an empty codebook, a training resolution that is zero or not a
+    /// multiple of the VAE's downsampling factor, and an inconsistent VAE.
+    pub fn validate(&self, origin: &std::path::Path) -> crate::Result<()> {
+        let bad = |reason: String| {
+            Err(crate::Error::Config {
+                path: origin.to_path_buf(),
+                reason,
+            })
+        };
+        self.vae.validate(origin)?;
+        match &self.scales {
+            ScaleSpec::Derived { num_scales: 0 } => {
+                return bad("scales: num_scales must be at least 1".into())
+            }
+            ScaleSpec::Fixed { sizes } => {
+                let list = sizes
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect::<Vec<_>>()
+                    .join(",");
+                if let Err(e) = crate::quantizer::scales::parse_list(&list) {
+                    return bad(format!("scales: {e}"));
+                }
+            }
+            ScaleSpec::Derived { .. } => {}
+        }
+        if self.quantizer.codebook_size == 0 {
+            return bad("quantizer.codebook_size must be at least 1".into());
+        }
+        if self.quantizer.dim != self.vae.latent_channels {
+            return bad(format!(
+                "quantizer.dim {} != the VAE's latent_channels {}",
+                self.quantizer.dim, self.vae.latent_channels
+            ));
+        }
+        if let Some(r) = self.resolution {
+            let f = self.vae.downsample_factor();
+            if r == 0 || !r.is_multiple_of(f) {
+                return bad(format!(
+                    "resolution {r} must be a positive multiple of the VAE's downsampling factor {f}"
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Every tensor `model.safetensors` must hold: VAE (canonical names), LoRA, and the quantizer
     /// under `quantizer.`.
     pub fn parameter_shapes(&self) -> Vec<(String, Vec<usize>)> {

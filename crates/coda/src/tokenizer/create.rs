@@ -42,5 +42,6 @@ pub fn new_tokenizer(
         lora,
         resolution,
     };
+    config.validate(std::path::Path::new("the new tokenizer's settings"))?;
     Ok((config, tensors))
 }

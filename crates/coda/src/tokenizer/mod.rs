@@ -100,6 +100,7 @@ fn parse_config(text: &str, origin: &Path) -> Result<TokenizerConfig> {
             ),
         });
     }
+    config.validate(origin)?;
     Ok(config)
 }
 

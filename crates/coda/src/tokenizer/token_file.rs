@@ -96,6 +96,11 @@ pub fn read(path: &Path, device: &Device) -> Result<(Tokens, TokenFileMeta)> {
     let scales: Vec<[usize; 2]> = serde_json::from_str(&get("scales")?)
         .map_err(|e| bad(format!("bad 'scales' metadata: {e}")))?;
     let scales: Vec<(usize, usize)> = scales.into_iter().map(|[h, w]| (h, w)).collect();
+    if scales.is_empty() || scales.iter().any(|&(h, w)| h == 0 || w == 0) {
+        return Err(bad(format!(
+            "'scales' metadata {scales:?}: at least one scale, each at least 1x1"
+        )));
+    }
     let meta = TokenFileMeta {
         codebook_size: get("codebook_size")?
             .parse()
@@ -131,6 +136,9 @@ pub fn read(path: &Path, device: &Device) -> Result<(Tokens, TokenFileMeta)> {
     };
     let (flat_shape, flat) = load("tokens")?;
     let n = flat_shape.first().copied().unwrap_or(0);
+    if n == 0 {
+        return Err(bad("the file holds no images (zero rows)".into()));
+    }
     let l: usize = scales.iter().map(|(h, w)| h * w).sum();
     if flat_shape != [n, l] {
         return Err(bad(format!(
@@ -246,5 +254,32 @@ mod tests {
             err.contains("scale_1") && err.contains("[2, 3, 2]"),
             "{err}"
         );
+    }
+
+    /// Issue #15: empty scales metadata and a file with zero rows were panics in `coda decode`.
+    #[test]
+    fn empty_scales_and_zero_rows_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t.safetensors");
+        let with = |scales: &str, rows: usize| {
+            let data = vec![0u8; rows * 2];
+            let views = vec![(
+                "tokens".to_string(),
+                TensorView::new(Dtype::U16, vec![rows, 1], &data).unwrap(),
+            )];
+            let md = HashMap::from([
+                ("scales".to_string(), scales.to_string()),
+                ("codebook_size".to_string(), "10".to_string()),
+                ("tokenizer_hash".to_string(), "abc".to_string()),
+            ]);
+            std::fs::write(&p, safetensors::tensor::serialize(views, Some(md)).unwrap()).unwrap();
+            read(&p, &Device::Cpu).unwrap_err().to_string()
+        };
+        let e = with("[]", 1);
+        assert!(e.contains("at least one scale"), "{e}");
+        let e = with("[[0,1]]", 1);
+        assert!(e.contains("at least 1x1"), "{e}");
+        let e = with("[[1,1]]", 0);
+        assert!(e.contains("zero rows"), "{e}");
     }
 }
