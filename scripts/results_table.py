@@ -11,7 +11,8 @@ runs = sys.argv[1] if len(sys.argv) > 1 else "runs"
 rows = [
     ("Continuous KL-VAE (parent)", "vae"),
     ("CODA before adaptation (random codebook, LoRA = identity)", "start"),
-    ("CODA (adapted, 1x)", "coda"),
+    ("CODA (adapted, 1x: 600 updates at 64 px)", "coda"),
+    ("CODA, then 150 updates at 128 px (the default tokenizer)", "coda-128"),
     ("VQ from scratch, 1x", "vq-1x"),
     ("VQ from scratch, 6x", "vq-6x"),
     ("Multi-scale VQ from scratch, 1x", "msvq"),
@@ -40,10 +41,6 @@ def wall_seconds():
 
 def main():
     wall = wall_seconds()
-    train_usage = None
-    p = os.path.join(runs, "eval", "coda-train.json")
-    if os.path.exists(p):
-        train_usage = json.load(open(p))["metrics"]["codebook"]["usage_all"]
     print("| model | PSNR (dB) | SSIM | LPIPS | colour error (mean / worst, /255) | codebook usage, val (train) "
           "| tokens / bits per image | updates | wall time | CPU-hours |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -55,8 +52,9 @@ def main():
         m = r["metrics"]
         cb = m.get("codebook")
         usage = f"{cb['usage_all']:.1f}%" if cb else "-"
-        if run == "coda" and train_usage is not None:
-            usage += f" ({train_usage:.1f}%)"
+        tp = os.path.join(runs, "eval", f"{run}-train.json")
+        if cb and os.path.exists(tp):
+            usage += f" ({json.load(open(tp))['metrics']['codebook']['usage_all']:.1f}%)"
         model = r["model"]
         bits = (f"{model['tokens_per_image']} / {model['bits_per_image']:.0f}"
                 if model["kind"] == "tokenizer" else "continuous")
@@ -67,7 +65,7 @@ def main():
         if run == "start":
             steps, wt, hours = "0", "0", "0"
         else:
-            extra = " + parent" if run.startswith("coda") else ""
+            extra = {"coda": " + parent", "coda-128": " + 1x + parent"}.get(run, "")
             sec = wall.get(run)
             wt = f"{sec / 60:.0f} min{extra}" if sec else "?"
             hours = f"{2 * sec / 3600:.2f}{extra}" if sec else "?"
