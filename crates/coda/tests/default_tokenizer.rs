@@ -47,6 +47,9 @@ fn solid_colours_come_back_within_8_of_255() {
             bad.is_empty(),
             "{size} px: colours off by more than 24/255: {bad:?}"
         );
-        assert!(mean <= 12.0, "{size} px: mean colour error {mean:.2}/255 above 12");
+        assert!(
+            mean <= 12.0,
+            "{size} px: mean colour error {mean:.2}/255 above 12"
+        );
     }
 }
