@@ -267,9 +267,7 @@ pub fn colour_jitter(img: &mut RgbImage, rng: &mut impl Rng) {
         [2, 1, 0],
     ];
     let perm = PERMS[rng.gen_range(0..6)];
-    let f = (rng.gen::<f32>() * 2.0 - 1.0)
-        .mul_add(std::f32::consts::LN_2, 0.0)
-        .exp();
+    let f = ((rng.gen::<f32>() * 2.0 - 1.0) * std::f32::consts::LN_2).exp();
     for px in img.pixels_mut() {
         let v = [px[perm[0]], px[perm[1]], px[perm[2]]].map(f32::from);
         let grey = 0.299 * v[0] + 0.587 * v[1] + 0.114 * v[2];
