@@ -95,12 +95,18 @@ pub fn parse_list(s: &str) -> Result<Vec<usize>, String> {
                 .map_err(|e| format!("bad scale '{t}': {e}"))
         })
         .collect::<Result<_, _>>()?;
+    check_list(&v)?;
+    Ok(v)
+}
+
+/// A fixed list must be non-empty, positive and strictly increasing.
+pub fn check_list(v: &[usize]) -> Result<(), String> {
     if v.is_empty() || v[0] == 0 || v.windows(2).any(|w| w[1] <= w[0]) {
         return Err(format!(
             "scales must be positive and strictly increasing, got {v:?}"
         ));
     }
-    Ok(v)
+    Ok(())
 }
 
 #[cfg(test)]

@@ -38,12 +38,7 @@ impl TokenizerConfig {
                 return bad("scales: num_scales must be at least 1".into())
             }
             ScaleSpec::Fixed { sizes } => {
-                let list = sizes
-                    .iter()
-                    .map(|s| s.to_string())
-                    .collect::<Vec<_>>()
-                    .join(",");
-                if let Err(e) = crate::quantizer::scales::parse_list(&list) {
+                if let Err(e) = crate::quantizer::scales::check_list(sizes) {
                     return bad(format!("scales: {e}"));
                 }
             }
