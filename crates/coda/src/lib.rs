@@ -33,3 +33,5 @@ pub mod training;
 pub mod vae;
 
 pub use error::{Error, Result};
+pub use kernels::{with_precision, Precision};
+pub use tokenizer::{EncodeOptions, Tokenizer};

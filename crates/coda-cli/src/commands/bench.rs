@@ -8,9 +8,9 @@ use std::time::Instant;
 
 use candle_core::{DType, Tensor};
 use coda::data;
-use coda::kernels::{self, Precision};
 use coda::tokenizer::Tokenizer;
 use coda::vae::VaeWeights;
+use coda::Precision;
 use serde_json::json;
 
 use super::VaeArgs;
@@ -67,18 +67,6 @@ pub fn peak_rss_mib() -> f64 {
         .unwrap_or(0.0)
 }
 
-/// Time `f` in `precision` (restoring the process setting afterwards).
-fn in_precision<T>(
-    precision: Precision,
-    f: impl FnOnce() -> anyhow::Result<T>,
-) -> anyhow::Result<T> {
-    let before = kernels::precision();
-    kernels::set_precision(precision)?;
-    let r = f();
-    kernels::set_precision(before)?;
-    r
-}
-
 /// PSNR in dB of two images on the [-1, 1] scale, after clamping, as [0, 1] images.
 fn psnr(a: &Tensor, b: &Tensor) -> anyhow::Result<f64> {
     let a = ((a.clamp(-1f32, 1f32)? + 1.0)? * 0.5)?;
@@ -89,8 +77,8 @@ fn psnr(a: &Tensor, b: &Tensor) -> anyhow::Result<f64> {
 
 fn run_tokenizer(args: &Args, dir: &std::path::Path) -> anyhow::Result<Vec<String>> {
     let device = super::device()?;
-    let tok = Tokenizer::from_dir(dir, &device)?;
     let precision = args.precision.precision;
+    let tok = Tokenizer::from_dir(dir, &device)?.with_precision(precision)?;
     let vae = tok.vae();
     let f = tok.config().vae.downsample_factor();
     let mut lines = Vec::new();
@@ -103,11 +91,9 @@ fn run_tokenizer(args: &Args, dir: &std::path::Path) -> anyhow::Result<Vec<Strin
             None => Tensor::rand(-1f32, 1f32, (b, 3, args.size, args.size), &device)?,
         };
         // Reference tokens and images in f32; the stages below run in --precision.
-        let (enc, reference) = in_precision(Precision::F32, || {
-            let enc = tok.encode_with(&x, coda::tokenizer::Posterior::Mean)?;
-            let img = tok.decode(&enc.tokens)?;
-            Ok((enc, img))
-        })?;
+        let f32 = Some(Precision::F32);
+        let enc = tok.encode_in(&x, coda::tokenizer::Posterior::Mean, f32)?;
+        let reference = tok.decode_in(&enc.tokens, enc.tokens.scales.len(), f32)?;
         let tables = tok.quantizer().tables()?;
         let scales = enc.tokens.scales.clone();
         let z = vae.denormalize(&enc.latent_hat)?;
@@ -160,7 +146,11 @@ fn run_tokenizer(args: &Args, dir: &std::path::Path) -> anyhow::Result<Vec<Strin
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    args.precision.apply()?;
+    let precision = args.precision.checked()?;
+    coda::with_precision(precision, || run_in_precision(args))
+}
+
+fn run_in_precision(args: Args) -> anyhow::Result<()> {
     if let Some(dir) = args.tokenizer.clone() {
         let lines = run_tokenizer(&args, &dir)?;
         if let Some(p) = &args.json {

@@ -28,30 +28,16 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    args.precision.apply()?;
+    let precision = args.precision.checked()?;
     let device = super::device()?;
     let (tok, _) = super::tokenizer_or_default(args.tokenizer.as_deref(), &device)?;
+    let tok = tok.with_precision(precision)?;
     let (tokens, meta) = token_file::read(&args.tokens, &device)?;
-    anyhow::ensure!(
-        meta.codebook_size == tok.codebook_size(),
-        "{}: tokens for a codebook of {} codes, the tokenizer has {}",
-        args.tokens.display(),
-        meta.codebook_size,
-        tok.codebook_size()
-    );
-    if meta.tokenizer_hash != tok.hash() {
-        anyhow::ensure!(
-            args.force,
-            "{} was written by tokenizer {}, not {} (this one); --force decodes anyway",
-            args.tokens.display(),
-            meta.tokenizer_hash,
-            tok.hash()
-        );
-        eprintln!(
-            "warning: decoding tokens of tokenizer {} with {}",
-            meta.tokenizer_hash,
-            tok.hash()
-        );
+    let checked = tok.check_token_file(&meta, &args.tokens, args.force);
+    if checked.is_err() && meta.tokenizer_hash != tok.hash() {
+        checked.map_err(|e| anyhow::anyhow!("{e}; --force decodes anyway"))?;
+    } else if let Some(warning) = checked? {
+        eprintln!("warning: {warning}");
     }
     tok.validate(&tokens)?;
     let k = args.scales.unwrap_or(tokens.scales.len());
@@ -77,7 +63,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut start = 0;
     while start < tokens.batch() {
         let n = args.batch.max(1).min(tokens.batch() - start);
-        let images = data::tensor_to_images(&tok.decode_prefix(&tokens.slice(start, n)?, k)?)?;
+        let images = tok.decode_images(&tokens.slice(start, n)?, Some(k), None)?;
         for (j, img) in images.iter().enumerate() {
             data::save_png(&args.output.join(format!("{}.png", names[start + j])), img)?;
         }

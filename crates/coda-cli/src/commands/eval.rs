@@ -130,10 +130,17 @@ enum Model {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    args.precision.apply()?;
+    // The precision of this call's convolutions (tokenizer and bare VAE alike).
+    let precision = args.precision.checked()?;
+    coda::with_precision(precision, || run_in_precision(args))
+}
+
+fn run_in_precision(args: Args) -> anyhow::Result<()> {
     let device = super::device()?;
     let model = match &args.tokenizer {
-        Some(dir) => Model::Tokenizer(Box::new(Tokenizer::from_dir(dir, &device)?)),
+        Some(dir) => Model::Tokenizer(Box::new(
+            Tokenizer::from_dir(dir, &device)?.with_precision(args.precision.precision)?,
+        )),
         None => {
             let path = args
                 .vae

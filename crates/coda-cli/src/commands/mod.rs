@@ -26,9 +26,9 @@ pub struct PrecisionArgs {
 }
 
 impl PrecisionArgs {
-    pub fn apply(&self) -> anyhow::Result<()> {
-        coda::kernels::set_precision(self.precision)?;
-        Ok(())
+    /// The chosen precision, refused here when this CPU cannot run it.
+    pub fn checked(&self) -> anyhow::Result<coda::Precision> {
+        Ok(self.precision.check_supported()?)
     }
 }
 
@@ -70,22 +70,7 @@ impl VaeArgs {
     }
 }
 
-/// The tokenizer compiled into the binary (assets/tokenizer/, trained on this project's photos;
-/// see README), used when a command gets no --tokenizer.
-pub fn default_tokenizer(
-    device: &candle_core::Device,
-) -> anyhow::Result<coda::tokenizer::Tokenizer> {
-    const CONFIG: &str = include_str!("../../../../assets/tokenizer/config.json");
-    const WEIGHTS: &[u8] = include_bytes!("../../../../assets/tokenizer/model.safetensors");
-    Ok(coda::tokenizer::Tokenizer::from_bytes(
-        CONFIG,
-        WEIGHTS,
-        std::path::Path::new("<embedded default tokenizer>"),
-        device,
-    )?)
-}
-
-/// `--tokenizer DIR`, or the embedded default without one.
+/// `--tokenizer DIR`, or the embedded default tokenizer without one; with its name for reports.
 pub fn tokenizer_or_default(
     dir: Option<&std::path::Path>,
     device: &candle_core::Device,
@@ -96,7 +81,7 @@ pub fn tokenizer_or_default(
             d.display().to_string(),
         )),
         None => Ok((
-            default_tokenizer(device)?,
+            coda::tokenizer::Tokenizer::default_tokenizer(device)?,
             "the embedded default (assets/tokenizer)".into(),
         )),
     }
@@ -125,12 +110,4 @@ pub fn progress(n: usize, what: &str) -> indicatif::ProgressBar {
     );
     pb.set_message(what.to_string());
     pb
-}
-
-/// Load and prepare images in parallel; the first failure is an error naming its file.
-pub fn load_images(paths: &[PathBuf], size: Option<u32>) -> anyhow::Result<Vec<image::RgbImage>> {
-    coda::data::load_prepared(paths, size)
-        .into_iter()
-        .map(|r| r.map_err(anyhow::Error::from))
-        .collect()
 }

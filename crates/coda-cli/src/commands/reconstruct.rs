@@ -65,7 +65,12 @@ pub fn strip(images: &[RgbImage]) -> RgbImage {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    args.precision.apply()?;
+    // The precision of this call's convolutions (tokenizer and bare VAE alike).
+    let precision = args.precision.checked()?;
+    coda::with_precision(precision, || run_in_precision(args))
+}
+
+fn run_in_precision(args: Args) -> anyhow::Result<()> {
     let device = super::device()?;
     let img = data::prepare(data::load_image(&args.image)?, args.size);
     let x = data::images_to_tensor(std::slice::from_ref(&img), &device)?;
@@ -89,6 +94,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let t0 = Instant::now();
     let recon = if args.vae.vae.is_none() {
         let (tok, name) = super::tokenizer_or_default(args.tokenizer.as_deref(), &device)?;
+        let tok = tok.with_precision(args.precision.precision)?;
         let enc = tok.encode_with(&x, posterior)?;
         let recon = tok.decode_latent(&enc.latent_hat)?;
         let n = enc.tokens.len_per_image();

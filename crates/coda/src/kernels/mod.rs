@@ -85,32 +85,42 @@ impl std::str::FromStr for Precision {
     }
 }
 
-static PRECISION: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
-
-/// Choose the arithmetic of inference convolutions for the whole process (the CLI's
-/// `--precision`). The bf16 modes need AMX (Intel Sapphire Rapids or later) and are refused
-/// elsewhere rather than emulated slowly.
-pub fn set_precision(p: Precision) -> Result<(), crate::Error> {
-    if p != Precision::F32 && !amx::available() {
-        return Err(crate::Error::Invalid(format!(
-            "precision {} needs a CPU with AMX bf16 (Intel Sapphire Rapids or later)",
-            p.name()
-        )));
+impl Precision {
+    /// Refuse a mode this CPU cannot run: the bf16 modes need AMX (Intel Sapphire Rapids or
+    /// later) and are refused elsewhere rather than emulated slowly.
+    pub fn check_supported(self) -> Result<Self, crate::Error> {
+        if self != Precision::F32 && !amx::available() {
+            return Err(crate::Error::Invalid(format!(
+                "precision {} needs a CPU with AMX bf16 (Intel Sapphire Rapids or later)",
+                self.name()
+            )));
+        }
+        Ok(self)
     }
-    let code = match p {
-        Precision::F32 => 0,
-        Precision::Bf16x3 => 1,
-        Precision::Bf16 => 2,
-    };
-    PRECISION.store(code, std::sync::atomic::Ordering::Relaxed);
-    Ok(())
 }
 
-/// The arithmetic chosen by [`set_precision`].
-pub fn precision() -> Precision {
-    match PRECISION.load(std::sync::atomic::Ordering::Relaxed) {
-        1 => Precision::Bf16x3,
-        2 => Precision::Bf16,
-        _ => Precision::F32,
+thread_local! {
+    // The arithmetic of the inference convolutions running on this thread. Per thread and
+    // scoped (never process-wide), so that tokenizers at different precisions can run
+    // concurrently and training, which never enters a scope, always runs in f32.
+    static PRECISION: std::cell::Cell<Precision> = const { std::cell::Cell::new(Precision::F32) };
+}
+
+/// Run `f` with the inference convolutions it calls on this thread in precision `p`; the
+/// previous precision is restored afterwards, also when `f` panics. The convolutions read the
+/// precision on the calling thread before they fan out to worker threads.
+pub fn with_precision<T>(p: Precision, f: impl FnOnce() -> T) -> T {
+    struct Restore(Precision);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            PRECISION.with(|c| c.set(self.0));
+        }
     }
+    let _restore = Restore(PRECISION.with(|c| c.replace(p)));
+    f()
+}
+
+/// The arithmetic of the inference convolutions on this thread (f32 outside a scope).
+pub fn precision() -> Precision {
+    PRECISION.with(|c| c.get())
 }

@@ -3,6 +3,11 @@
 
 pub mod config;
 pub mod create;
+#[cfg(feature = "default-tokenizer")]
+mod embedded;
+#[cfg(feature = "default-tokenizer")]
+pub use embedded::DEFAULT_TOKENIZER_NAME;
+mod images;
 pub mod import;
 pub mod token_file;
 pub mod tokens;
@@ -15,9 +20,11 @@ use candle_nn::VarBuilder;
 use sha2::Digest;
 
 pub use config::{TokenizerConfig, FORMAT_VERSION};
+pub use images::{EncodeOptions, DEFAULT_BATCH};
 pub use tokens::Tokens;
 
 use crate::error::{Error, Result};
+use crate::kernels::Precision;
 use crate::quantizer::{CodaQuantizer, CodeTables};
 use crate::vae::AutoencoderKl;
 
@@ -54,12 +61,17 @@ pub struct Encoded {
     pub latent_hat: Tensor,
 }
 
+/// A loaded tokenizer. It is `Send + Sync`: one instance can serve several threads at once.
+/// Its precision and thread pool belong to the instance (and a call may override the
+/// precision), never to the process.
 pub struct Tokenizer {
     config: TokenizerConfig,
     vae: AutoencoderKl,
     quantizer: CodaQuantizer,
     tables: CodeTables,
     hash: String,
+    precision: Precision,
+    pool: Option<std::sync::Arc<rayon::ThreadPool>>,
 }
 
 /// A short content hash of the weights (sha256 over names, shapes and f32 values in name order),
@@ -178,7 +190,41 @@ impl Tokenizer {
             quantizer,
             tables,
             hash,
+            precision: Precision::F32,
+            pool: None,
         })
+    }
+
+    /// The arithmetic of this tokenizer's inference convolutions (f32 by default). The bf16
+    /// modes need AMX and are refused elsewhere.
+    pub fn with_precision(mut self, precision: Precision) -> Result<Self> {
+        self.precision = precision.check_supported()?;
+        Ok(self)
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    /// Run this tokenizer's work on its own pool of `threads` threads instead of rayon's global
+    /// pool (0: rayon's default count). Tokens do not depend on the thread count.
+    pub fn with_threads(mut self, threads: usize) -> Result<Self> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("coda-{i}"))
+            .build()
+            .map_err(|e| Error::Invalid(format!("cannot start {threads} threads: {e}")))?;
+        self.pool = Some(std::sync::Arc::new(pool));
+        Ok(self)
+    }
+
+    /// Run model work in this tokenizer's pool and precision (or `precision` for this call).
+    fn run<T: Send>(&self, precision: Option<Precision>, f: impl FnOnce() -> T + Send) -> T {
+        let p = precision.unwrap_or(self.precision);
+        match &self.pool {
+            Some(pool) => pool.install(|| crate::kernels::with_precision(p, f)),
+            None => crate::kernels::with_precision(p, f),
+        }
     }
 
     /// Write a tokenizer folder (config.json + model.safetensors, each atomically).
@@ -245,6 +291,21 @@ impl Tokenizer {
     }
 
     pub fn encode_with(&self, images: &Tensor, posterior: Posterior) -> Result<Encoded> {
+        self.encode_in(images, posterior, None)
+    }
+
+    /// As [`encode_with`](Self::encode_with), in `precision` for this call (None: the
+    /// tokenizer's).
+    pub fn encode_in(
+        &self,
+        images: &Tensor,
+        posterior: Posterior,
+        precision: Option<Precision>,
+    ) -> Result<Encoded> {
+        self.run(precision, || self.encode_now(images, posterior))
+    }
+
+    fn encode_now(&self, images: &Tensor, posterior: Posterior) -> Result<Encoded> {
         let (_, _, h, w) = images.dims4()?;
         let scales = self.scales_for_image(h, w)?;
         let post = self.vae.encode(images)?;
@@ -307,7 +368,21 @@ impl Tokenizer {
 
     /// f̂ -> images (unclamped, [-1, 1] scale).
     pub fn decode_latent(&self, latent_hat: &Tensor) -> Result<Tensor> {
-        self.vae.decode(&self.vae.denormalize(latent_hat)?)
+        self.run(None, || self.vae.decode(&self.vae.denormalize(latent_hat)?))
+    }
+
+    /// As [`decode_prefix`](Self::decode_prefix), in `precision` for this call (None: the
+    /// tokenizer's).
+    pub fn decode_in(
+        &self,
+        tokens: &Tokens,
+        k: usize,
+        precision: Option<Precision>,
+    ) -> Result<Tensor> {
+        self.run(precision, || {
+            let latent_hat = self.latent_from_tokens(tokens, k)?;
+            self.vae.decode(&self.vae.denormalize(&latent_hat)?)
+        })
     }
 
     pub fn decode(&self, tokens: &Tokens) -> Result<Tensor> {
@@ -316,7 +391,7 @@ impl Tokenizer {
 
     /// Coarse-to-fine: decode from the first `k` scales only.
     pub fn decode_prefix(&self, tokens: &Tokens, k: usize) -> Result<Tensor> {
-        self.decode_latent(&self.latent_from_tokens(tokens, k)?)
+        self.decode_in(tokens, k, None)
     }
 }
 

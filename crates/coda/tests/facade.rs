@@ -1,0 +1,169 @@
+//! The library facade on the embedded default tokenizer: image-level calls agree with the tensor
+//! path, tokens do not depend on batch size or thread pool, precision belongs to the tokenizer or
+//! the call (never to the process), and bad input is refused with a clear error.
+
+use std::path::PathBuf;
+
+use candle_core::Device;
+use coda::tokenizer::{token_file::TokenFileMeta, Posterior, Tokenizer, Tokens};
+use coda::{EncodeOptions, Precision};
+
+fn photos() -> Vec<PathBuf> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    vec![
+        root.join("assets/samples/lake.png"),
+        root.join("assets/samples/kite.png"),
+        root.join("assets/photos/cups.jpg"),
+    ]
+}
+
+fn ids(t: &Tokens) -> Vec<u32> {
+    t.flat().unwrap().flatten_all().unwrap().to_vec1().unwrap()
+}
+
+/// 64-px crops keep the tests quick (the scales for a 16x16 latent).
+const SIZE: u32 = 64;
+
+#[test]
+fn image_calls_match_the_tensor_path_and_ignore_batch_size() {
+    let tok = Tokenizer::default_tokenizer(&Device::Cpu).unwrap();
+    let images: Vec<_> = coda::data::load_prepared(&photos(), Some(SIZE))
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect();
+    let x = coda::data::images_to_tensor(&images, &Device::Cpu).unwrap();
+    let reference = ids(&tok.encode(&x).unwrap());
+    for batch in [1, 2, 8] {
+        let opts = EncodeOptions {
+            batch,
+            ..Default::default()
+        };
+        assert_eq!(ids(&tok.encode_images(&images, &opts).unwrap()), reference);
+        assert_eq!(
+            ids(&tok.encode_paths(&photos(), Some(SIZE), &opts).unwrap()),
+            reference,
+            "batch {batch}"
+        );
+    }
+    // Sampling: row r uses seed + r whatever the batch size; different from the mean.
+    let sampled = |batch| {
+        let opts = EncodeOptions {
+            batch,
+            sample_seed: Some(7),
+            ..Default::default()
+        };
+        ids(&tok.encode_images(&images, &opts).unwrap())
+    };
+    let one = sampled(1);
+    assert_eq!(one, sampled(3));
+    assert_ne!(one, reference);
+    let third = tok
+        .encode_with(&x.narrow(0, 2, 1).unwrap(), Posterior::Sample(9))
+        .unwrap()
+        .tokens;
+    let l = third.len_per_image();
+    assert_eq!(ids(&third), one[2 * l..3 * l].to_vec());
+    // Decoding to images gives what the tensor path gives.
+    let tokens = tok
+        .encode_images(&images, &EncodeOptions::default())
+        .unwrap();
+    let decoded = tok.decode_images(&tokens, None, None).unwrap();
+    let via_tensor = coda::data::tensor_to_images(&tok.decode(&tokens).unwrap()).unwrap();
+    assert_eq!(decoded, via_tensor);
+    assert_eq!(decoded[0].dimensions(), (SIZE, SIZE));
+}
+
+#[test]
+fn an_own_thread_pool_gives_the_same_tokens() {
+    let images: Vec<_> = coda::data::load_prepared(&photos()[..2], Some(SIZE))
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect();
+    let opts = EncodeOptions::default();
+    let global = Tokenizer::default_tokenizer(&Device::Cpu).unwrap();
+    let reference = ids(&global.encode_images(&images, &opts).unwrap());
+    for threads in [1, 3] {
+        let tok = Tokenizer::default_tokenizer(&Device::Cpu)
+            .unwrap()
+            .with_threads(threads)
+            .unwrap();
+        assert_eq!(ids(&tok.encode_images(&images, &opts).unwrap()), reference);
+    }
+    // Two threads sharing one tokenizer.
+    let tok = std::sync::Arc::new(global);
+    let handles: Vec<_> = (0..2)
+        .map(|_| {
+            let (tok, images) = (tok.clone(), images.clone());
+            std::thread::spawn(move || ids(&tok.encode_images(&images, &opts).unwrap()))
+        })
+        .collect();
+    for h in handles {
+        assert_eq!(h.join().unwrap(), reference);
+    }
+}
+
+#[test]
+fn precision_is_scoped_never_process_wide() {
+    assert_eq!(coda::kernels::precision(), Precision::F32);
+    let inner = coda::with_precision(Precision::Bf16, coda::kernels::precision);
+    assert_eq!(inner, Precision::Bf16);
+    assert_eq!(coda::kernels::precision(), Precision::F32, "restored");
+    // Another thread never sees this thread's scope.
+    let seen = coda::with_precision(Precision::Bf16x3, || {
+        std::thread::spawn(coda::kernels::precision).join().unwrap()
+    });
+    assert_eq!(seen, Precision::F32);
+    let tok = Tokenizer::default_tokenizer(&Device::Cpu).unwrap();
+    if coda::kernels::amx::available() {
+        let fast = tok.with_precision(Precision::Bf16x3).unwrap();
+        assert_eq!(fast.precision(), Precision::Bf16x3);
+    } else {
+        println!("SKIP bf16 tokenizer: this CPU has no AMX; checking the refusal instead");
+        let err = tok
+            .with_precision(Precision::Bf16)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("AMX"), "{err}");
+    }
+}
+
+#[test]
+fn bad_input_is_refused_with_a_clear_error() {
+    let tok = Tokenizer::default_tokenizer(&Device::Cpu).unwrap();
+    let opts = EncodeOptions::default();
+    let err = tok.encode_images(&[], &opts).unwrap_err().to_string();
+    assert!(err.contains("empty"), "{err}");
+    let mixed = vec![image::RgbImage::new(64, 64), image::RgbImage::new(32, 64)];
+    let err = tok.encode_images(&mixed, &opts).unwrap_err().to_string();
+    assert!(err.contains("image 1 is 32x64"), "{err}");
+    let odd = vec![image::RgbImage::new(30, 30)];
+    let err = tok.encode_images(&odd, &opts).unwrap_err().to_string();
+    assert!(err.contains("multiple"), "{err}");
+    let missing = vec![PathBuf::from("/nonexistent/cat.png")];
+    let err = tok
+        .encode_paths(&missing, None, &opts)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("/nonexistent/cat.png"), "{err}");
+    // Token files of another tokenizer or codebook.
+    let path = std::path::Path::new("t.safetensors");
+    let meta = |v: usize, hash: &str| TokenFileMeta {
+        codebook_size: v,
+        tokenizer_hash: hash.into(),
+        sources: vec![],
+    };
+    let v = tok.codebook_size();
+    assert!(tok
+        .check_token_file(&meta(v, tok.hash()), path, false)
+        .unwrap()
+        .is_none());
+    let err = tok
+        .check_token_file(&meta(v + 1, tok.hash()), path, true)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("codebook"), "{err}");
+    assert!(tok.check_token_file(&meta(v, "0123"), path, false).is_err());
+    let warning = tok.check_token_file(&meta(v, "0123"), path, true).unwrap();
+    assert!(warning.unwrap().contains("0123"));
+}
