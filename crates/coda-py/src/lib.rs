@@ -293,6 +293,21 @@ impl PyTokenizer {
     }
 }
 
+/// An image file -> uint8 [H, W, 3], prepared as the encoders prepare it (shorter side to
+/// `size`, centre crop; None keeps its size).
+#[pyfunction]
+#[pyo3(signature = (path, size=None))]
+fn load_image(py: Python<'_>, path: PathBuf, size: Option<u32>) -> PyResult<PyObject> {
+    let img = py
+        .allow_threads(|| coda::data::load_image(&path).map(|im| coda::data::prepare(im, size)))
+        .map_err(py_err)?;
+    let (w, h) = img.dimensions();
+    Ok(PyArray1::from_vec(py, img.into_raw())
+        .reshape([h as usize, w as usize, 3])?
+        .into_any()
+        .unbind())
+}
+
 /// A token file -> (flat ids [N, L], metadata as JSON text).
 #[pyfunction]
 fn load_tokens(py: Python<'_>, path: PathBuf) -> PyResult<(PyObject, String)> {
@@ -365,6 +380,7 @@ fn save_tokens(
 fn _coda(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyTokenizer>()?;
     m.add_function(wrap_pyfunction!(load_tokens, m)?)?;
+    m.add_function(wrap_pyfunction!(load_image, m)?)?;
     m.add_function(wrap_pyfunction!(save_tokens, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Every test of the project (README's test command; .ci/run calls it):
+#   1. the Rust workspace: cargo test --workspace;
+#   2. the Python package, built from this checkout (pip install .) into a fresh virtual
+#      environment, tested with pytest, including the comparison with the coda binary that step 1
+#      built (mandatory here: CODA_REQUIRE_CLI=1).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo test --workspace
+cargo build -p coda-cli
+VENV=${CODA_TEST_VENV:-target/py-test-venv}
+rm -rf "$VENV"
+python3 -m venv "$VENV"
+"$VENV/bin/pip" install -q --upgrade pip
+"$VENV/bin/pip" install -q ".[test]"
+CODA_CLI=target/debug/coda CODA_REQUIRE_CLI=1 "$VENV/bin/python" -m pytest python/tests -q -rs
