@@ -10,6 +10,25 @@
 //! - [`data`]: images in and out.
 //! - [`evaluation`]: reconstruction metrics.
 //! - [`io`]: checkpoint files and atomic writes.
+//! - [`tokenizer`]: the tokenizer (VAE + quantizer), token files; [`Tokenizer`] is the entry point.
+//!
+//! Load a tokenizer, turn an image into token ids and back (here the default tokenizer that is
+//! compiled into the library with the default `default-tokenizer` feature; `Tokenizer::from_dir`
+//! loads a tokenizer folder):
+//!
+//! ```
+//! use coda::{EncodeOptions, Tokenizer};
+//! let tok = Tokenizer::default_tokenizer(&candle_core::Device::Cpu)?;
+//! let image = image::RgbImage::from_pixel(64, 64, image::Rgb([200, 120, 40]));
+//! let tokens = tok.encode_images(&[image], &EncodeOptions::default())?;
+//! assert_eq!(tokens.scales.last(), Some(&(16, 16))); // the finest scale is the 16x16 latent
+//! assert_eq!(tokens.scales.len(), 10); // coarse to fine, from 1x1
+//! let decoded = tok.decode_images(&tokens, None, None)?;
+//! assert_eq!(decoded[0].dimensions(), (64, 64));
+//! # Ok::<(), coda::Error>(())
+//! ```
+//!
+//! A continuous VAE on its own:
 //!
 //! ```no_run
 //! use coda::vae::{load_vae, LoadOptions};

@@ -54,16 +54,6 @@ fn sibling(path: &Path, suffix: &str) -> PathBuf {
     path.with_file_name(format!("{stem}{suffix}.png"))
 }
 
-/// Images side by side, left to right.
-pub fn strip(images: &[RgbImage]) -> RgbImage {
-    let (w, h) = images[0].dimensions();
-    let mut out = RgbImage::new(w * images.len() as u32, h);
-    for (i, img) in images.iter().enumerate() {
-        image::imageops::replace(&mut out, img, (i as u32 * w) as i64, 0);
-    }
-    out
-}
-
 pub fn run(args: Args) -> anyhow::Result<()> {
     // The precision of this call's convolutions (tokenizer and bare VAE alike).
     let precision = args.precision.checked()?;
@@ -119,7 +109,10 @@ fn run_in_precision(args: Args) -> anyhow::Result<()> {
             let steps = (1..=enc.tokens.scales.len())
                 .map(|k| Ok(data::tensor_to_images(&tok.decode_prefix(&enc.tokens, k)?)?.remove(0)))
                 .collect::<anyhow::Result<Vec<_>>>()?;
-            extra_outputs.push((sibling(&output, "_progressive"), strip(&steps)));
+            extra_outputs.push((
+                sibling(&output, "_progressive"),
+                coda::evaluation::evaluator::strip(&steps),
+            ));
         }
         raw.push(("latent".into(), enc.latent));
         raw.push(("latent_hat".into(), enc.latent_hat));
