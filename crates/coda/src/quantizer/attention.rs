@@ -187,6 +187,45 @@ pub struct TrainOutput {
     pub loss_entropy: Tensor,
 }
 
+/// What one scale of the residual loop produces.
+struct ScaleStep {
+    /// (B, h, w) u32.
+    ids: Tensor,
+    /// The code map (B, C, h, w) added to f̂; straight-through in training.
+    z: Tensor,
+    loss_q: Option<Tensor>,
+    loss_entropy: Option<Tensor>,
+}
+
+impl ScaleStep {
+    fn inference(ids: Tensor, z: Tensor) -> Self {
+        Self {
+            ids,
+            z,
+            loss_q: None,
+            loss_entropy: None,
+        }
+    }
+
+    fn training(ids: Tensor, z: Tensor, loss_q: Tensor, loss_entropy: Option<Tensor>) -> Self {
+        Self {
+            ids,
+            z,
+            loss_q: Some(loss_q),
+            loss_entropy,
+        }
+    }
+}
+
+/// The residual loop's outputs over all scales.
+#[derive(Default)]
+struct LoopOutput {
+    ids: Vec<Tensor>,
+    f_hat: Option<Tensor>,
+    loss_q: Vec<Tensor>,
+    loss_entropy: Vec<Tensor>,
+}
+
 /// The attention projections; absent for the nearest-neighbour kinds.
 #[derive(Clone, Debug)]
 struct Projections {
@@ -393,6 +432,39 @@ impl CodaQuantizer {
             .contiguous()
     }
 
+    /// The multi-scale residual loop (coda-method.md §5), shared by inference and every training
+    /// forward: at each scale (h, w), the residual is area-downsampled to q, `step` assigns codes
+    /// to q and returns the code map z (straight-through in training), which is bicubic-upsampled,
+    /// added to f̂ and subtracted from the residual. The residual is never detached.
+    fn residual_loop(
+        &self,
+        f: &Tensor,
+        scales: &[(usize, usize)],
+        mut step: impl FnMut(&Tensor, (usize, usize)) -> Result<ScaleStep>,
+    ) -> Result<LoopOutput> {
+        let (_, _, hh, ww) = f.dims4()?;
+        let mut residual = f.clone();
+        let mut f_hat = f.zeros_like()?;
+        let mut out = LoopOutput::default();
+        for &s in scales {
+            let q = Resize2d::new(Mode::Area, (hh, ww), s, f.device())?.apply(&residual)?;
+            let ScaleStep {
+                ids,
+                z,
+                loss_q,
+                loss_entropy,
+            } = step(&q, s)?;
+            let up = Resize2d::new(Mode::Bicubic, s, (hh, ww), f.device())?.apply(&z)?;
+            f_hat = (f_hat + &up)?;
+            residual = (residual - up)?;
+            out.ids.push(ids);
+            out.loss_q.extend(loss_q);
+            out.loss_entropy.extend(loss_entropy);
+        }
+        out.f_hat = Some(f_hat);
+        Ok(out)
+    }
+
     /// Multi-scale residual encoding of a normalised latent f (B, C, H, W): ids per scale and f̂.
     pub fn encode(
         &self,
@@ -400,20 +472,12 @@ impl CodaQuantizer {
         f: &Tensor,
         scales: &[(usize, usize)],
     ) -> Result<(Vec<Tensor>, Tensor)> {
-        let (_, _, hh, ww) = f.dims4()?;
-        let mut residual = f.clone();
-        let mut f_hat = f.zeros_like()?;
-        let mut ids = Vec::with_capacity(scales.len());
-        for &s in scales {
-            let q = Resize2d::new(Mode::Area, (hh, ww), s, f.device())?.apply(&residual)?;
-            let idx = self.assign(tables, &q)?;
-            let z = self.lookup(tables, &idx)?;
-            let up = Resize2d::new(Mode::Bicubic, s, (hh, ww), f.device())?.apply(&z)?;
-            f_hat = (f_hat + &up)?;
-            residual = (residual - up)?;
-            ids.push(idx);
-        }
-        Ok((ids, f_hat))
+        let out = self.residual_loop(f, scales, |q, _| {
+            let ids = self.assign(tables, q)?;
+            let z = self.lookup(tables, &ids)?;
+            Ok(ScaleStep::inference(ids, z))
+        })?;
+        Ok((out.ids, out.f_hat.expect("the loop sets f_hat")))
     }
 
     /// f̂ from ids of the first `ids.len()` scales, at latent size (H, W).
@@ -437,63 +501,23 @@ impl CodaQuantizer {
     }
 
     /// Training forward: straight-through soft one-hot, quantization and entropy losses, with
-    /// gradients across scales (the residual is not detached). Materialises (N, V) per scale.
+    /// gradients across scales (the residual is not detached). On the CPU in f32 the soft
+    /// assignment and the entropy loss are recomputing custom ops (no (N, V) tensor is kept for
+    /// the backward pass); elsewhere candle ops (`composite`). The nearest-neighbour baselines
+    /// have their own assignment and loss.
     pub fn forward_train(&self, f: &Tensor, scales: &[(usize, usize)]) -> Result<TrainOutput> {
-        if self.attn.is_none() {
-            return self.forward_train_nearest(f, scales);
-        }
-        if f.device().is_cpu() && f.dtype() == DType::F32 {
-            return self.forward_train_fused(f, scales);
-        }
-        self.forward_train_composite(f, scales)
+        let fused = f.device().is_cpu() && f.dtype() == DType::F32;
+        self.forward_train_with(f, scales, fused)
     }
 
-    /// [`forward_train`](Self::forward_train) with the soft assignment and the entropy loss as
-    /// recomputing custom ops (see `soft_assign`): the same values and gradients, without keeping
-    /// any (N, V) tensor for the backward pass. The hard ids come from the assignment kernel.
+    /// [`forward_train`](Self::forward_train) with the CPU custom ops: the same values and
+    /// gradients as [`forward_train_composite`](Self::forward_train_composite).
     pub fn forward_train_fused(
         &self,
         f: &Tensor,
         scales: &[(usize, usize)],
     ) -> Result<TrainOutput> {
-        use super::soft_assign::{Entropy, SoftCodes};
-        let (b, c, hh, ww) = f.dims4()?;
-        let (keys, values) = self.keys_values()?;
-        let (keys, values) = (keys.contiguous()?, values.contiguous()?);
-        let tables = CodeTables {
-            keys: keys.detach(),
-            chunk: ASSIGN_CHUNK,
-            values: values.detach(),
-            codebook: Default::default(),
-        };
-        let mut residual = f.clone();
-        let mut f_hat = f.zeros_like()?;
-        let (mut ids, mut lq, mut lent) = (Vec::new(), Vec::new(), Vec::new());
-        for &(h, w) in scales {
-            let q = Resize2d::new(Mode::Area, (hh, ww), (h, w), f.device())?.apply(&residual)?;
-            let queries = self.queries(&q)?.contiguous()?;
-            let idx = self.assign_queries(&tables, &queries, (b, h, w))?;
-            let hard = values.index_select(&idx.flatten_all()?, 0)?; // (N, C): grads to E_v
-            let soft = queries.apply_op3(&keys, &values, SoftCodes)?; // 0, grads to q and k
-            let to_map = |t: Tensor| -> Result<Tensor> {
-                t.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?.contiguous()
-            };
-            let z = to_map((&hard + soft)?)?;
-            let z_hat = to_map(hard)?;
-            lent.push(queries.apply_op2(&keys, Entropy::new(self.config.entropy_temperature))?);
-            lq.push(self.quantization_loss(&z, &z_hat, &q)?);
-            let up = Resize2d::new(Mode::Bicubic, (h, w), (hh, ww), f.device())?.apply(&z)?;
-            f_hat = (f_hat + &up)?;
-            residual = (residual - up)?;
-            ids.push(idx);
-        }
-        let k = scales.len() as f64;
-        Ok(TrainOutput {
-            ids,
-            f_hat,
-            loss_q: (Tensor::stack(&lq, 0)?.sum_all()? / k)?,
-            loss_entropy: (Tensor::stack(&lent, 0)?.sum_all()? / k)?,
-        })
+        self.forward_train_with(f, scales, true)
     }
 
     /// The training forward from candle ops, materialising (N, V) per scale: other devices, and
@@ -503,89 +527,111 @@ impl CodaQuantizer {
         f: &Tensor,
         scales: &[(usize, usize)],
     ) -> Result<TrainOutput> {
-        if self.attn.is_none() {
-            return self.forward_train_nearest(f, scales);
-        }
-        let (b, c, hh, ww) = f.dims4()?;
-        let v = self.config.codebook_size;
+        self.forward_train_with(f, scales, false)
+    }
+
+    fn forward_train_with(
+        &self,
+        f: &Tensor,
+        scales: &[(usize, usize)],
+        fused: bool,
+    ) -> Result<TrainOutput> {
+        let (b, c, _, _) = f.dims4()?;
         let (keys, values) = self.keys_values()?;
-        let codes = Tensor::arange(0u32, v as u32, f.device())?.unsqueeze(0)?;
-        let mut residual = f.clone();
-        let mut f_hat = f.zeros_like()?;
-        let (mut ids, mut lq, mut lent) = (Vec::new(), Vec::new(), Vec::new());
-        for &(h, w) in scales {
-            let q = Resize2d::new(Mode::Area, (hh, ww), (h, w), f.device())?.apply(&residual)?;
-            let logits = self.queries(&q)?.matmul(&keys.t()?)?; // (N, V), keys pre-scaled
-            let p = softmax(&logits, 1)?;
-            let idx = logits.argmax_keepdim(1)?.to_dtype(DType::U32)?; // (N, 1)
-            let hard = idx.broadcast_eq(&codes)?.to_dtype(DType::F32)?;
-            let st = ((&hard - p.detach())? + &p)?;
-            let to_map = |t: Tensor| -> Result<Tensor> {
-                t.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?.contiguous()
+        // (N, C) rows of scale (h, w) -> (B, C, h, w) maps.
+        let to_map = |t: Tensor, (h, w): (usize, usize)| -> Result<Tensor> {
+            t.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?.contiguous()
+        };
+        let out = if self.attn.is_none() {
+            let tables = CodeTables {
+                keys: keys.detach().contiguous()?,
+                chunk: ASSIGN_CHUNK,
+                values: values.detach(),
+                codebook: Default::default(),
             };
-            let z = to_map(st.matmul(&values)?)?;
-            let z_hat = to_map(hard.matmul(&values)?)?;
-            lent.push(self.entropy_loss(&logits)?);
-            lq.push(self.quantization_loss(&z, &z_hat, &q)?);
-            let up = Resize2d::new(Mode::Bicubic, (h, w), (hh, ww), f.device())?.apply(&z)?;
-            f_hat = (f_hat + &up)?;
-            residual = (residual - up)?;
-            ids.push(idx.reshape((b, h, w))?);
-        }
+            self.residual_loop(f, scales, |q, s| {
+                self.nearest_step(q, s, &tables, &values, to_map)
+            })?
+        } else if fused {
+            use super::soft_assign::{Entropy, SoftCodes};
+            let (keys, values) = (keys.contiguous()?, values.contiguous()?);
+            let tables = CodeTables {
+                keys: keys.detach(),
+                chunk: ASSIGN_CHUNK,
+                values: values.detach(),
+                codebook: Default::default(),
+            };
+            self.residual_loop(f, scales, |q, (h, w)| {
+                let queries = self.queries(q)?.contiguous()?;
+                let idx = self.assign_queries(&tables, &queries, (b, h, w))?;
+                let hard = values.index_select(&idx.flatten_all()?, 0)?; // (N, C): grads to E_v
+                let soft = queries.apply_op3(&keys, &values, SoftCodes)?; // 0, grads to q and k
+                let z = to_map((&hard + soft)?, (h, w))?;
+                let z_hat = to_map(hard, (h, w))?;
+                let entropy =
+                    queries.apply_op2(&keys, Entropy::new(self.config.entropy_temperature))?;
+                let loss_q = self.quantization_loss(&z, &z_hat, q)?;
+                Ok(ScaleStep::training(idx, z, loss_q, Some(entropy)))
+            })?
+        } else {
+            let v = self.config.codebook_size;
+            let codes = Tensor::arange(0u32, v as u32, f.device())?.unsqueeze(0)?;
+            self.residual_loop(f, scales, |q, (h, w)| {
+                let logits = self.queries(q)?.matmul(&keys.t()?)?; // (N, V), keys pre-scaled
+                let p = softmax(&logits, 1)?;
+                let idx = logits.argmax_keepdim(1)?.to_dtype(DType::U32)?; // (N, 1)
+                let hard = idx.broadcast_eq(&codes)?.to_dtype(DType::F32)?;
+                let st = ((&hard - p.detach())? + &p)?;
+                let z = to_map(st.matmul(&values)?, (h, w))?;
+                let z_hat = to_map(hard.matmul(&values)?, (h, w))?;
+                let entropy = self.entropy_loss(&logits)?;
+                let loss_q = self.quantization_loss(&z, &z_hat, q)?;
+                Ok(ScaleStep::training(
+                    idx.reshape((b, h, w))?,
+                    z,
+                    loss_q,
+                    Some(entropy),
+                ))
+            })?
+        };
         let k = scales.len() as f64;
+        let mean = |l: Vec<Tensor>| -> Result<Tensor> {
+            if l.is_empty() {
+                Tensor::zeros((), f.dtype(), f.device())
+            } else {
+                Tensor::stack(&l, 0)?.sum_all()? / k
+            }
+        };
         Ok(TrainOutput {
-            ids,
-            f_hat,
-            loss_q: (Tensor::stack(&lq, 0)?.sum_all()? / k)?,
-            loss_entropy: (Tensor::stack(&lent, 0)?.sum_all()? / k)?,
+            ids: out.ids,
+            f_hat: out.f_hat.expect("the loop sets f_hat"),
+            loss_q: mean(out.loss_q)?,
+            loss_entropy: mean(out.loss_entropy)?,
         })
     }
 
-    /// The baselines' training forward (VQ-VAE; VAR-style when there are several scales):
-    /// nearest code, straight-through identity estimator, codebook + β·commitment loss, the
-    /// residual after each scale taken from the straight-through map. No entropy loss (zero).
-    fn forward_train_nearest(&self, f: &Tensor, scales: &[(usize, usize)]) -> Result<TrainOutput> {
-        let (b, c, hh, ww) = f.dims4()?;
-        let (keys, values) = self.keys_values()?;
-        let tables = CodeTables {
-            keys: keys.detach().contiguous()?,
-            chunk: ASSIGN_CHUNK,
-            values: values.detach(),
-            codebook: Default::default(),
+    /// One scale of the baselines (VQ-VAE; VAR-style when there are several scales): nearest
+    /// code, straight-through identity estimator, codebook + β·commitment loss, the residual
+    /// taken from the straight-through map. No entropy loss.
+    fn nearest_step(
+        &self,
+        q: &Tensor,
+        (h, w): (usize, usize),
+        tables: &CodeTables,
+        values: &Tensor,
+        to_map: impl Fn(Tensor, (usize, usize)) -> Result<Tensor>,
+    ) -> Result<ScaleStep> {
+        let idx = self.assign(tables, &q.detach())?; // (B, h, w)
+        let tokens = Self::tokens(q)?;
+        let tokens = match self.config.kind {
+            QuantizerKind::NearestL2 => l2_normalize(&tokens)?,
+            _ => tokens,
         };
-        let mut residual = f.clone();
-        let mut f_hat = f.zeros_like()?;
-        let (mut ids, mut lq) = (Vec::new(), Vec::new());
-        for &(h, w) in scales {
-            let q = Resize2d::new(Mode::Area, (hh, ww), (h, w), f.device())?.apply(&residual)?;
-            let idx = self.assign(&tables, &q.detach())?; // (B, h, w)
-            let tokens = Self::tokens(&q)?;
-            let tokens = match self.config.kind {
-                QuantizerKind::NearestL2 => l2_normalize(&tokens)?,
-                _ => tokens,
-            };
-            let zq = values.index_select(&idx.flatten_all()?, 0)?; // (N, C), grad to E
-            let st = (&tokens + (&zq - &tokens)?.detach())?;
-            lq.push(
-                ((tokens.detach() - &zq)?.sqr()?.mean_all()?
-                    + ((&tokens - zq.detach())?.sqr()?.mean_all()? * self.config.beta)?)?,
-            );
-            let z = st
-                .reshape((b, h, w, c))?
-                .permute((0, 3, 1, 2))?
-                .contiguous()?;
-            let up = Resize2d::new(Mode::Bicubic, (h, w), (hh, ww), f.device())?.apply(&z)?;
-            f_hat = (f_hat + &up)?;
-            residual = (residual - up)?;
-            ids.push(idx);
-        }
-        let k = scales.len() as f64;
-        Ok(TrainOutput {
-            ids,
-            f_hat,
-            loss_q: (Tensor::stack(&lq, 0)?.sum_all()? / k)?,
-            loss_entropy: Tensor::zeros((), f.dtype(), f.device())?,
-        })
+        let zq = values.index_select(&idx.flatten_all()?, 0)?; // (N, C), grad to E
+        let st = (&tokens + (&zq - &tokens)?.detach())?;
+        let loss_q = ((tokens.detach() - &zq)?.sqr()?.mean_all()?
+            + ((&tokens - zq.detach())?.sqr()?.mean_all()? * self.config.beta)?)?;
+        Ok(ScaleStep::training(idx, to_map(st, (h, w))?, loss_q, None))
     }
 
     /// L_q = mean (z − q)² + mean (sg[ẑ] − q)² + β · mean (ẑ − sg[q])² (coda-method.md §6.1).
