@@ -136,7 +136,7 @@ fn tokens_are_identical_for_any_thread_count_and_batch_size() {
     let d = tempfile::tempdir().unwrap();
     new_tokenizer(d.path());
     // The reduced-precision kernels need AMX; elsewhere `--precision bf16` is refused.
-    let amx = coda::kernels::amx::available();
+    let amx = coda::amx_available();
     let mut precisions = vec!["f32"];
     if amx {
         precisions.extend(["bf16x3", "bf16"]);

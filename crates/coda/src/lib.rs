@@ -6,7 +6,9 @@
 //!
 //! The pipeline, folder by folder:
 //! - [`vae`]: the continuous KL-VAE, its checkpoint layouts (diffusers, LDM) and loading.
-//! - [`kernels`]: our own CPU ops where candle is missing one or is slow.
+//! - `kernels`: our own CPU ops where candle is missing one or is slow (crate-internal; the
+//!   precision of the inference convolutions is chosen per tokenizer or per call:
+//!   [`Tokenizer::with_precision`], [`with_precision`]).
 //! - [`data`]: images in and out.
 //! - [`evaluation`]: reconstruction metrics.
 //! - [`io`]: checkpoint files and atomic writes.
@@ -45,12 +47,18 @@ pub mod data;
 pub mod error;
 pub mod evaluation;
 pub mod io;
+/// Our own CPU kernels: crate-internal, public only with the `internals` feature (the kernel
+/// tests and benchmarks enable it).
+#[cfg(feature = "internals")]
 pub mod kernels;
+#[cfg(not(feature = "internals"))]
+pub(crate) mod kernels;
 pub mod quantizer;
 pub mod tokenizer;
 pub mod training;
 pub mod vae;
 
 pub use error::{Error, Result};
-pub use kernels::{with_precision, Precision};
+pub use kernels::amx::available as amx_available;
+pub use kernels::{precision, with_precision, Precision};
 pub use tokenizer::{EncodeOptions, Tokenizer};

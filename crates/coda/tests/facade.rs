@@ -104,17 +104,17 @@ fn an_own_thread_pool_gives_the_same_tokens() {
 
 #[test]
 fn precision_is_scoped_never_process_wide() {
-    assert_eq!(coda::kernels::precision(), Precision::F32);
-    let inner = coda::with_precision(Precision::Bf16, coda::kernels::precision);
+    assert_eq!(coda::precision(), Precision::F32);
+    let inner = coda::with_precision(Precision::Bf16, coda::precision);
     assert_eq!(inner, Precision::Bf16);
-    assert_eq!(coda::kernels::precision(), Precision::F32, "restored");
+    assert_eq!(coda::precision(), Precision::F32, "restored");
     // Another thread never sees this thread's scope.
     let seen = coda::with_precision(Precision::Bf16x3, || {
-        std::thread::spawn(coda::kernels::precision).join().unwrap()
+        std::thread::spawn(coda::precision).join().unwrap()
     });
     assert_eq!(seen, Precision::F32);
     let tok = Tokenizer::default_tokenizer(&Device::Cpu).unwrap();
-    if coda::kernels::amx::available() {
+    if coda::amx_available() {
         let fast = tok.with_precision(Precision::Bf16x3).unwrap();
         assert_eq!(fast.precision(), Precision::Bf16x3);
     } else {

@@ -22,7 +22,7 @@ pub struct PrecisionArgs {
     /// (fastest, 8-bit mantissa: fine for decoding, but it changes many token ids when
     /// encoding). The bf16 modes need an Intel CPU with AMX (Sapphire Rapids or later).
     #[arg(long, default_value = "f32")]
-    pub precision: coda::kernels::Precision,
+    pub precision: coda::Precision,
 }
 
 impl PrecisionArgs {

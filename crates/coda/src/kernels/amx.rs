@@ -376,16 +376,25 @@ struct TileConfig {
 mod tiles {
     use std::arch::asm;
 
+    /// # Safety
+    /// The CPU must support AMX-BF16 and the thread must have AMX tile data permission
+    /// (`available()` checks both); `cfg` must describe the tiles the kernels below use.
     pub unsafe fn configure(cfg: &super::TileConfig) {
         asm!("ldtilecfg [{}]", in(reg) cfg as *const super::TileConfig, options(nostack, readonly));
     }
 
+    /// # Safety
+    /// AMX must be available (as for `configure`).
     pub unsafe fn release() {
         asm!("tilerelease", options(nostack, nomem));
     }
 
     /// tmm0..tmm3 = the 32x32 f32 block at `c` (row stride `ldc` bytes), as (rows 0-15, cols
     /// 0-15), (0-15, 16-31), (16-31, 0-15), (16-31, 16-31).
+    ///
+    /// # Safety
+    /// Tiles configured (`configure`); `c` points to 32 readable rows of 32 f32, `ldc` bytes
+    /// apart.
     pub unsafe fn load_c(c: *const f32, ldc: usize) {
         asm!(
             "tileloadd tmm0, [{c} + {s}*1]",
@@ -401,6 +410,10 @@ mod tiles {
         );
     }
 
+    /// As `load_c`, writing: `c` points to 32 writable rows of 32 f32, `ldc` bytes apart.
+    ///
+    /// # Safety
+    /// Tiles configured; the 32 x 32 block at `c` is writable and not aliased.
     pub unsafe fn store_c(c: *mut f32, ldc: usize) {
         asm!(
             "tilestored [{c} + {s}*1], tmm0",
@@ -419,6 +432,10 @@ mod tiles {
     /// tmm0..3 += A[0..2] · B[0..2] over `kb` K blocks. a0/a1 walk consecutive 1 KiB tiles of
     /// two 16-row blocks of A; b0/b1 are two B tiles of `bs` bytes per row, the next K block
     /// `bstep` bytes further.
+    ///
+    /// # Safety
+    /// Tiles configured; `kb > 0`; a0/a1 point to `kb` readable 1 KiB tiles each, b0/b1 to
+    /// `kb` tiles of 16 rows of `bs` bytes, `bstep` bytes apart.
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn dot(
         a0: *const u16,
@@ -461,6 +478,9 @@ mod tiles {
     /// The three passes of 3xbf16 in one loop: tmm0..3 += Ah·Bh + Ah·Bl + Al·Bh per K block,
     /// with the A-hi tiles loaded once for the first two products (10 tile loads per 12
     /// products instead of 12). `a` = (hi0, hi1, lo0, lo1), `b` = (hi0, hi1, lo0, lo1).
+    ///
+    /// # Safety
+    /// As `dot`, for each of the four A and four B pointers.
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn dot3(a: [*const u16; 4], b: [*const u16; 4], kb: usize, bs: usize, bstep: usize) {
         debug_assert!(kb > 0);
@@ -515,7 +535,12 @@ mod tiles {
     }
 }
 
+/// Stand-ins on other CPUs, never called (`available()` is false there).
+///
+/// # Safety
+/// None needed: they do nothing; they are `unsafe` to match the x86 signatures.
 #[cfg(not(target_arch = "x86_64"))]
+#[allow(clippy::missing_safety_doc)]
 mod tiles {
     pub unsafe fn configure(_: &super::TileConfig) {
         unreachable!("AMX on a non-x86 CPU")

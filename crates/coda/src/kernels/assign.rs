@@ -44,6 +44,9 @@ fn scan_tile(buf: &[f32], rows: usize, cols: usize, c0: usize, best: &mut [(f32,
     }
 }
 
+/// # Safety
+/// The CPU must support AVX2 and FMA (the caller checks `is_x86_feature_detected!`); the
+/// slices are bounds-checked as in the safe version.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn scan_tile_avx2(
@@ -111,6 +114,11 @@ fn pack_keys(keys: &[f32], v: usize, d: usize) -> PackedKeys {
 /// against the running best, one compare; only when some lane improves (rare after the first
 /// blocks) are the blocks merged one by one with strict `>`, which keeps the earliest code on
 /// ties, exactly as a sequential scan.
+///
+/// # Safety
+/// The CPU must support AVX-512F (the caller checks it). `q` holds at least `QB * d` values,
+/// `best_v` and `best_i` at least `QB * 16`, and `cb0..cb1` lies within `keys`' packed blocks:
+/// the vector loads read unchecked at those offsets.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn scan_fused(

@@ -78,6 +78,8 @@ fn normalize_block(
     }
 }
 
+/// # Safety
+/// The CPU must support AVX2 and FMA (the caller checks it); the body is the safe version.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn normalize_block_avx2(
@@ -93,6 +95,9 @@ unsafe fn normalize_block_avx2(
 }
 
 /// The same with 16-lane vectors (twice the SiLU throughput of AVX2 where the CPU has AVX-512).
+///
+/// # Safety
+/// The CPU must support AVX-512F, AVX2 and FMA (the caller checks it).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
 unsafe fn normalize_block_avx512(
@@ -243,6 +248,8 @@ fn backward_block(
     (dw, db)
 }
 
+/// # Safety
+/// The CPU must support AVX2 and FMA (the caller checks it); the body is the safe version.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]

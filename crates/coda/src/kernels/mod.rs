@@ -1,5 +1,8 @@
 //! Our own CPU kernels, for ops candle lacks or runs slowly. Each has a plain composite
 //! version beside it that the tests compare against.
+// Crate-internal unless the `internals` feature makes the module public for tests and benchmarks;
+// the composite references are then unused by the library itself.
+#![cfg_attr(not(feature = "internals"), allow(dead_code, unused_imports))]
 
 pub mod amx;
 pub mod assign;

@@ -22,12 +22,12 @@ pub enum NormKind {
 #[serde(rename_all = "snake_case")]
 pub enum QuantizerKind {
     /// CODA: argmax of attention logits between normalised to_q(query) and to_k(E); the code
-    /// vector is to_v(E[n]).
+    /// vector is `to_v(E[n])`.
     #[default]
     Attention,
-    /// The VQ-VAE / VAR baseline: the nearest code in Euclidean distance, code vector E[n].
+    /// The VQ-VAE / VAR baseline: the nearest code in Euclidean distance, code vector `E[n]`.
     Nearest,
-    /// As `Nearest` on l2-normalised queries and codes (ViT-VQGAN): the code vector is E[n]/|E[n]|.
+    /// As `Nearest` on l2-normalised queries and codes (ViT-VQGAN): the code vector is `E[n] / |E[n]|`.
     NearestL2,
 }
 

@@ -7,8 +7,8 @@ pub const DEFAULT_NUM_SCALES: usize = 10;
 
 /// One side's schedule: starting from `n`, each scale is `floor(r · previous)` (at least one less),
 /// down to 1, with the smallest ratio r (a multiple of 1e-4) that gives exactly `k` scales. This
-/// reproduces the paper's lists: 16 -> [1,2,3,4,5,6,8,10,13,16] (r = 0.8334) and
-/// 32 -> [1,2,3,4,6,9,13,18,24,32] (r = 0.75). Sides shorter than `k` get every size 1..=n.
+/// reproduces the paper's lists: 16 -> `[1,2,3,4,5,6,8,10,13,16]` (r = 0.8334) and
+/// 32 -> `[1,2,3,4,6,9,13,18,24,32]` (r = 0.75). Sides shorter than `k` get every size 1..=n.
 pub fn derive_side(n: usize, k: usize) -> Vec<usize> {
     assert!(n >= 1 && k >= 1);
     if k == 1 {
