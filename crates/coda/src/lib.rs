@@ -53,6 +53,7 @@ pub mod io;
 pub mod kernels;
 #[cfg(not(feature = "internals"))]
 pub(crate) mod kernels;
+pub mod presets;
 pub mod quantizer;
 pub mod tokenizer;
 pub mod training;

@@ -21,46 +21,58 @@ pub enum OfficialPreset {
 
 impl std::str::FromStr for OfficialPreset {
     type Err = Error;
+    /// A preset name or alias of the table in [`crate::presets`] with the paper's settings.
     fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "mar" | "mar-16384" | "mar-kl16" => Ok(Self::Mar),
-            "flux" | "flux-65536" => Ok(Self::Flux),
-            _ => Err(Error::Invalid(format!(
-                "unknown preset '{s}' (expected mar or flux)"
-            ))),
-        }
+        let name = crate::presets::find_part(s, "official tokenizer configuration", |p| {
+            p.tokenizer.map(|_| p.name)
+        })?;
+        Ok(if name == "flux-65536" {
+            Self::Flux
+        } else {
+            Self::Mar
+        })
     }
 }
 
 impl OfficialPreset {
+    fn spec(self) -> &'static crate::presets::PresetSpec {
+        let name = match self {
+            Self::Mar => "mar-16384",
+            Self::Flux => "flux-65536",
+        };
+        crate::presets::find(name).expect("the official presets are in the table")
+    }
+
+    fn tokenizer(self) -> crate::presets::TokenizerPreset {
+        self.spec()
+            .tokenizer
+            .expect("official presets have tokenizer settings")
+    }
+
     pub fn scales(self) -> Vec<usize> {
-        match self {
-            Self::Mar => vec![1, 2, 3, 4, 5, 6, 8, 10, 13, 16],
-            Self::Flux => vec![1, 2, 3, 4, 6, 9, 13, 18, 24, 32],
-        }
+        self.tokenizer().scales.to_vec()
     }
 
     pub fn lora_modules(self) -> Vec<String> {
-        let m: &[&str] = match self {
-            Self::Mar => &["conv1", "conv2", "upsample", "downsample"],
-            Self::Flux => &["conv1", "conv2"],
-        };
-        m.iter().map(|s| s.to_string()).collect()
+        self.tokenizer()
+            .lora_modules
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
     }
 
-    /// (scaling, shift) of the latent normalisation.
+    /// (scaling, shift) of the latent normalisation: the VAE architecture's.
     pub fn normalisation(self) -> (f64, f64) {
-        match self {
-            Self::Mar => (0.2325, 0.0),
-            Self::Flux => (0.3611, 0.1159),
-        }
+        let vae = self
+            .spec()
+            .vae
+            .expect("official presets name their VAE")
+            .config();
+        (vae.scaling_factor, vae.shift_factor)
     }
 
     pub fn codebook_size(self) -> usize {
-        match self {
-            Self::Mar => 16384,
-            Self::Flux => 65536,
-        }
+        self.tokenizer().codebook_size
     }
 }
 

@@ -225,88 +225,18 @@ impl Default for TrainConfig {
     }
 }
 
-pub const PRESETS: [&str; 3] = ["tiny-cpu", "mar-16384", "flux-65536"];
+/// The names of the training presets (see [`crate::presets`]).
+pub fn preset_names() -> Vec<&'static str> {
+    crate::presets::PRESETS
+        .iter()
+        .filter(|p| p.train.is_some())
+        .map(|p| p.name)
+        .collect()
+}
 
-/// The presets that claim the official recipe (coda-method.md §10): they refuse to start with a
-/// loss term silently missing, and report every departure from the recipe.
-pub const PAPER_PRESETS: [&str; 2] = ["mar-16384", "flux-65536"];
-
-/// A preset as TOML keys over the defaults.
+/// A training preset as TOML keys over the defaults.
 pub fn preset(name: &str) -> Result<toml::Table> {
-    let text = match name {
-        // This machine: small crops, small models, a small codebook, no discriminator by
-        // default (`--set disc=patchgan` adds one), frequent evaluation.
-        "tiny-cpu" => {
-            r#"
-            size = 64
-            batch = 8
-            steps = 300
-            lr = 1e-3
-            lr_disc = 1e-3
-            eval_every = 100
-            checkpoint_every = 100
-            eval_images = 16
-            log_every = 10
-            ema_start = 0.2
-            patchgan = { ndf = 32, layers = 2 }
-            disc_weight = 0.1
-            [model]
-            channels = [32, 64, 128, 128]
-            res_blocks = 1
-            latent_channels = 8
-            norm_groups = 8
-            codebook_size = 1024
-            "#
-        }
-        // coda-method.md §10, MAR KL-16, V = 16384: per-GPU batch 16 x 4 accumulation, 10
-        // epochs, lr 5e-4, the DINO discriminator (give its weights: --set dino=PATH).
-        "mar-16384" => {
-            r#"
-            size = 256
-            resize = 288
-            batch = 16
-            accum = 4
-            epochs = 10.0
-            lr = 5e-4
-            lr_disc = 5e-4
-            disc = "dino"
-            disc_weight = 1.0
-            gan_ramp = "linear"
-            adaptive_layer = "decoder.up.4.upsample.conv.lora_layer.up.weight"
-            ema_start = 0.4
-            eval_every = 2500
-            checkpoint_every = 2500
-            keep_checkpoints = 20
-            "#
-        }
-        // FLUX, V = 65536: 12 x 3 accumulation; adaptive weight at the last resnet conv2 of the
-        // highest-resolution decoder block.
-        "flux-65536" => {
-            r#"
-            size = 256
-            resize = 288
-            batch = 12
-            accum = 3
-            epochs = 10.0
-            lr = 5e-4
-            lr_disc = 5e-4
-            disc = "dino"
-            disc_weight = 1.0
-            gan_ramp = "linear"
-            adaptive_layer = "decoder.up.0.block.2.conv2.lora_layer.up.weight"
-            ema_start = 0.4
-            eval_every = 4500
-            checkpoint_every = 4500
-            keep_checkpoints = 20
-            "#
-        }
-        other => {
-            return Err(Error::Invalid(format!(
-                "unknown preset '{other}' (known: {})",
-                PRESETS.join(", ")
-            )))
-        }
-    };
+    let text = crate::presets::find_part(name, "training recipe", |p| p.train)?;
     Ok(text.parse::<toml::Table>().expect("presets are valid TOML"))
 }
 
@@ -431,7 +361,8 @@ impl TrainConfig {
     fn follows_paper(&self) -> bool {
         self.preset
             .as_deref()
-            .is_some_and(|p| PAPER_PRESETS.contains(&p))
+            .and_then(|p| crate::presets::find(p).ok())
+            .is_some_and(|p| p.paper)
     }
 
     /// Where a run from a paper preset departs from the official recipe (the loss terms and the
@@ -490,7 +421,7 @@ mod tests {
     #[test]
     fn presets_files_and_overrides_compose() {
         let lpips = ["lpips=vgg.safetensors".to_string()];
-        for p in PRESETS {
+        for p in preset_names() {
             let c = TrainConfig::resolve(Some(p), None, &lpips).unwrap();
             assert!(c.steps.is_some() || c.epochs.is_some(), "{p}");
         }
@@ -530,7 +461,11 @@ mod tests {
             "lpips=/w/vgg.safetensors".to_string(),
             "dino=/w/dino.pth".to_string(),
         ];
-        for p in PAPER_PRESETS {
+        for p in crate::presets::PRESETS
+            .iter()
+            .filter(|p| p.paper)
+            .map(|p| p.name)
+        {
             // No LPIPS weights: refused, naming the way out.
             let e = TrainConfig::resolve(Some(p), None, &[])
                 .unwrap_err()

@@ -51,15 +51,9 @@ pub enum Preset {
 
 impl std::str::FromStr for Preset {
     type Err = crate::Error;
+    /// A preset name or alias of the table in [`crate::presets`] that names a VAE.
     fn from_str(s: &str) -> crate::Result<Self> {
-        match s {
-            "mar-kl16" | "mar" => Ok(Preset::MarKl16),
-            "flux" => Ok(Preset::Flux),
-            "sd" => Ok(Preset::Sd),
-            _ => Err(crate::Error::Invalid(format!(
-                "unknown preset '{s}' (expected mar-kl16, flux or sd)"
-            ))),
-        }
+        crate::presets::find_part(s, "VAE architecture", |p| p.vae)
     }
 }
 
