@@ -454,3 +454,31 @@ fn ema_follows_the_official_decay_sequence() {
         }
     }
 }
+
+#[test]
+fn training_runs_in_f32_inside_a_bf16_scope() {
+    if !coda::amx_available() {
+        println!(
+            "SKIP training_runs_in_f32_inside_a_bf16_scope: this CPU has no AMX, so no bf16 \
+             convolution can leak into training here (CI machines with AMX run it)"
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = images(dir.path(), 8);
+    let start = start_tokenizer(dir.path());
+    let tok = format!("tokenizer='{}'", start.display());
+    let train = |out: &str, scoped: bool| {
+        let cfg = config(dir.path(), &data, out, &[tok.as_str(), "steps=3"]);
+        let mut t = Trainer::new(Role::Adapt, cfg, false).unwrap();
+        if scoped {
+            coda::with_precision(coda::Precision::Bf16, || run(&mut t, None));
+        } else {
+            run(&mut t, None);
+        }
+        params(&t)
+    };
+    let plain = train("plain", false);
+    let scoped = train("scoped", true);
+    assert_eq!(plain, scoped, "a bf16 scope changed the training arithmetic");
+}

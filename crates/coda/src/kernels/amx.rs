@@ -299,7 +299,7 @@ impl WeightCache {
         &self,
         weight: &candle_core::Tensor,
     ) -> candle_core::Result<Option<std::sync::Arc<PackedWeights>>> {
-        match super::precision().amx_three_pass() {
+        match super::effective_precision().amx_three_pass() {
             Some(three) => self.get_for(weight, three),
             None => Ok(None),
         }

@@ -520,7 +520,7 @@ impl CustomOp3 for Conv2dOp {
                 Some(super::f32_slice("coda-conv2d", cpu, layout)?)
             }
         };
-        if let Some(three) = super::precision().amx_three_pass() {
+        if let Some(three) = super::effective_precision().amx_three_pass() {
             let (out, oh, ow) = super::amx::conv2d_forward(
                 x,
                 (n, cin, h, w),

@@ -127,3 +127,14 @@ pub fn with_precision<T>(p: Precision, f: impl FnOnce() -> T) -> T {
 pub fn precision() -> Precision {
     PRECISION.with(|c| c.get())
 }
+
+/// What the convolutions run: this thread's precision, or f32 on a CPU without AMX (a bf16 scope
+/// there computes in f32 rather than executing tile instructions the CPU lacks; the public entry
+/// points refuse such a precision before it gets here).
+pub(crate) fn effective_precision() -> Precision {
+    match precision() {
+        Precision::F32 => Precision::F32,
+        _ if !amx::available() => Precision::F32,
+        p => p,
+    }
+}

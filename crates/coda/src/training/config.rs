@@ -161,7 +161,8 @@ pub struct TrainConfig {
 
     pub model: ModelSpec,
 
-    /// For tests of the NaN guard: updates whose loss is made NaN.
+    /// For tests of the NaN guard: updates whose loss is made NaN. Refused unless the library
+    /// is built with the `internals` feature (a test hook, not a training option).
     pub inject_nan: Vec<u64>,
 }
 
@@ -337,6 +338,13 @@ impl TrainConfig {
                 reason,
             })
         };
+        if !self.inject_nan.is_empty() && !cfg!(feature = "internals") {
+            return bad(
+                "inject_nan is a test hook of the NaN guard, available only in builds with the \
+                 internals feature"
+                    .into(),
+            );
+        }
         if self.batch == 0 || self.accum == 0 {
             return bad("batch and accum must be at least 1".into());
         }

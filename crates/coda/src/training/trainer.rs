@@ -466,7 +466,12 @@ impl Trainer {
 
     /// Train until `until` updates are done (at most the run's total), with periodic
     /// evaluation and checkpoints. The final update also evaluates, checkpoints and exports.
+    /// Training runs in f32 whatever precision scope the caller is in.
     pub fn run(&mut self, until: Option<u64>, on: &mut dyn FnMut(Event)) -> Result<()> {
+        crate::with_precision(crate::Precision::F32, || self.run_f32(until, on))
+    }
+
+    fn run_f32(&mut self, until: Option<u64>, on: &mut dyn FnMut(Event)) -> Result<()> {
         let until = until.unwrap_or(self.total).min(self.total);
         on(Event::Start {
             step: self.step,
@@ -700,6 +705,10 @@ impl Trainer {
     /// PSNR / SSIM (uint8 truncation) and codebook usage of the EMA model on the validation
     /// images; writes a grid of originals (top) and reconstructions (bottom).
     pub fn evaluate(&self) -> Result<EvalReport> {
+        crate::with_precision(crate::Precision::F32, || self.evaluate_f32())
+    }
+
+    fn evaluate_f32(&self) -> Result<EvalReport> {
         let model = TrainModel::build(self.role, &self.arch, &self.model_tensors(true))?;
         let mut stats = CodebookStats::new(self.arch.quantizer.codebook_size);
         let (mut psnr, mut ssim) = (0f64, 0f64);
