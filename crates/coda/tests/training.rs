@@ -458,6 +458,10 @@ fn ema_follows_the_official_decay_sequence() {
 #[test]
 fn training_runs_in_f32_inside_a_bf16_scope() {
     if !coda::amx_available() {
+        assert!(
+            std::env::var("CODA_REQUIRE_AMX").is_err(),
+            "CODA_REQUIRE_AMX is set but this CPU/OS gives no AMX"
+        );
         println!(
             "SKIP training_runs_in_f32_inside_a_bf16_scope: this CPU has no AMX, so no bf16 \
              convolution can leak into training here (CI machines with AMX run it)"
