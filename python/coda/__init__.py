@@ -285,6 +285,27 @@ class Tokenizer:
         ids = self.encode(images, **kwargs)
         return self.decode(ids, **decode_kw)
 
+    def evaluate(
+        self,
+        paths: Sequence[PathLike],
+        *,
+        size: int = 256,
+        resize: Optional[int] = None,
+        batch: int = 8,
+        colours: bool = False,
+    ) -> Dict[str, Any]:
+        """Reconstruction metrics over image files, as ``coda eval`` computes them: PSNR and
+        SSIM (both protocols), codebook usage and perplexity, bits per image; with
+        ``colours=True`` the solid-colour probe. Images are prepared by resizing the shorter side
+        to ``resize`` (default ``size``) and centre-cropping ``size``. Returns the JSON record
+        (metrics, protocol, data) as a dict."""
+        if batch < 1:
+            raise ValueError(f"batch must be at least 1, got {batch}")
+        files = [os.fspath(p) for p in paths]
+        if not files:
+            raise ValueError("no images to evaluate")
+        return json.loads(self._inner.evaluate(files, size, resize, batch, colours))
+
     def __repr__(self) -> str:
         where = self._inner.dir or "default"
         return (

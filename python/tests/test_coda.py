@@ -138,6 +138,24 @@ def test_decode_round_trip_and_scales(tok, tmp_path):
     assert tok.decode(wide, image_size=(32, 64)).shape == (1, 32, 64, 3)
 
 
+def test_evaluate_matches_the_cli(tok, tmp_path):
+    exe = cli()
+    out = tmp_path / "eval.json"
+    subprocess.run(
+        [str(exe), "eval", "--data", *map(str, PHOTOS), "--size", str(SIZE), "--json", str(out)],
+        check=True,
+        capture_output=True,
+    )
+    import json
+
+    cli_metrics = json.loads(out.read_text())["metrics"]
+    metrics = tok.evaluate(PHOTOS, size=SIZE)["metrics"]
+    assert metrics["psnr"] == cli_metrics["psnr"]
+    assert metrics["ssim"] == cli_metrics["ssim"]
+    assert metrics["codebook"]["usage_all"] == cli_metrics["codebook"]["usage_all"]
+    assert 10 < metrics["psnr"]["float"] < 60
+
+
 def test_pickle_round_trip(tok):
     pixels = np.stack([coda.load_image(p, SIZE) for p in PHOTOS[:2]])
     ids = tok.encode(pixels)

@@ -291,6 +291,35 @@ impl PyTokenizer {
                 .unbind())
         }
     }
+
+    /// Reconstruction metrics over image files (the `coda eval` harness): the results as JSON.
+    #[pyo3(signature = (paths, size, resize, batch, colours))]
+    fn evaluate(
+        &self,
+        py: Python<'_>,
+        paths: Vec<PathBuf>,
+        size: u32,
+        resize: Option<u32>,
+        batch: usize,
+        colours: bool,
+    ) -> PyResult<String> {
+        use coda::evaluation::{EvalModel, EvalOptions};
+        let tok = self.inner.clone();
+        py.allow_threads(move || {
+            let opts = EvalOptions {
+                size,
+                resize,
+                batch,
+                colours,
+                data: paths.clone(),
+                precision: tok.precision(),
+                ..Default::default()
+            };
+            let r = EvalModel::Tokenizer(&tok).evaluate(&paths, &opts, &mut |_| {})?;
+            Ok(r.json.to_string())
+        })
+        .map_err(py_err)
+    }
 }
 
 /// An image file -> uint8 [H, W, 3], prepared as the encoders prepare it (shorter side to

@@ -484,5 +484,8 @@ fn training_runs_in_f32_inside_a_bf16_scope() {
     };
     let plain = train("plain", false);
     let scoped = train("scoped", true);
-    assert_eq!(plain, scoped, "a bf16 scope changed the training arithmetic");
+    assert_eq!(
+        plain, scoped,
+        "a bf16 scope changed the training arithmetic"
+    );
 }

@@ -3,9 +3,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context;
 use coda::evaluation::evaluator::{report_rows, EvalEvent, EvalModel, EvalOptions};
-use coda::tokenizer::Tokenizer;
 use coda::vae::VaeWeights;
 
 use super::VaeArgs;
@@ -14,7 +12,7 @@ use super::VaeArgs;
 pub struct Args {
     #[command(flatten)]
     pub precision: super::PrecisionArgs,
-    /// A tokenizer folder.
+    /// A tokenizer folder (default: the embedded default tokenizer, unless --vae is given).
     #[arg(long, conflicts_with = "vae")]
     pub tokenizer: Option<PathBuf>,
     #[command(flatten)]
@@ -75,22 +73,20 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<()> {
     let precision = args.precision.checked()?;
     let device = super::device()?;
-    let (model, model_path) = match &args.tokenizer {
-        Some(dir) => (
-            EvalModel::Tokenizer(Box::new(
-                Tokenizer::from_dir(dir, &device)?.with_precision(precision)?,
-            )),
-            dir.display().to_string(),
-        ),
+    let (tokenizer, vae, model_path) = match &args.vae.vae {
         None => {
-            let path = args
-                .vae
-                .path()
-                .context("give --tokenizer DIR or --vae PATH")?;
-            let w = VaeWeights::load(path, &args.vae.options(), &device)?;
-            let name = path.display().to_string();
-            (EvalModel::Vae(Box::new(w.build()?), name.clone()), name)
+            let (tok, name) = super::tokenizer_or_default(args.tokenizer.as_deref(), &device)?;
+            (Some(tok.with_precision(precision)?), None, name)
         }
+        Some(path) => {
+            let w = VaeWeights::load(path, &args.vae.options(), &device)?;
+            (None, Some(w.build()?), path.display().to_string())
+        }
+    };
+    let model = match (&tokenizer, &vae) {
+        (Some(t), _) => EvalModel::Tokenizer(t),
+        (None, Some(v)) => EvalModel::Vae(v, model_path.clone()),
+        (None, None) => unreachable!("one of the two is loaded"),
     };
     let mut paths = coda::data::collect_images(&args.data)?;
     if let Some(n) = args.limit {

@@ -18,10 +18,10 @@ use crate::tokenizer::{Posterior, Tokenizer};
 use crate::vae::AutoencoderKl;
 
 /// What gets evaluated.
-pub enum EvalModel {
-    Tokenizer(Box<Tokenizer>),
+pub enum EvalModel<'a> {
+    Tokenizer(&'a Tokenizer),
     /// A continuous VAE and the name it is reported under.
-    Vae(Box<AutoencoderKl>, String),
+    Vae(&'a AutoencoderKl, String),
 }
 
 /// How images are prepared and which metrics are computed.
@@ -153,7 +153,7 @@ pub fn strip(images: &[RgbImage]) -> RgbImage {
     out
 }
 
-impl EvalModel {
+impl EvalModel<'_> {
     fn posterior(opts: &EvalOptions, row: usize) -> Posterior {
         if opts.sample {
             Posterior::Sample(opts.seed.wrapping_add(row as u64))
