@@ -40,7 +40,7 @@ fn precision(name: Option<&str>) -> PyResult<Option<Precision>> {
 /// Flat ids [N, L] as a numpy array of the narrowest id type: uint16 when the codebook has at
 /// most 65536 codes, else uint32. The array takes over the vector's buffer.
 fn ids_to_numpy(py: Python<'_>, flat: Vec<u32>, n: usize, wide: bool) -> PyResult<PyObject> {
-    let l = if n == 0 { 0 } else { flat.len() / n };
+    let l = flat.len().checked_div(n).unwrap_or(0);
     if wide {
         Ok(PyArray1::from_vec(py, flat)
             .reshape([n, l])?
