@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Print the README's results table (Markdown) from the runs and `coda eval` JSON files written
 by scripts/reproduce_table.sh. Wall time of a run = the sum of its invocations' seconds in
-RUNS/wall.jsonl (a resumed run has several); CPU-hours = wall time x 2 (the runs use the machine's
-2 cores)."""
+RUNS/wall.jsonl (a resumed run has several); CPU-hours = the sum of seconds x threads of each
+invocation ("threads" in wall.jsonl; 2, the machine's cores, where absent)."""
 import json
 import os
 import sys
@@ -12,7 +12,8 @@ rows = [
     ("Continuous KL-VAE (parent)", "vae"),
     ("CODA before adaptation (random codebook, LoRA = identity)", "start"),
     ("CODA (adapted, 1x: 600 updates at 64 px)", "coda"),
-    ("CODA, then 150 updates at 128 px (the default tokenizer)", "coda-128"),
+    ("CODA, then 150 updates at 128 px", "coda-128"),
+    ("CODA, then 600 more at 128 px (the default tokenizer)", "coda-long"),
     ("VQ from scratch, 1x", "vq-1x"),
     ("VQ from scratch, 6x", "vq-6x"),
     ("Multi-scale VQ from scratch, 1x", "msvq"),
@@ -30,12 +31,14 @@ def steps_of(run):
 
 
 def wall_seconds():
+    """Per run: (wall seconds, CPU seconds)."""
     total = {}
     path = os.path.join(runs, "wall.jsonl")
     if os.path.exists(path):
         for line in open(path):
             d = json.loads(line)
-            total[d["run"]] = total.get(d["run"], 0) + d["seconds"]
+            w, c = total.get(d["run"], (0, 0))
+            total[d["run"]] = (w + d["seconds"], c + d["seconds"] * d.get("threads", 2))
     return total
 
 
@@ -65,10 +68,11 @@ def main():
         if run == "start":
             steps, wt, hours = "0", "0", "0"
         else:
-            extra = {"coda": " + parent", "coda-128": " + 1x + parent"}.get(run, "")
-            sec = wall.get(run)
+            extra = {"coda": " + parent", "coda-128": " + 1x + parent",
+                     "coda-long": " + 150 + 1x + parent"}.get(run, "")
+            sec, cpu = wall.get(run, (None, None))
             wt = f"{sec / 60:.0f} min{extra}" if sec else "?"
-            hours = f"{2 * sec / 3600:.2f}{extra}" if sec else "?"
+            hours = f"{cpu / 3600:.2f}{extra}" if sec else "?"
             steps = f"{steps_of(run)}{extra}"
         print(f"| {label} | {m['psnr']['uint8_truncated']:.2f} | {m['ssim']['uint8_truncated']:.4f} | {lp} | {col} "
               f"| {usage} | {bits} | {steps} | {wt} | {hours} |")

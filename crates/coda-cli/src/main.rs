@@ -23,6 +23,8 @@ enum Command {
     Decode(commands::decode::Args),
     /// Round-trip an image through a tokenizer (or a continuous VAE) and report PSNR.
     Reconstruct(commands::reconstruct::Args),
+    /// A whole dataset into a sharded, resumable token store (numpy-readable).
+    Tokenize(commands::tokenize::Args),
     /// Reconstruction metrics of a tokenizer or a VAE over a folder of images, as JSON.
     Eval(commands::eval::Args),
     /// Create tokenizers.
@@ -52,6 +54,7 @@ fn main() {
         Command::Encode(a) => commands::encode::run(a),
         Command::Decode(a) => commands::decode::run(a),
         Command::Reconstruct(a) => commands::reconstruct::run(a),
+        Command::Tokenize(a) => commands::tokenize::run(a),
         Command::Eval(a) => commands::eval::run(a),
         Command::Tokenizer(c) => commands::tokenizer::run(c),
         Command::Import(a) => commands::import::run(a),

@@ -7,6 +7,7 @@ pub mod eval;
 pub mod import;
 pub mod info;
 pub mod reconstruct;
+pub mod tokenize;
 pub mod tokenizer;
 pub mod train;
 

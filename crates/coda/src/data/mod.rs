@@ -1,6 +1,7 @@
 //! Images in and out: decoding, resizing and cropping, conversion to and from tensors, and
 //! gathering image files from folders.
 
+pub mod dataset;
 pub mod folder;
 pub mod image_io;
 pub mod loader;

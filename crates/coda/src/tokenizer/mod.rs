@@ -9,6 +9,7 @@ mod embedded;
 pub use embedded::DEFAULT_TOKENIZER_NAME;
 mod images;
 pub mod import;
+pub mod store;
 pub mod token_file;
 pub mod tokens;
 
