@@ -22,9 +22,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from . import _coda
+from .store import TokenStore
 
 __version__ = _coda.__version__
-__all__ = ["Tokenizer", "load_image", "load_tokens", "save_tokens", "__version__"]
+__all__ = ["Tokenizer", "TokenStore", "load_image", "load_tokens", "save_tokens", "__version__"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 Images = Union[np.ndarray, Sequence[PathLike], Sequence[np.ndarray]]

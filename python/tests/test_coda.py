@@ -156,6 +156,41 @@ def test_evaluate_matches_the_cli(tok, tmp_path):
     assert 10 < metrics["psnr"]["float"] < 60
 
 
+def test_token_store_reads_what_coda_tokenize_wrote(tok, tmp_path):
+    exe = cli()
+    data = tmp_path / "data"
+    for i, p in enumerate(PHOTOS):
+        d = data / ("a" if i < 2 else "b")
+        d.mkdir(parents=True, exist_ok=True)
+        (d / p.name).write_bytes(p.read_bytes())
+    (data / "b" / "broken.png").write_bytes(b"not a png")
+    store = tmp_path / "store"
+    subprocess.run(
+        [str(exe), "tokenize", "--data", str(data), "-o", str(store), "--size", str(SIZE),
+         "--shard-size", "2", "--flip"],
+        check=True,
+        capture_output=True,
+    )
+    ts = coda.TokenStore(store)
+    assert len(ts) == 3 and ts.views == ["center", "flip"] and ts.classes == ["a", "b"]
+    assert ts.manifest["skipped"][0][0] == "b/broken.png"
+    keys = [ts[i][2] for i in range(len(ts))]
+    assert keys == sorted(f"{'a' if i < 2 else 'b'}/{p.name}" for i, p in enumerate(PHOTOS))
+    for i in range(len(ts)):
+        ids, label, key = ts[i]
+        assert isinstance(ids, np.memmap) or isinstance(ids.base, np.memmap)
+        assert ids.shape == (2, tok.tokens_per_image(SIZE, SIZE)) and ids.dtype == np.uint16
+        np.testing.assert_array_equal(ids[0], tok.encode([data / key], size=SIZE)[0])
+        flipped = np.ascontiguousarray(coda.load_image(data / key, SIZE)[:, ::-1])
+        np.testing.assert_array_equal(ids[1], tok.encode(flipped[None])[0])
+        assert label == (0 if key.startswith("a/") else 1)
+    assert ts[-1][2] == keys[-1]
+    with pytest.raises(IndexError):
+        ts[3]
+    with pytest.raises(FileNotFoundError):
+        coda.TokenStore(tmp_path)
+
+
 def test_pickle_round_trip(tok):
     pixels = np.stack([coda.load_image(p, SIZE) for p in PHOTOS[:2]])
     ids = tok.encode(pixels)
