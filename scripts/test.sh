@@ -18,5 +18,5 @@ VENV=${CODA_TEST_VENV:-target/py-test-venv}
 rm -rf "$VENV"
 python3 -m venv "$VENV"
 "$VENV/bin/pip" install -q --upgrade pip
-"$VENV/bin/pip" install -q ".[test]"
-CODA_CLI=target/debug/coda CODA_REQUIRE_CLI=1 "$VENV/bin/python" -m pytest python/tests -q -rs
+"$VENV/bin/pip" install -q ".[test,ray]"
+CODA_CLI=target/debug/coda CODA_REQUIRE_CLI=1 CODA_REQUIRE_RAY=1 "$VENV/bin/python" -m pytest python/tests -q -rs

@@ -25,7 +25,7 @@ from . import _coda
 from .store import TokenStore
 
 __version__ = _coda.__version__
-__all__ = ["Tokenizer", "TokenStore", "load_image", "load_tokens", "save_tokens", "__version__"]
+__all__ = ["Tokenizer", "TokenStore", "load_image", "prepare_image", "load_tokens", "save_tokens", "__version__"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 Images = Union[np.ndarray, Sequence[PathLike], Sequence[np.ndarray]]
@@ -335,6 +335,12 @@ def load_image(path: PathLike, size: Optional[int] = None) -> np.ndarray:
     """Read an image file as uint8 ``[H, W, 3]``, prepared as the encoders prepare files:
     shorter side resized to ``size`` (Lanczos) and centre-cropped; ``None`` keeps its size."""
     return _coda.load_image(os.fspath(path), size)
+
+
+def prepare_image(image: np.ndarray, size: int) -> np.ndarray:
+    """A uint8 ``[H, W, 3]`` image prepared as the encoders prepare files: shorter side resized
+    to ``size`` (Lanczos) and centre-cropped to ``size`` x ``size``."""
+    return _coda.prepare_image(_as_pixels(image, "image"), int(size))
 
 
 def load_tokens(path: PathLike) -> Tuple[np.ndarray, Dict[str, Any]]:

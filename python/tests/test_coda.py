@@ -299,3 +299,48 @@ def test_readme_python_example_runs(tmp_path):
             exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
     finally:
         os.chdir(cwd)
+
+
+def test_ray_data_gives_the_ids_of_coda_tokenize(tok, tmp_path):
+    try:
+        import ray
+    except ImportError:
+        if os.environ.get("CODA_REQUIRE_RAY") == "1":
+            pytest.fail("CODA_REQUIRE_RAY=1 but ray is not installed")
+        print("SKIP: ray is not installed (pip install '.[ray]')")
+        pytest.skip("ray not installed")
+    from coda.ray import TokenizeBatch
+
+    exe = cli()
+    data = tmp_path / "data"
+    data.mkdir()
+    for p in PHOTOS:
+        (data / p.name).write_bytes(p.read_bytes())
+    store = tmp_path / "store"
+    subprocess.run(
+        [str(exe), "tokenize", "--data", str(data), "-o", str(store), "--size", str(SIZE), "--flip"],
+        check=True,
+        capture_output=True,
+    )
+    ts = coda.TokenStore(store)
+    expected = {ts[i][2]: np.asarray(ts[i][0]) for i in range(len(ts))}
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        ds = ray.data.read_images(str(data), include_paths=True, mode="RGB")
+        ds = ds.map_batches(
+            TokenizeBatch,
+            fn_constructor_kwargs={"size": SIZE, "flip": True, "threads": 1},
+            batch_size=2,
+            batch_format="numpy",
+            concurrency=1,  # one tokenizer actor: the read tasks need the other CPU
+        )
+        rows = ds.take_all()
+        out = tmp_path / "parquet"
+        ds.write_parquet(str(out))
+        assert list(out.glob("*.parquet"))
+    finally:
+        ray.shutdown()
+    assert len(rows) == len(PHOTOS)
+    for r in rows:
+        key = Path(r["path"]).name
+        np.testing.assert_array_equal(r["ids"], expected[key])

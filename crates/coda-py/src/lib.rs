@@ -337,6 +337,34 @@ fn load_image(py: Python<'_>, path: PathBuf, size: Option<u32>) -> PyResult<PyOb
         .unbind())
 }
 
+/// uint8 [H, W, 3] (C-contiguous) -> the image prepared as the encoders prepare files (shorter
+/// side to `size`, Lanczos; centre crop).
+#[pyfunction]
+fn prepare_image(
+    py: Python<'_>,
+    image: numpy::PyReadonlyArray3<'_, u8>,
+    size: u32,
+) -> PyResult<PyObject> {
+    let shape = image.shape().to_vec();
+    if shape[2] != 3 {
+        return Err(PyValueError::new_err(format!(
+            "image must be [H, W, 3], got {shape:?}"
+        )));
+    }
+    let data = image
+        .as_slice()
+        .map_err(|_| PyValueError::new_err("image must be a C-contiguous array"))?
+        .to_vec();
+    let img = image::RgbImage::from_raw(shape[1] as u32, shape[0] as u32, data)
+        .expect("buffer of the image's size");
+    let out = py.allow_threads(move || coda::data::prepare(img, Some(size)));
+    let (w, h) = out.dimensions();
+    Ok(PyArray1::from_vec(py, out.into_raw())
+        .reshape([h as usize, w as usize, 3])?
+        .into_any()
+        .unbind())
+}
+
 /// A token file -> (flat ids [N, L], metadata as JSON text).
 #[pyfunction]
 fn load_tokens(py: Python<'_>, path: PathBuf) -> PyResult<(PyObject, String)> {
@@ -410,6 +438,7 @@ fn _coda(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyTokenizer>()?;
     m.add_function(wrap_pyfunction!(load_tokens, m)?)?;
     m.add_function(wrap_pyfunction!(load_image, m)?)?;
+    m.add_function(wrap_pyfunction!(prepare_image, m)?)?;
     m.add_function(wrap_pyfunction!(save_tokens, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
