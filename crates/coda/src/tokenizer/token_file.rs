@@ -25,6 +25,16 @@ pub fn write(path: &Path, tokens: &Tokens, meta: &TokenFileMeta) -> Result<()> {
     let wide = meta.codebook_size > 65536;
     let n = tokens.batch();
     let per_scale = tokens.to_vecs()?;
+    // Every id fits the codebook (and so the u16 of a narrow file): never narrowed silently.
+    for (k, ids) in per_scale.iter().enumerate() {
+        if let Some(&bad) = ids.iter().find(|&&v| v as usize >= meta.codebook_size) {
+            return Err(Error::Invalid(format!(
+                "{}: scale_{k} holds id {bad}, out of range for a codebook of {} codes",
+                path.display(),
+                meta.codebook_size
+            )));
+        }
+    }
     let encode = |v: &[u32]| -> Vec<u8> {
         if wide {
             v.iter().flat_map(|x| x.to_le_bytes()).collect()
@@ -93,6 +103,18 @@ pub fn read(path: &Path, device: &Device) -> Result<(Tokens, TokenFileMeta)> {
             .cloned()
             .ok_or_else(|| bad(format!("metadata has no '{k}' (not a coda token file?)")))
     };
+    if get("format")? != "coda-tokens" {
+        return Err(bad(format!(
+            "format {:?}, expected \"coda-tokens\"",
+            get("format")?
+        )));
+    }
+    if get("version")? != "1" {
+        return Err(bad(format!(
+            "token file version {} (this build reads version 1)",
+            get("version")?
+        )));
+    }
     let scales: Vec<[usize; 2]> = serde_json::from_str(&get("scales")?)
         .map_err(|e| bad(format!("bad 'scales' metadata: {e}")))?;
     let scales: Vec<(usize, usize)> = scales.into_iter().map(|[h, w]| (h, w)).collect();
@@ -222,16 +244,53 @@ mod tests {
     fn ids_out_of_range_and_inconsistent_tensors_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("t.safetensors");
-        // Written claiming a codebook of 10 while ids go up to 99.
-        write(&p, &tokens(100), &meta(10)).unwrap();
-        let err = read(&p, &Device::Cpu).unwrap_err().to_string();
+        // Ids up to 99 are not written as tokens of a codebook of 10 (issue #15: no silent
+        // narrowing), and a file that claims so is refused on reading.
+        let err = write(&p, &tokens(100), &meta(10)).unwrap_err().to_string();
+        assert!(err.contains("out of range for a codebook of 10"), "{err}");
+        assert!(!p.exists());
+        write(&p, &tokens(100), &meta(100)).unwrap();
+        let good = std::fs::read(&p).unwrap();
+        let claim = |md: &[(&str, &str)]| {
+            let st = safetensors::SafeTensors::deserialize(&good).unwrap();
+            let views: Vec<(String, TensorView)> = st
+                .tensors()
+                .into_iter()
+                .map(|(k, v)| {
+                    (
+                        k,
+                        TensorView::new(v.dtype(), v.shape().to_vec(), v.data()).unwrap(),
+                    )
+                })
+                .collect();
+            let md: HashMap<String, String> = md
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            std::fs::write(&p, safetensors::tensor::serialize(views, Some(md)).unwrap()).unwrap();
+            read(&p, &Device::Cpu).unwrap_err().to_string()
+        };
+        let base = [
+            ("format", "coda-tokens"),
+            ("version", "1"),
+            ("scales", "[[1,1],[2,3]]"),
+            ("tokenizer_hash", "abc"),
+        ];
+        let err = claim(&[&base[..], &[("codebook_size", "10")]].concat());
         assert!(
             err.contains("'tokens' holds id") && err.contains("10 codes"),
             "{err}"
         );
+        // Format and version are checked (version "999" was accepted).
+        let mut v999 = base;
+        v999[1] = ("version", "999");
+        let err = claim(&[&v999[..], &[("codebook_size", "100")]].concat());
+        assert!(err.contains("version 999"), "{err}");
+        let mut other = base;
+        other[0] = ("format", "npz");
+        let err = claim(&[&other[..], &[("codebook_size", "100")]].concat());
+        assert!(err.contains("format"), "{err}");
         // Scales metadata that contradicts the tensors: the error names the tensor.
-        write(&p, &tokens(100), &meta(100)).unwrap();
-        let good = std::fs::read(&p).unwrap();
         let st = safetensors::SafeTensors::deserialize(&good).unwrap();
         let views: Vec<(String, TensorView)> = st
             .tensors()
@@ -244,6 +303,8 @@ mod tests {
             })
             .collect();
         let md = HashMap::from([
+            ("format".to_string(), "coda-tokens".to_string()),
+            ("version".to_string(), "1".to_string()),
             ("scales".to_string(), "[[1,1],[3,2]]".to_string()),
             ("codebook_size".to_string(), "100".to_string()),
             ("tokenizer_hash".to_string(), "abc".to_string()),
@@ -268,6 +329,8 @@ mod tests {
                 TensorView::new(Dtype::U16, vec![rows, 1], &data).unwrap(),
             )];
             let md = HashMap::from([
+                ("format".to_string(), "coda-tokens".to_string()),
+                ("version".to_string(), "1".to_string()),
                 ("scales".to_string(), scales.to_string()),
                 ("codebook_size".to_string(), "10".to_string()),
                 ("tokenizer_hash".to_string(), "abc".to_string()),

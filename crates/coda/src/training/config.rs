@@ -354,6 +354,51 @@ impl TrainConfig {
         if self.steps.is_none() && self.epochs.is_none() {
             return bad("give steps or epochs".into());
         }
+        // Hyper-parameters: each named with its allowed range (a NaN or infinite value would
+        // otherwise poison every weight in the first update).
+        let finite_in = |name: &str, v: f64, lo: f64, hi: f64, lo_open: bool, hi_open: bool| {
+            let ok = v.is_finite()
+                && if lo_open { v > lo } else { v >= lo }
+                && if hi_open { v < hi } else { v <= hi };
+            if ok {
+                Ok(())
+            } else {
+                let (l, h) = (
+                    if lo_open { "(" } else { "[" },
+                    if hi_open { ")" } else { "]" },
+                );
+                Err(Error::Config {
+                    path: origin.into(),
+                    reason: format!("{name} = {v} is outside {l}{lo}, {hi}{h}"),
+                })
+            }
+        };
+        let inf = f64::INFINITY;
+        finite_in("lr", self.lr, 0.0, inf, true, true)?;
+        finite_in("lr_disc", self.lr_disc, 0.0, inf, true, true)?;
+        finite_in("betas[0]", self.betas[0], 0.0, 1.0, false, true)?;
+        finite_in("betas[1]", self.betas[1], 0.0, 1.0, false, true)?;
+        finite_in("eps", self.eps, 0.0, inf, true, true)?;
+        finite_in("clip", self.clip, 0.0, inf, true, true)?;
+        finite_in("clip_disc", self.clip_disc, 0.0, inf, true, true)?;
+        finite_in("ema_start", self.ema_start, 0.0, 1.0, false, false)?;
+        for (name, v) in [
+            ("weight_decay", self.weight_decay),
+            ("weight_decay_disc", self.weight_decay_disc),
+            ("l1_weight", self.l1_weight),
+            ("mse_weight", self.mse_weight),
+            ("chroma_weight", self.chroma_weight),
+            ("lpips_weight", self.lpips_weight),
+            ("vq_weight", self.vq_weight),
+            ("entropy_weight", self.entropy_weight),
+            ("kl_weight", self.kl_weight),
+            ("disc_weight", self.disc_weight),
+        ] {
+            finite_in(name, v, 0.0, inf, false, true)?;
+        }
+        if let Some(e) = self.epochs {
+            finite_in("epochs", e, 0.0, inf, true, true)?;
+        }
         if self.follows_paper() && self.lpips_weight > 0.0 && self.lpips.is_none() {
             return bad(format!(
                 "preset {} is the paper's recipe, which trains with LPIPS at weight {}: give the \
@@ -458,6 +503,25 @@ mod tests {
         let saved = dir.path().join("config.toml");
         std::fs::write(&saved, c.to_toml()).unwrap();
         assert_eq!(TrainConfig::load(&saved).unwrap(), c);
+        // Hyper-parameters out of range are refused up front, naming the key and the range.
+        for (set, key) in [
+            ("lr=nan", "lr"),
+            ("lr=inf", "lr"),
+            ("lr=0", "lr"),
+            ("betas=[0.5, 1.0]", "betas[1]"),
+            ("eps=0", "eps"),
+            ("clip=-1", "clip"),
+            ("ema_start=1.5", "ema_start"),
+            ("kl_weight=-1", "kl_weight"),
+        ] {
+            let e = TrainConfig::resolve(Some("tiny-cpu"), None, &[set.into(), "steps=1".into()])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains(&format!("{key} = ")) && e.contains("outside"),
+                "{set}: {e}"
+            );
+        }
         // Unknown keys are errors, not silently ignored.
         let e = TrainConfig::resolve(None, None, &["stepz=3".into()]).unwrap_err();
         assert!(e.to_string().contains("stepz"), "{e}");
