@@ -263,3 +263,48 @@ fn store_matches_encode_survives_sigkill_and_merges() {
         "{err}"
     );
 }
+
+/// Issue #15: `decode` created its output folder before checking its input (34 empty or partly
+/// written folders after refusals such as `--scales 100`).
+#[test]
+fn refused_decode_leaves_no_output_behind() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tokens = tmp.path().join("t.safetensors");
+    let lake = repo().join("assets/samples/lake.png");
+    ok(
+        &[
+            "encode",
+            "--size",
+            "64",
+            "-o",
+            tokens.to_str().unwrap(),
+            lake.to_str().unwrap(),
+        ],
+        "2",
+    );
+    let out = tmp.path().join("png");
+    for extra in [&["--scales", "100"][..], &["--scales", "0"][..]] {
+        let mut args = vec![
+            "decode",
+            "-o",
+            out.to_str().unwrap(),
+            tokens.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let o = coda(&args, "2");
+        assert!(!o.status.success(), "{extra:?} should be refused");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("scales"), "{err}");
+        assert!(!out.exists(), "{extra:?} left {} behind", out.display());
+    }
+    ok(
+        &[
+            "decode",
+            "-o",
+            out.to_str().unwrap(),
+            tokens.to_str().unwrap(),
+        ],
+        "2",
+    );
+    assert!(out.join("lake.png").exists());
+}

@@ -171,3 +171,31 @@ fn bad_input_is_refused_with_a_clear_error() {
     let warning = tok.check_token_file(&meta(v, "0123"), path, true).unwrap();
     assert!(warning.unwrap().contains("0123"));
 }
+
+/// Issue #15: with `sample`, evaluation seeded a batch from its first row, so an unreadable
+/// image shifted the seeds of the images after it (the numbers then depended on the batch size).
+#[test]
+fn evaluation_seeds_do_not_shift_after_a_skipped_image() {
+    use coda::evaluation::{EvalModel, EvalOptions};
+    let tok = Tokenizer::default_tokenizer(&Device::Cpu).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let broken = dir.path().join("broken.png");
+    std::fs::write(&broken, b"not a png").unwrap();
+    let p = photos();
+    let paths = vec![p[0].clone(), broken, p[1].clone(), p[2].clone()];
+    let eval = |batch| {
+        let opts = EvalOptions {
+            size: SIZE,
+            batch,
+            sample: true,
+            seed: 3,
+            ..Default::default()
+        };
+        let r = EvalModel::Tokenizer(&tok)
+            .evaluate(&paths, &opts, &mut |_| {})
+            .unwrap();
+        assert_eq!(r.json["data"]["images"], 3);
+        r.json["metrics"]["psnr"]["float"].as_f64().unwrap()
+    };
+    assert_eq!(eval(4), eval(1));
+}

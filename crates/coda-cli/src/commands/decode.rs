@@ -41,7 +41,36 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     tok.validate(&tokens)?;
     let k = args.scales.unwrap_or(tokens.scales.len());
+    anyhow::ensure!(
+        (1..=tokens.scales.len()).contains(&k),
+        "--scales {k}: the tokens have {} scales (1 to {0} can be decoded)",
+        tokens.scales.len()
+    );
+    // Everything is checked before anything is written; on a later failure the files written so
+    // far (and the folder, if this run created it) are removed.
+    let created = !args.output.exists();
     std::fs::create_dir_all(&args.output)?;
+    let mut written: Vec<PathBuf> = Vec::new();
+    let result = write_all(&args, &tok, &tokens, &meta, k, &mut written);
+    if result.is_err() {
+        for f in &written {
+            let _ = std::fs::remove_file(f);
+        }
+        if created {
+            let _ = std::fs::remove_dir(&args.output);
+        }
+    }
+    result
+}
+
+fn write_all(
+    args: &Args,
+    tok: &coda::Tokenizer,
+    tokens: &coda::tokenizer::Tokens,
+    meta: &token_file::TokenFileMeta,
+    k: usize,
+    written: &mut Vec<PathBuf>,
+) -> anyhow::Result<()> {
     // Output names from the source images' stems, made unique; else the row index.
     let mut used = HashSet::new();
     let names: Vec<String> = (0..tokens.batch())
@@ -65,7 +94,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let n = args.batch.max(1).min(tokens.batch() - start);
         let images = tok.decode_images(&tokens.slice(start, n)?, Some(k), None)?;
         for (j, img) in images.iter().enumerate() {
-            data::save_png(&args.output.join(format!("{}.png", names[start + j])), img)?;
+            let path = args.output.join(format!("{}.png", names[start + j]));
+            data::save_png(&path, img)?;
+            written.push(path);
         }
         start += n;
         pb.inc(n as u64);

@@ -254,18 +254,34 @@ impl EvalModel<'_> {
                 continue;
             }
             let x = data::images_to_tensor(&images, &device)?;
-            let posterior = Self::posterior(opts, rows[0]);
-            let recon = match self {
-                EvalModel::Tokenizer(t) => {
-                    let enc = t.encode_with(&x, posterior)?;
-                    tokens_per_image = enc.tokens.len_per_image();
-                    if let Some(c) = codebook.as_mut() {
-                        c.add(&enc.tokens)?;
-                    }
-                    t.decode_latent(&enc.latent_hat)?
+            // Image r samples with seed + r: a skipped image must not shift the seeds of the
+            // images after it, so a batch is encoded in runs of consecutive rows.
+            let mut recon_parts = Vec::new();
+            let mut start = 0;
+            while start < rows.len() {
+                let mut end = start + 1;
+                while opts.sample && end < rows.len() && rows[end] == rows[end - 1] + 1 {
+                    end += 1;
                 }
-                EvalModel::Vae(..) => self.reconstruct(&x, posterior)?,
-            };
+                if !opts.sample {
+                    end = rows.len();
+                }
+                let xs = x.narrow(0, start, end - start)?;
+                let posterior = Self::posterior(opts, rows[start]);
+                recon_parts.push(match self {
+                    EvalModel::Tokenizer(t) => {
+                        let enc = t.encode_with(&xs, posterior)?;
+                        tokens_per_image = enc.tokens.len_per_image();
+                        if let Some(c) = codebook.as_mut() {
+                            c.add(&enc.tokens)?;
+                        }
+                        t.decode_latent(&enc.latent_hat)?
+                    }
+                    EvalModel::Vae(..) => self.reconstruct(&xs, posterior)?,
+                });
+                start = end;
+            }
+            let recon = Tensor::cat(&recon_parts, 0)?;
             if let Some((net, _)) = &lpips {
                 lpips_sum += net
                     .distance(&x, &recon.clamp(-1f32, 1f32)?)?
@@ -288,6 +304,7 @@ impl EvalModel<'_> {
                     // Coarse-to-fine strips for the first few images (K decodes each).
                     let progressive = match self {
                         EvalModel::Tokenizer(t) if samples.len() < 4 => {
+                            let posterior = Self::posterior(opts, rows[j]);
                             let tokens = t.encode_with(&x.narrow(0, j, 1)?, posterior)?.tokens;
                             let steps = (1..=tokens.scales.len())
                                 .map(|k| {
