@@ -308,3 +308,66 @@ fn refused_decode_leaves_no_output_behind() {
     );
     assert!(out.join("lake.png").exists());
 }
+
+/// WebDataset shards give the same ids as the same pictures in a folder (keys are the
+/// WebDataset keys, labels the `.cls` members; a corrupt member is skipped and listed).
+#[test]
+fn webdataset_tar_gives_the_folder_ids() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = dataset(tmp.path());
+    let tar_path = tmp.path().join("train-000.tar");
+    let mut t = tar::Builder::new(std::fs::File::create(&tar_path).unwrap());
+    let members = [
+        ("cups/cups.jpg", "0"),
+        ("cups/kite.png", "0"),
+        ("lake/broken.jpg", "1"),
+        ("lake/ladybird.jpg", "1"),
+        ("lake/lake.png", "1"),
+    ];
+    for (i, (file, cls)) in members.iter().enumerate() {
+        let ext = Path::new(file).extension().unwrap().to_str().unwrap();
+        t.append_path_with_name(data.join(file), format!("{i:04}.{ext}"))
+            .unwrap();
+        let mut h = tar::Header::new_gnu();
+        h.set_size(cls.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        t.append_data(&mut h, format!("{i:04}.cls"), cls.as_bytes())
+            .unwrap();
+    }
+    t.finish().unwrap();
+    drop(t);
+    let (a, b) = (tmp.path().join("from-folder"), tmp.path().join("from-tar"));
+    for (src, out) in [(&data, &a), (&tar_path, &b)] {
+        ok(
+            &[
+                "tokenize",
+                "--data",
+                src.to_str().unwrap(),
+                "-o",
+                out.to_str().unwrap(),
+                "--size",
+                "64",
+                "--shard-size",
+                "10",
+            ],
+            "2",
+        );
+    }
+    let ids = |d: &Path| npy_u16(&d.join("shard-00000.ids.npy"));
+    assert_eq!(ids(&a), ids(&b));
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(b.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(m["source_kind"], "webdataset");
+    assert_eq!(m["skipped"][0][0], "0002");
+    let keys: Vec<String> =
+        serde_json::from_slice(&std::fs::read(b.join("shard-00000.keys.json")).unwrap()).unwrap();
+    assert_eq!(keys, ["0000", "0001", "0003", "0004"]);
+    let labels = std::fs::read(b.join("shard-00000.labels.npy")).unwrap();
+    let hl = u16::from_le_bytes([labels[8], labels[9]]) as usize;
+    let labels: Vec<i64> = labels[10 + hl..]
+        .chunks_exact(8)
+        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    assert_eq!(labels, [0, 0, 1, 1]);
+}

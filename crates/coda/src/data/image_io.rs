@@ -12,17 +12,24 @@ use crate::error::{Error, Result};
 /// alpha channel is dropped, as PIL's `convert('RGB')` does in the reference data pipeline.
 pub fn load_image(path: &Path) -> Result<RgbImage> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    decode_image(&bytes, path)
+}
+
+/// Decode an encoded image held in memory (e.g. a member of a tar shard); `origin` names it in
+/// errors.
+pub fn decode_image(bytes: &[u8], origin: &Path) -> Result<RgbImage> {
+    let path = origin;
     let bad = |reason: String| Error::Image {
         path: path.into(),
         reason,
     };
-    let reader = image::ImageReader::new(std::io::Cursor::new(&bytes[..]))
+    let reader = image::ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| bad(e.to_string()))?;
     match reader.format() {
         None => return Err(bad("unknown or unsupported image format".into())),
         // The JPEG decoder fills a truncated file's missing rows silently; refuse it instead.
-        Some(image::ImageFormat::Jpeg) => check_jpeg_complete(&bytes).map_err(bad)?,
+        Some(image::ImageFormat::Jpeg) => check_jpeg_complete(bytes).map_err(bad)?,
         Some(_) => {}
     }
     let img = reader.decode().map_err(|e| bad(e.to_string()))?;

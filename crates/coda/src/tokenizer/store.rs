@@ -317,12 +317,13 @@ fn write_shard(
         let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Result<RgbImage>>>(2);
         let size = opts.size;
         scope.spawn(move || {
+            use rayon::prelude::*;
             for chunk in samples.chunks(batch) {
-                let paths: Vec<PathBuf> = chunk.iter().map(|s| s.path.clone()).collect();
-                if tx
-                    .send(crate::data::load_prepared(&paths, Some(size)))
-                    .is_err()
-                {
+                let loaded: Vec<Result<RgbImage>> = chunk
+                    .par_iter()
+                    .map(|s| s.load().map(|im| crate::data::prepare(im, Some(size))))
+                    .collect();
+                if tx.send(loaded).is_err() {
                     return; // the model side stopped (an error)
                 }
             }
