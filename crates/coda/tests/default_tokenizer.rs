@@ -3,10 +3,11 @@
 //! purple and teal), at 64 and 128 px.
 //!
 //! The target (issue #12) is every colour within 8/255 mean absolute error per channel. The parent
-//! VAE meets it (worst 5.2/255 at 128 px); the tokenizer does not yet (measured: mean 8.6, worst
-//! 19.2 at 128 px, cyan), so this test holds the measured level as a floor against regressions:
-//! every colour within 24/255, the mean within 12/255 (measured at 64 px: mean 10.8, worst 20.8). The first default tokenizer failed even
-//! that by far (mean 51.9, worst 111.4: green (0,255,0) came back as (71,74,82)).
+//! VAE meets it (worst 5.2/255 at 128 px); the tokenizer meets it on average at 128 px but not
+//! for every colour (measured: mean 7.1, worst 17.0 at 128 px, cyan; mean 9.6, worst 19.0 at
+//! 64 px), so this test holds the measured level as a floor against regressions: every colour
+//! within 21/255, the mean within 10.5/255. The first default tokenizer failed even that by far
+//! (mean 51.9, worst 111.4: green (0,255,0) came back as (71,74,82)).
 
 use candle_core::Device;
 use coda::evaluation::colour_probe;
@@ -33,7 +34,7 @@ fn solid_colours_come_back_within_8_of_255() {
         );
         let bad: Vec<String> = results
             .iter()
-            .filter(|r| r.mae > 24.0)
+            .filter(|r| r.mae > 21.0)
             .map(|r| {
                 format!(
                     "{:?} -> {:?} ({:.1})",
@@ -45,11 +46,11 @@ fn solid_colours_come_back_within_8_of_255() {
             .collect();
         assert!(
             bad.is_empty(),
-            "{size} px: colours off by more than 24/255: {bad:?}"
+            "{size} px: colours off by more than 21/255: {bad:?}"
         );
         assert!(
-            mean <= 12.0,
-            "{size} px: mean colour error {mean:.2}/255 above 12"
+            mean <= 10.5,
+            "{size} px: mean colour error {mean:.2}/255 above 10.5"
         );
     }
 }
