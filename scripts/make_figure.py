@@ -16,8 +16,9 @@ from PIL import Image, ImageDraw
 
 CODA = os.environ.get("CODA", "target/release/coda")
 PHOTOS = ["summer_1am__images.png", "Kite__images.png", "desert__main.png", "Altai__images.png"]
-MODELS = [("VAE", "--vae", "vae/vae"), ("CODA", "--tokenizer", "coda-128/tokenizer"),
-          ("VQ 1x", "--tokenizer", "vq-1x/tokenizer"), ("VQ 6x", "--tokenizer", "vq-6x/tokenizer")]
+MODELS = [("VAE", "--vae", "vae/vae"), ("CODA", "--tokenizer", "coda-long/tokenizer"),
+          ("VQ 1x", "--tokenizer", "vq-1x/tokenizer"), ("VQ 6x", "--tokenizer", "vq-6x/tokenizer"),
+          ("MSVQ 1x", "--tokenizer", "msvq/tokenizer")]
 # The 27 grid colours of the RGB cube and the three of `coda eval --colours`.
 COLOURS = [(r, g, b) for r in (0, 128, 255) for g in (0, 128, 255) for b in (0, 128, 255)] + \
     [(40, 160, 60), (150, 120, 200), (20, 120, 110)]

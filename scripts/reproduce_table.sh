@@ -14,8 +14,11 @@
 #   STAGES="vae start coda" bash scripts/reproduce_table.sh                 # some stages only
 #
 # Each stage is skipped when its output exists and resumes from its latest checkpoint when it
-# was interrupted, so the script can simply be run again. Wall seconds of every invocation are
-# appended to $RUNS/wall.jsonl (scripts/results_table.py sums them per run).
+# was interrupted, so the script can simply be run again. Wall seconds and threads of every
+# invocation are appended to $RUNS/wall.jsonl (scripts/results_table.py sums them per run). Two
+# stages can run side by side with one thread each, as the README's last runs did:
+#   RAYON_NUM_THREADS=1 STAGES="coda-long msvq" bash scripts/reproduce_table.sh &
+#   RAYON_NUM_THREADS=1 STAGES="vq-6x" bash scripts/reproduce_table.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CODA=${CODA:-target/release/coda}
@@ -45,7 +48,7 @@ train() {
   else
     "$CODA" "$cmd" "$@" --out "$out"
   fi
-  echo "{\"run\": \"$name\", \"seconds\": $(($(date +%s) - t0))}" >> "$RUNS/wall.jsonl"
+  echo "{\"run\": \"$name\", \"seconds\": $(($(date +%s) - t0)), \"threads\": ${RAYON_NUM_THREADS:-$(nproc)}}" >> "$RUNS/wall.jsonl"
 }
 
 if want vae && [ ! -f "$RUNS/vae/vae/config.json" ]; then
