@@ -115,11 +115,16 @@ pub fn save_stats(path: &Path, s: &GaussianStats) -> Result<()> {
 
 /// Read rFID reference statistics written by [`save_stats`] (or pytorch-fid's, converted).
 pub fn load_stats(path: &Path) -> Result<GaussianStats> {
-    let t = crate::io::read_tensors(path, &Device::Cpu)?;
     let bad = |reason: String| Error::Checkpoint {
         path: path.into(),
         reason,
     };
+    // Read as stored (f64): the checkpoint reader would round to f32 and move the rFID.
+    if !path.exists() {
+        return Err(Error::NotFound { path: path.into() });
+    }
+    let t = candle_core::safetensors::load(path, &Device::Cpu)
+        .map_err(|e| bad(format!("not a statistics file ({e})")))?;
     let mu = t
         .get("mu")
         .ok_or_else(|| bad("no 'mu'".into()))?
