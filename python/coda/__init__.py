@@ -231,7 +231,16 @@ class Tokenizer:
     def encode_scales(self, images: Images, **kwargs: Any) -> List[np.ndarray]:
         """As :meth:`encode`, split into the per-scale id maps ``[N, h_k, w_k]``."""
         ids = self.encode(images, **kwargs)
-        return self.split_scales(ids, self._image_size_of(ids, None))
+        size = kwargs.get("size")
+        if size is not None:
+            shape = (size, size)
+        elif isinstance(images, np.ndarray):
+            shape = images.shape[1:3]
+        elif len(images) and not isinstance(images[0], (str, os.PathLike)):
+            shape = np.asarray(images[0]).shape[:2]
+        else:
+            shape = self._image_size_of(ids, None)
+        return self.split_scales(ids, tuple(int(v) for v in shape))
 
     def split_scales(self, ids: np.ndarray, image_size: Tuple[int, int]) -> List[np.ndarray]:
         """Flat ids ``[N, L]`` of ``(height, width)`` images -> per-scale maps (views)."""

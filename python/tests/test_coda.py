@@ -136,6 +136,9 @@ def test_decode_round_trip_and_scales(tok, tmp_path):
     # A non-square image needs its size to decode.
     wide = tok.encode(np.zeros((1, 32, 64, 3), np.uint8))
     assert tok.decode(wide, image_size=(32, 64)).shape == (1, 32, 64, 3)
+    maps = tok.encode_scales(np.zeros((1, 32, 64, 3), np.uint8))
+    assert maps[-1].shape == (1, 8, 16)
+    assert tok.decode(maps).shape == (1, 32, 64, 3)
 
 
 def test_evaluate_matches_the_cli(tok, tmp_path):

@@ -330,6 +330,11 @@ fn load_image(py: Python<'_>, path: PathBuf, size: Option<u32>) -> PyResult<PyOb
     let img = py
         .allow_threads(|| coda::data::load_image(&path).map(|im| coda::data::prepare(im, size)))
         .map_err(py_err)?;
+    image_to_numpy(py, img)
+}
+
+/// An RGB image as uint8 [H, W, 3], the array taking over the image's buffer.
+fn image_to_numpy(py: Python<'_>, img: image::RgbImage) -> PyResult<PyObject> {
     let (w, h) = img.dimensions();
     Ok(PyArray1::from_vec(py, img.into_raw())
         .reshape([h as usize, w as usize, 3])?
@@ -358,11 +363,7 @@ fn prepare_image(
     let img = image::RgbImage::from_raw(shape[1] as u32, shape[0] as u32, data)
         .expect("buffer of the image's size");
     let out = py.allow_threads(move || coda::data::prepare(img, Some(size)));
-    let (w, h) = out.dimensions();
-    Ok(PyArray1::from_vec(py, out.into_raw())
-        .reshape([h as usize, w as usize, 3])?
-        .into_any()
-        .unbind())
+    image_to_numpy(py, out)
 }
 
 /// A token file -> (flat ids [N, L], metadata as JSON text).
