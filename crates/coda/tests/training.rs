@@ -489,3 +489,37 @@ fn training_runs_in_f32_inside_a_bf16_scope() {
         "a bf16 scope changed the training arithmetic"
     );
 }
+
+/// Issue #15: a refused run wrote its folder and config.toml before refusing a bad crop size or a
+/// folder of unreadable images.
+#[test]
+fn refused_runs_leave_nothing_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = images(dir.path(), 2);
+    let start = start_tokenizer(dir.path());
+    let tok = format!("tokenizer='{}'", start.display());
+    let cfg = config(
+        dir.path(),
+        &data,
+        "odd",
+        &[tok.as_str(), "steps=2", "size=17"],
+    );
+    let err = Trainer::new(Role::Adapt, cfg, false)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("size 17") && err.contains("multiple"), "{err}");
+    assert!(!dir.path().join("odd").exists());
+    let broken = dir.path().join("broken");
+    std::fs::create_dir_all(broken.join("a")).unwrap();
+    for i in 0..3 {
+        std::fs::write(broken.join("a").join(format!("{i}.png")), b"not a png").unwrap();
+    }
+    let cfg = config(dir.path(), &broken, "bad", &[tok.as_str(), "steps=2"]);
+    let err = Trainer::new(Role::Adapt, cfg, false)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("failed to decode"), "{err}");
+    assert!(!dir.path().join("bad").exists());
+}

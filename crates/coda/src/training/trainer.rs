@@ -359,6 +359,17 @@ impl Trainer {
             (Some(p), true) => Some(Lpips::new(&crate::io::read_tensors(p, &device)?, p)?),
             _ => None,
         };
+        // Refusals come before anything is written (issue #15: a refused run left its folder
+        // and config.toml behind): a crop size the VAE cannot take, and a data folder in which
+        // no image decodes (one decode, cached for the first batch).
+        let f = arch.vae.downsample_factor();
+        if cfg.size < f as u32 || !(cfg.size as usize).is_multiple_of(f) {
+            return Err(Error::Invalid(format!(
+                "size {}: the crops must be a positive multiple of the VAE's downsampling factor {f}",
+                cfg.size
+            )));
+        }
+        sampler.sample(0)?;
         let val = load_val(&cfg, &paths)?;
         std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
         let mut t = Self {
