@@ -523,3 +523,29 @@ fn refused_runs_leave_nothing_behind() {
     assert!(err.contains("failed to decode"), "{err}");
     assert!(!dir.path().join("bad").exists());
 }
+
+/// Issue #15: with `lr = nan` every weight became NaN in update 1 and the NaN tokenizer was
+/// checkpointed and exported with exit 0. Whatever makes a weight non-finite, nothing is saved.
+#[test]
+fn non_finite_weights_are_never_saved() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = images(dir.path(), 4);
+    let start = start_tokenizer(dir.path());
+    let tok = format!("tokenizer='{}'", start.display());
+    let cfg = config(dir.path(), &data, "run", &[tok.as_str(), "steps=4"]);
+    let mut t = Trainer::new(Role::Adapt, cfg, false).unwrap();
+    run(&mut t, Some(2));
+    let good = t.save_checkpoint().unwrap();
+    let name = t
+        .param_names()
+        .into_iter()
+        .find(|n| n.contains("lora"))
+        .unwrap();
+    t.poison_weight(&name).unwrap();
+    let err = t.save_checkpoint().unwrap_err().to_string();
+    assert!(err.contains(&name) && err.contains("not finite"), "{err}");
+    assert_eq!(t.latest_checkpoint().unwrap(), Some(good));
+    let err = t.export().unwrap_err().to_string();
+    assert!(err.contains("not finite"), "{err}");
+    assert!(!dir.path().join("run/tokenizer").exists());
+}

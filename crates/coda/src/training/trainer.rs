@@ -458,6 +458,44 @@ impl Trainer {
         self.opt.params.iter().map(|p| p.name.clone()).collect()
     }
 
+    /// A non-finite weight (trained or EMA) never reaches a checkpoint or an export: the save is
+    /// refused, naming the tensor, and the last good checkpoint stays the latest.
+    fn ensure_finite(&self) -> Result<()> {
+        let trained = self.opt.params.iter().map(|p| (&p.name, p.var.as_tensor()));
+        let ema = self
+            .ema
+            .iter()
+            .flat_map(|e| e.weights.iter().map(|(n, t)| (n, t)));
+        for (name, t) in trained.chain(ema) {
+            let sum = t
+                .abs()?
+                .sum_all()?
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()?;
+            if !sum.is_finite() {
+                return Err(Error::Invalid(format!(
+                    "update {}: weight {name} is not finite (NaN or infinite): nothing saved; \
+                     resume from the last checkpoint with a lower lr",
+                    self.step
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Test hook of the non-finite guard: make one trained weight NaN.
+    #[cfg(feature = "internals")]
+    pub fn poison_weight(&self, name: &str) -> Result<()> {
+        let p = self
+            .opt
+            .params
+            .iter()
+            .find(|p| p.name == name)
+            .ok_or_else(|| Error::Invalid(format!("no trained weight {name}")))?;
+        let nan = (p.var.as_tensor() * f64::NAN)?;
+        Ok(p.var.set(&nan)?)
+    }
+
     fn model_tensors(&self, use_ema: bool) -> HashMap<String, Tensor> {
         let mut m = self.frozen.clone();
         match (&self.ema, use_ema) {
@@ -822,6 +860,7 @@ impl Trainer {
     /// Weights, EMA, optimizer moments (G and D), discriminator and counters, written to a
     /// temporary folder that is renamed into place; older checkpoints beyond the limit go.
     pub fn save_checkpoint(&self) -> Result<PathBuf> {
+        self.ensure_finite()?;
         let dir = self.checkpoints_dir();
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         let name = format!("step-{:08}", self.step);
@@ -977,6 +1016,7 @@ impl Trainer {
     /// diffusers VAE folder whose scaling and shift factors are measured on training crops
     /// (train-vae).
     pub fn export(&self) -> Result<PathBuf> {
+        self.ensure_finite()?;
         let mut tensors = self.model_tensors(true);
         match self.role {
             Role::Vae => {
