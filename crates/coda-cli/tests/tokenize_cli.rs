@@ -371,3 +371,32 @@ fn webdataset_tar_gives_the_folder_ids() {
         .collect();
     assert_eq!(labels, [0, 0, 1, 1]);
 }
+
+/// Issue #15: outputs were forced to mode 0644 whatever the umask.
+#[cfg(unix)]
+#[test]
+fn outputs_honour_the_umask() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let lake = repo().join("assets/samples/lake.png");
+    for (umask, mode) in [("077", 0o600), ("022", 0o644)] {
+        let out = tmp.path().join(format!("t{umask}.safetensors"));
+        let status = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "umask {umask} && exec \"$0\" encode --size 32 -o \"$1\" \"$2\"",
+            ))
+            .arg(env!("CARGO_BIN_EXE_coda"))
+            .arg(&out)
+            .arg(&lake)
+            .output()
+            .unwrap();
+        assert!(
+            status.status.success(),
+            "{}",
+            String::from_utf8_lossy(&status.stderr)
+        );
+        let got = std::fs::metadata(&out).unwrap().permissions().mode() & 0o777;
+        assert_eq!(got, mode, "umask {umask}");
+    }
+}

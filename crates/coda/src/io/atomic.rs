@@ -30,16 +30,38 @@ pub fn write_atomic_with(
         w.flush().map_err(|e| Error::io(path, e))?;
     }
     tmp.as_file().sync_all().map_err(|e| Error::io(path, e))?;
-    // tempfile creates 0600; outputs are ordinary files (0644, less the umask as usual).
+    // tempfile creates 0600; outputs get the mode of an ordinary new file: 0666 less the umask.
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
         let _ = tmp
             .as_file()
-            .set_permissions(std::fs::Permissions::from_mode(0o644));
+            .set_permissions(std::fs::Permissions::from_mode(0o666 & !umask()));
     }
     tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
+    // The rename is durable only once the directory entry is: sync the folder too.
+    #[cfg(unix)]
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
     Ok(())
+}
+
+/// The process umask, read without changing it (`/proc/self/status`, Linux >= 4.7; setting and
+/// restoring it would race with other threads creating files). 0o022 where it cannot be read.
+#[cfg(unix)]
+fn umask() -> u32 {
+    static UMASK: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *UMASK.get_or_init(|| {
+        std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("Umask:"))
+                    .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+            })
+            .unwrap_or(0o022)
+    })
 }
 
 #[cfg(test)]
