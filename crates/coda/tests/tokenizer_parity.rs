@@ -176,3 +176,32 @@ fn progressive_prefix_decodes_and_bad_tokens_are_refused() {
         "{err}"
     );
 }
+
+/// Issue #15: `import --preset flux` always used 0.3611 / 0.1159 and ignored the base VAE's own
+/// config.json; train_flux.py reads the normalisation from the VAE it loads.
+#[test]
+fn import_takes_the_normalisation_of_a_diffusers_base() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base");
+    std::fs::create_dir_all(&base).unwrap();
+    for e in std::fs::read_dir(fixtures().join("flux_base")).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, base.join(p.file_name().unwrap())).unwrap();
+    }
+    let cfg_path = base.join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["scaling_factor"] = serde_json::json!(0.5);
+    cfg["shift_factor"] = serde_json::Value::Null;
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let (tok, _) = import_official(
+        OfficialPreset::Flux,
+        &base,
+        &fixtures().join("flux_quantizer_ema.pth"),
+        &fixtures().join("flux_vae_ema.pth"),
+        Some(SCALES.to_vec()),
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!((tok.vae.scaling_factor, tok.vae.shift_factor), (0.5, 0.0));
+}

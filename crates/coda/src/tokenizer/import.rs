@@ -76,6 +76,30 @@ impl OfficialPreset {
     }
 }
 
+/// The latent normalisation a diffusers base VAE declares in its config.json (`scaling_factor`,
+/// `shift_factor`; null or absent shift = 0), as the reference's train_flux.py reads it from the
+/// VAE it loads; None for a single-file checkpoint or a config without `scaling_factor`, where
+/// the preset's values (the released VAEs') apply.
+fn base_normalisation(base_vae: &Path) -> Result<Option<(f64, f64)>> {
+    let cfg = base_vae.join("config.json");
+    if !base_vae.is_dir() || !cfg.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&cfg).map_err(|e| Error::io(&cfg, e))?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Config {
+        path: cfg.clone(),
+        reason: e.to_string(),
+    })?;
+    let Some(scale) = v.get("scaling_factor").and_then(|s| s.as_f64()) else {
+        return Ok(None);
+    };
+    let shift = v
+        .get("shift_factor")
+        .and_then(|s| s.as_f64())
+        .unwrap_or(0.0);
+    Ok(Some((scale, shift)))
+}
+
 /// Read an official checkpoint into a tokenizer config and weights (not yet saved).
 pub fn import_official(
     preset: OfficialPreset,
@@ -85,7 +109,7 @@ pub fn import_official(
     scales: Option<Vec<usize>>,
     device: &Device,
 ) -> Result<(TokenizerConfig, HashMap<String, Tensor>)> {
-    let (scale, shift) = preset.normalisation();
+    let (scale, shift) = base_normalisation(base_vae)?.unwrap_or(preset.normalisation());
     let opts = LoadOptions {
         scaling_factor: Some(scale),
         shift_factor: Some(shift),
