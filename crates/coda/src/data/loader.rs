@@ -55,6 +55,8 @@ pub struct Sampler {
     seed: u64,
     cache: Mutex<Cache>,
     bad: Mutex<BTreeSet<usize>>,
+    /// The shuffled order of the epoch last asked for: built once per epoch, not per sample.
+    order: Mutex<Option<(u64, Arc<Vec<usize>>)>>,
 }
 
 /// A decoded batch: pixels as a flat (B, 3, H, W) f32 buffer in [-1, 1].
@@ -107,6 +109,7 @@ impl Sampler {
                 budget: cache_mb << 20,
             }),
             bad: Mutex::new(BTreeSet::new()),
+            order: Mutex::new(None),
         })
     }
 
@@ -128,9 +131,18 @@ impl Sampler {
     fn index_at(&self, pos: u64) -> usize {
         let n = self.paths.len() as u64;
         let epoch = pos / n;
-        let mut perm: Vec<usize> = (0..self.paths.len()).collect();
-        let mut rng = rand::rngs::StdRng::seed_from_u64(mix(self.seed, epoch));
-        perm.shuffle(&mut rng);
+        let mut order = self.order.lock().expect("not poisoned");
+        let perm = match &*order {
+            Some((e, perm)) if *e == epoch => perm.clone(),
+            _ => {
+                let mut perm: Vec<usize> = (0..self.paths.len()).collect();
+                let mut rng = rand::rngs::StdRng::seed_from_u64(mix(self.seed, epoch));
+                perm.shuffle(&mut rng);
+                let perm = Arc::new(perm);
+                *order = Some((epoch, perm.clone()));
+                perm
+            }
+        };
         perm[(pos % n) as usize]
     }
 
@@ -342,6 +354,26 @@ mod tests {
         let mut seen: Vec<usize> = (0..5).map(|p| a.index_at(5 + p)).collect();
         seen.sort();
         assert_eq!(seen, vec![0, 1, 2, 3, 4]);
+    }
+
+    /// Issue #15: the epoch's order was rebuilt (O(n)) for every sample; now it is built once per
+    /// epoch, and positions asked in any order (epochs interleaved) still get the same images.
+    #[test]
+    fn epoch_order_is_built_once_and_independent_of_query_order() {
+        let (_d, paths) = folder(5);
+        let a = Sampler::new(paths.clone(), aug(), 7, 0).unwrap();
+        let fresh = |p: u64| {
+            Sampler::new(paths.clone(), aug(), 7, 0)
+                .unwrap()
+                .index_at(p)
+        };
+        for p in [0u64, 7, 1, 12, 3, 5, 2, 14] {
+            assert_eq!(a.index_at(p), fresh(p), "position {p}");
+        }
+        let first = a.order.lock().unwrap().clone().unwrap().1;
+        a.index_at(14);
+        let again = a.order.lock().unwrap().clone().unwrap().1;
+        assert!(Arc::ptr_eq(&first, &again), "the epoch's order is reused");
     }
 
     #[test]
