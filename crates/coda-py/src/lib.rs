@@ -37,6 +37,18 @@ fn precision(name: Option<&str>) -> PyResult<Option<Precision>> {
     .transpose()
 }
 
+fn encode_options(
+    batch: usize,
+    sample_seed: Option<u64>,
+    prec: Option<&str>,
+) -> PyResult<EncodeOptions> {
+    Ok(EncodeOptions {
+        batch,
+        sample_seed,
+        precision: precision(prec)?,
+    })
+}
+
 /// Flat ids [N, L] as a numpy array of the narrowest id type: uint16 when the codebook has at
 /// most 65536 codes, else uint32. The array takes over the vector's buffer.
 fn ids_to_numpy(py: Python<'_>, flat: Vec<u32>, n: usize, wide: bool) -> PyResult<PyObject> {
@@ -208,11 +220,7 @@ impl PyTokenizer {
                     .expect("buffer of the image's size")
             })
             .collect();
-        let options = EncodeOptions {
-            batch,
-            sample_seed,
-            precision: self::precision(precision)?,
-        };
+        let options = encode_options(batch, sample_seed, precision)?;
         let tok = self.inner.clone();
         let flat = py
             .allow_threads(move || {
@@ -238,11 +246,7 @@ impl PyTokenizer {
         batch: usize,
     ) -> PyResult<PyObject> {
         let n = paths.len();
-        let options = EncodeOptions {
-            batch,
-            sample_seed,
-            precision: self::precision(precision)?,
-        };
+        let options = encode_options(batch, sample_seed, precision)?;
         let tok = self.inner.clone();
         let flat = py
             .allow_threads(move || flat_ids(&tok.encode_paths(&paths, size, &options)?))

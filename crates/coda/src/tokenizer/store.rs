@@ -195,8 +195,8 @@ fn write_json<T: Serialize>(path: &Path, v: &T) -> Result<()> {
     crate::io::write_atomic(path, text.as_bytes())
 }
 
-/// The record of shard `i` if it is complete on disk (its record exists and its files have the
-/// recorded sizes' content hashes checked lazily by `verify`).
+/// The record of shard `i` if it is complete on disk: its record (written last) exists, and so do
+/// the three files it describes.
 fn finished_shard(store: &Path, i: usize) -> Result<Option<ShardRecord>> {
     let p = store.join(format!("{}.done.json", shard_name(i)));
     if !p.exists() {
