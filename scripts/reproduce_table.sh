@@ -28,7 +28,8 @@ STEPS=${STEPS:-600}
 CODEBOOK=${CODEBOOK:-1024}
 STEPS_128=${STEPS_128:-150}
 STEPS_LONG=${STEPS_LONG:-600}
-STAGES=${STAGES:-"vae start coda coda-128 coda-long vq-1x msvq vq-6x eval"}
+STEPS_XL=${STEPS_XL:-1000}
+STAGES=${STAGES:-"vae start coda coda-128 coda-long coda-xl vq-1x msvq vq-6x eval"}
 DATA=(--data data/photos/train --val data/photos/val --batch 8
   --set resize=144 --set resize_max=512 --set colour_aug=true --set chroma_weight=4)
 ARCH=(--set "model.channels=[32,64,128]" --set model.latent_channels=8 --set model.norm_eps=1.0)
@@ -74,6 +75,12 @@ if want coda-long && [ ! -f "$RUNS/coda-long/tokenizer/config.json" ]; then
   train adapt coda-long --preset tiny-cpu "${DATA[@]}" --size 128 --tokenizer "$RUNS/coda-128/tokenizer" \
     --steps "$STEPS_LONG" --set lr=5e-4 --set eval_every=100 --set checkpoint_every=100
 fi
+# A second 128-px continuation (fresh cosine schedule at a lower peak): the validation PSNR
+# was still rising when coda-long's schedule reached zero.
+if want coda-xl && [ ! -f "$RUNS/coda-xl/tokenizer/config.json" ]; then
+  train adapt coda-xl --preset tiny-cpu "${DATA[@]}" --size 128 --tokenizer "$RUNS/coda-long/tokenizer" \
+    --steps "$STEPS_XL" --set lr=3e-4 --set eval_every=100 --set checkpoint_every=100
+fi
 if want vq-1x && [ ! -f "$RUNS/vq-1x/tokenizer/config.json" ]; then
   train train-vq vq-1x --preset tiny-cpu "${DATA[@]}" "${ARCH[@]}" --steps "$STEPS" \
     --set model.codebook_size="$CODEBOOK"
@@ -90,12 +97,12 @@ fi
 if want eval; then
   EVAL=(--data data/photos/val --size 128 --resize 144 --batch 4 --colours)
   [ -f "$RUNS/vae/vae/config.json" ] && "$CODA" eval --vae "$RUNS/vae/vae" "${EVAL[@]}" --json "$RUNS/eval/vae.json"
-  for r in start coda coda-128 coda-long vq-1x vq-6x msvq; do
+  for r in start coda coda-128 coda-long coda-xl vq-1x vq-6x msvq; do
     dir="$RUNS/$r/tokenizer"; [ "$r" = start ] && dir="$RUNS/start"
     [ -f "$dir/config.json" ] && "$CODA" eval --tokenizer "$dir" "${EVAL[@]}" --json "$RUNS/eval/$r.json"
   done
   # Codebook usage on the training pictures (the whole picture at 128 px, as for validation).
-  for r in coda coda-128 coda-long; do
+  for r in coda coda-128 coda-long coda-xl; do
     [ -f "$RUNS/$r/tokenizer/config.json" ] && "$CODA" eval --tokenizer "$RUNS/$r/tokenizer" \
       --data data/photos/train --size 128 --resize 144 --batch 4 --json "$RUNS/eval/$r-train.json"
   done
