@@ -13,6 +13,14 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Memory a job may use (e.g. 64G, 512M). Jobs estimate their need first and refuse above
+    /// it. Default: CODA_MAX_MEMORY, else 90% of the physical memory (or of `ulimit -v`).
+    #[arg(long, global = true, value_name = "SIZE", value_parser = parse_memory)]
+    max_memory: Option<u64>,
+}
+
+fn parse_memory(s: &str) -> Result<u64, String> {
+    coda::limits::parse_size(s).map_err(|e| e.to_string())
 }
 
 #[derive(Subcommand)]
@@ -50,6 +58,7 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    coda::limits::set_max_memory(cli.max_memory);
     let result = match cli.command {
         Command::Encode(a) => commands::encode::run(a),
         Command::Decode(a) => commands::decode::run(a),

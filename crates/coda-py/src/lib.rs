@@ -224,10 +224,10 @@ impl PyTokenizer {
         let tok = self.inner.clone();
         let flat = py
             .allow_threads(move || {
-                let imgs: Vec<_> = imgs
+                let imgs = imgs
                     .into_iter()
                     .map(|im| coda::data::prepare(im, size))
-                    .collect();
+                    .collect::<coda::Result<Vec<_>>>()?;
                 flat_ids(&tok.encode_images(&imgs, &options)?)
             })
             .map_err(py_err)?;
@@ -332,7 +332,9 @@ impl PyTokenizer {
 #[pyo3(signature = (path, size=None))]
 fn load_image(py: Python<'_>, path: PathBuf, size: Option<u32>) -> PyResult<PyObject> {
     let img = py
-        .allow_threads(|| coda::data::load_image(&path).map(|im| coda::data::prepare(im, size)))
+        .allow_threads(|| {
+            coda::data::load_image(&path).and_then(|im| coda::data::prepare(im, size))
+        })
         .map_err(py_err)?;
     image_to_numpy(py, img)
 }
@@ -366,7 +368,9 @@ fn prepare_image(
         .to_vec();
     let img = image::RgbImage::from_raw(shape[1] as u32, shape[0] as u32, data)
         .expect("buffer of the image's size");
-    let out = py.allow_threads(move || coda::data::prepare(img, Some(size)));
+    let out = py
+        .allow_threads(move || coda::data::prepare(img, Some(size)))
+        .map_err(py_err)?;
     image_to_numpy(py, out)
 }
 

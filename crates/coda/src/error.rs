@@ -27,6 +27,14 @@ pub enum Error {
     #[error("{path}: bad config: {reason}")]
     Config { path: PathBuf, reason: String },
 
+    /// A job whose estimated memory is above the limit (see [`crate::limits`]).
+    #[error("{what} needs about {need} of memory, above the limit of {limit}; use a smaller size or batch, or raise the limit with --max-memory SIZE (or CODA_MAX_MEMORY) if the machine has the memory")]
+    Memory {
+        what: String,
+        need: String,
+        limit: String,
+    },
+
     #[error("invalid input: {0}")]
     Invalid(String),
 

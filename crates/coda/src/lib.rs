@@ -36,7 +36,7 @@
 //! use coda::vae::{load_vae, LoadOptions};
 //! let device = candle_core::Device::Cpu;
 //! let vae = load_vae("flux/vae".as_ref(), &LoadOptions::default(), &device)?;
-//! let img = coda::data::prepare(coda::data::load_image("photo.jpg".as_ref())?, Some(256));
+//! let img = coda::data::prepare(coda::data::load_image("photo.jpg".as_ref())?, Some(256))?;
 //! let x = coda::data::images_to_tensor(&[img], &device)?;
 //! let latent = vae.normalize(vae.encode(&x)?.mode())?;
 //! let recon = vae.decode(&vae.denormalize(&latent)?)?;
@@ -53,6 +53,7 @@ pub mod io;
 pub mod kernels;
 #[cfg(not(feature = "internals"))]
 pub(crate) mod kernels;
+pub mod limits;
 pub mod presets;
 pub mod quantizer;
 pub mod tokenizer;

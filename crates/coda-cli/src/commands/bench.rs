@@ -85,7 +85,7 @@ fn run_tokenizer(args: &Args, dir: &std::path::Path) -> anyhow::Result<Vec<Strin
     for &b in &args.batch {
         let x = match &args.image {
             Some(p) => {
-                let img = data::prepare(data::load_image(p)?, Some(args.size as u32));
+                let img = data::prepare(data::load_image(p)?, Some(args.size as u32))?;
                 data::images_to_tensor(&vec![img; b], &device)?
             }
             None => Tensor::rand(-1f32, 1f32, (b, 3, args.size, args.size), &device)?,

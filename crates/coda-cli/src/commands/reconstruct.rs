@@ -62,7 +62,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
 fn run_in_precision(args: Args) -> anyhow::Result<()> {
     let device = super::device()?;
-    let img = data::prepare(data::load_image(&args.image)?, args.size);
+    let img = data::prepare(data::load_image(&args.image)?, args.size)?;
     let x = data::images_to_tensor(std::slice::from_ref(&img), &device)?;
     let output = args.output.clone().unwrap_or_else(|| {
         let stem = args

@@ -52,6 +52,6 @@ pub fn collect_images(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
 pub fn load_prepared(paths: &[PathBuf], size: Option<u32>) -> Vec<Result<RgbImage>> {
     paths
         .par_iter()
-        .map(|p| super::image_io::load_image(p).map(|img| super::image_io::prepare(img, size)))
+        .map(|p| super::image_io::load_image(p).and_then(|img| super::image_io::prepare(img, size)))
         .collect()
 }

@@ -23,9 +23,11 @@ pub fn decode_image(bytes: &[u8], origin: &Path) -> Result<RgbImage> {
         path: path.into(),
         reason,
     };
-    let reader = image::ImageReader::new(std::io::Cursor::new(bytes))
+    let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| bad(e.to_string()))?;
+    // Refused from the header, before any pixel is decoded (issue #15).
+    reader.limits(crate::limits::image_limits());
     match reader.format() {
         None => return Err(bad("unknown or unsupported image format".into())),
         // The JPEG decoder fills a truncated file's missing rows silently; refuse it instead.
@@ -33,7 +35,7 @@ pub fn decode_image(bytes: &[u8], origin: &Path) -> Result<RgbImage> {
         Some(_) => {}
     }
     let img = reader.decode().map_err(|e| bad(e.to_string()))?;
-    Ok(img.to_rgb8())
+    Ok(img.into_rgb8())
 }
 
 /// Walk a JPEG's marker segments and entropy-coded data up to the end-of-image marker.
@@ -90,18 +92,24 @@ fn check_jpeg_complete(b: &[u8]) -> std::result::Result<(), String> {
 
 /// Resize the shorter side to `size` (Lanczos3; the longer side scaled and truncated as
 /// torchvision does), then centre-crop `size` x `size`. `None` leaves the image as it is.
-pub fn prepare(img: RgbImage, size: Option<u32>) -> RgbImage {
-    let Some(size) = size else { return img };
+/// A size of 0 or above [`crate::limits::MAX_IMAGE_SIDE`] is refused, and so is a resize whose
+/// intermediate picture would not fit the memory limit.
+pub fn prepare(img: RgbImage, size: Option<u32>) -> Result<RgbImage> {
+    let Some(size) = size else { return Ok(img) };
+    check_size(size)?;
     let img = limit_aspect(img);
     let (w, h) = img.dimensions();
     if w == size && h == size {
-        return img;
+        return Ok(img);
     }
     let (nw, nh) = if w <= h {
         (size, ((size as u64 * h as u64) / w as u64) as u32)
     } else {
         (((size as u64 * w as u64) / h as u64) as u32, size)
     };
+    // Lanczos resizing goes through a float intermediate of nw x h and the nw x nh result.
+    let inter = (nw as u64 * h.max(nh) as u64).saturating_mul(3 * 4 + 3);
+    crate::limits::check(&format!("resizing a {w}x{h} image to {nw}x{nh}"), inter)?;
     let resized = if (nw, nh) == (w, h) {
         img
     } else {
@@ -110,7 +118,18 @@ pub fn prepare(img: RgbImage, size: Option<u32>) -> RgbImage {
     // torchvision CenterCrop: offsets rounded half to even, as Python's round().
     let left = ((nw - size) as f64 / 2.0).round_ties_even() as u32;
     let top = ((nh - size) as f64 / 2.0).round_ties_even() as u32;
-    image::imageops::crop_imm(&resized, left, top, size, size).to_image()
+    Ok(image::imageops::crop_imm(&resized, left, top, size, size).to_image())
+}
+
+/// An image size (`--size`, a tokenizer's resolution) must be 1..=MAX_IMAGE_SIDE.
+pub fn check_size(size: u32) -> Result<()> {
+    if size == 0 || size > crate::limits::MAX_IMAGE_SIDE {
+        return Err(Error::Invalid(format!(
+            "image size {size} is outside 1..={}",
+            crate::limits::MAX_IMAGE_SIDE
+        )));
+    }
+    Ok(())
 }
 
 /// Longest side over shortest side beyond which [`prepare`] first cuts the picture's centre.
@@ -168,7 +187,12 @@ pub fn images_to_tensor(images: &[RgbImage], device: &Device) -> Result<Tensor> 
     };
     let (w, h) = first.dimensions();
     let (w, h) = (w as usize, h as usize);
-    let mut data = Vec::with_capacity(images.len() * 3 * h * w);
+    let n = images.len();
+    crate::limits::check(
+        &format!("a tensor of {n} image(s) of {w}x{h}"),
+        (n as u64).saturating_mul((3 * h * w * 4) as u64),
+    )?;
+    let mut data = Vec::with_capacity(n * 3 * h * w);
     for img in images {
         if img.dimensions() != first.dimensions() {
             return Err(Error::Invalid(format!(
@@ -242,7 +266,7 @@ mod tests {
     #[test]
     fn prepare_crops_to_a_square_of_the_requested_size() {
         let img = RgbImage::new(300, 200);
-        let out = prepare(img, Some(64));
+        let out = prepare(img, Some(64)).unwrap();
         assert_eq!(out.dimensions(), (64, 64));
     }
 
@@ -295,12 +319,80 @@ mod aspect_tests {
         // The resize works on the centre 16x1 strip, not on the whole line (measured: 0.05 s
         // instead of 19 s; timings are not asserted in tests).
         assert_eq!(limit_aspect(line.clone()).dimensions(), (16, 1));
-        let out = prepare(line, Some(128));
+        let out = prepare(line, Some(128)).unwrap();
         assert_eq!(out.dimensions(), (128, 128));
         let tall = RgbImage::from_pixel(1, 40_000, image::Rgb([9, 9, 9]));
-        assert_eq!(prepare(tall, Some(64)).dimensions(), (64, 64));
+        assert_eq!(prepare(tall, Some(64)).unwrap().dimensions(), (64, 64));
         // 16:1 and flatter is exactly the plain resize-then-crop.
         let pano = RgbImage::from_fn(320, 20, |x, y| image::Rgb([x as u8, y as u8, 7]));
         assert_eq!(limit_aspect(pano.clone()), pano);
+    }
+}
+
+#[cfg(test)]
+mod limit_tests {
+    use super::*;
+
+    fn crc32(bytes: &[u8]) -> u32 {
+        let mut c = !0u32;
+        for &b in bytes {
+            c ^= b as u32;
+            for _ in 0..8 {
+                c = if c & 1 != 0 {
+                    0xEDB8_8320 ^ (c >> 1)
+                } else {
+                    c >> 1
+                };
+            }
+        }
+        !c
+    }
+
+    /// A PNG that claims w x h RGB pixels but holds an empty zlib stream as pixel data.
+    fn png_header_only(w: u32, h: u32) -> Vec<u8> {
+        let mut ihdr = b"IHDR".to_vec();
+        ihdr.extend(w.to_be_bytes());
+        ihdr.extend(h.to_be_bytes());
+        ihdr.extend([8, 2, 0, 0, 0]); // 8-bit RGB, no interlace
+        let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
+        out.extend(13u32.to_be_bytes());
+        out.extend(&ihdr);
+        out.extend(crc32(&ihdr).to_be_bytes());
+        let idat = b"IDAT\x78\x9c\x03\x00\x00\x00\x00\x01";
+        out.extend(8u32.to_be_bytes());
+        out.extend(idat);
+        out.extend(crc32(idat).to_be_bytes());
+        out.extend(0u32.to_be_bytes());
+        out.extend(b"IEND");
+        out.extend(crc32(b"IEND").to_be_bytes());
+        out
+    }
+
+    /// Issue #15: what an image may cost is decided from its header, before decoding.
+    #[test]
+    fn oversized_images_are_refused_from_the_header() {
+        for (w, h) in [(40_000, 10), (20_000, 20_000), (1 << 31, 1)] {
+            let err = decode_image(&png_header_only(w, h), Path::new("claims.png"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("claims.png") && err.to_lowercase().contains("limit"),
+                "{w}x{h}: {err}"
+            );
+        }
+        // Within the limits, the same file gets as far as the missing pixel data.
+        let err = decode_image(&png_header_only(100, 100), Path::new("small.png"))
+            .unwrap_err()
+            .to_string();
+        assert!(!err.to_lowercase().contains("limit"), "{err}");
+    }
+
+    #[test]
+    fn sizes_outside_the_range_are_refused() {
+        let img = RgbImage::new(8, 8);
+        for s in [0, crate::limits::MAX_IMAGE_SIDE + 1] {
+            let err = prepare(img.clone(), Some(s)).unwrap_err().to_string();
+            assert!(err.contains("outside 1..=32768"), "{err}");
+        }
     }
 }

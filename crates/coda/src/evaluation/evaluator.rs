@@ -243,7 +243,7 @@ impl EvalModel<'_> {
                                     &data::loader::resize_shorter(&img, side.max(opts.size)),
                                     opts.size,
                                 ),
-                                None => data::prepare(img, Some(opts.size)),
+                                None => data::prepare(img, Some(opts.size))?,
                             }
                         });
                         rows.push(first + j);

@@ -76,6 +76,7 @@ impl Tokenizer {
         }
         self.scales_for_image(dims.1 as usize, dims.0 as usize)?;
         let batch = options.batch.max(1);
+        self.check_memory(batch.min(images.len()), dims.1 as usize, dims.0 as usize)?;
         self.run(options.precision, || -> Result<Tokens> {
             let mut parts = Vec::with_capacity(images.len().div_ceil(batch));
             for (i, chunk) in images.chunks(batch).enumerate() {
@@ -85,6 +86,15 @@ impl Tokenizer {
             }
             Ok(Tokens::cat(&parts)?)
         })
+    }
+
+    /// Refuse, before anything is read, a batch of h x w images whose encoding or decoding would
+    /// need more memory than [`crate::limits::max_memory`].
+    pub fn check_memory(&self, batch: usize, h: usize, w: usize) -> Result<()> {
+        crate::limits::check(
+            &format!("tokenizing {batch} image(s) of {w}x{h} at a time"),
+            crate::limits::inference_bytes(&self.config().vae, batch, h, w),
+        )
     }
 
     /// Read, prepare (shorter side to `size` and centre crop, as `coda encode`; None keeps each
@@ -103,6 +113,10 @@ impl Tokenizer {
         // Read in slices of a few batches, so that memory holds a few batches of pixels, not the
         // whole list; the rows keep their global numbers for the seed rule.
         let batch = options.batch.max(1);
+        if let Some(s) = size {
+            crate::data::image_io::check_size(s)?;
+            self.check_memory(batch, s as usize, s as usize)?;
+        }
         let slice = batch * 4;
         let mut parts = Vec::with_capacity(paths.len().div_ceil(slice));
         for (j, chunk) in paths.chunks(slice).enumerate() {

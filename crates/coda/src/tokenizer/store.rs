@@ -237,6 +237,7 @@ pub fn tokenize(
     }
     let samples = &dataset.samples[..n];
     let spec = StoreSpec::new(tok, dataset, n, opts)?;
+    tok.check_memory(opts.batch.max(1), opts.size as usize, opts.size as usize)?;
     std::fs::create_dir_all(store).map_err(|e| Error::io(store, e))?;
     remove_leftover_temp_files(store)?;
     let spec_path = store.join(SPEC_FILE);
@@ -321,7 +322,7 @@ fn write_shard(
             for chunk in samples.chunks(batch) {
                 let loaded: Vec<Result<RgbImage>> = chunk
                     .par_iter()
-                    .map(|s| s.load().map(|im| crate::data::prepare(im, Some(size))))
+                    .map(|s| s.load().and_then(|im| crate::data::prepare(im, Some(size))))
                     .collect();
                 if tx.send(loaded).is_err() {
                     return; // the model side stopped (an error)

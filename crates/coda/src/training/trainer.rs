@@ -250,6 +250,19 @@ impl Trainer {
             .ok_or_else(|| Error::Invalid("give the training images (--data DIR)".into()))?;
         let device = Device::Cpu;
         let (arch, tensors) = initial_model(role, &cfg)?;
+        crate::limits::check(
+            &format!(
+                "a training update of {} x {} crops of {}x{} (batch x accum)",
+                cfg.batch, cfg.accum, cfg.size, cfg.size
+            ),
+            crate::limits::training_bytes(
+                &arch,
+                cfg.batch,
+                cfg.accum,
+                cfg.size as usize,
+                cfg.lpips.is_some() && cfg.lpips_weight > 0.0,
+            ),
+        )?;
         let paths = crate::data::collect_images(&[data])?;
         let aug = Augment {
             size: cfg.size,

@@ -109,6 +109,11 @@ impl AutoencoderKl {
     /// Images in [-1, 1], (B, C, H, W) -> posterior over the (unnormalised) latent.
     pub fn encode(&self, x: &Tensor) -> Result<Posterior> {
         self.check_image_shape(x)?;
+        let (b, _, h, w) = x.dims4()?;
+        crate::limits::check(
+            &format!("encoding {b} image(s) of {w}x{h}"),
+            crate::limits::inference_bytes(&self.config, b, h, w),
+        )?;
         let mut moments = self.encoder.forward(x)?;
         if let Some(q) = &self.quant_conv {
             moments = q.forward(&moments)?;
@@ -122,6 +127,19 @@ impl AutoencoderKl {
 
     /// Unnormalised latent -> images (unclamped, [-1, 1] scale).
     pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
+        let (b, c, zh, zw) = z.dims4()?;
+        if c != self.config.latent_channels {
+            return Err(Error::Invalid(format!(
+                "expected latents with {} channels, got {c}",
+                self.config.latent_channels
+            )));
+        }
+        let f = self.config.downsample_factor();
+        let (h, w) = (zh.saturating_mul(f), zw.saturating_mul(f));
+        crate::limits::check(
+            &format!("decoding {b} image(s) of {w}x{h}"),
+            crate::limits::inference_bytes(&self.config, b, h, w),
+        )?;
         let mut z = z.clone();
         if let Some(p) = &self.post_quant_conv {
             z = p.forward(&z)?;
