@@ -135,7 +135,7 @@ fn a_tokenizer_with_a_huge_resolution_is_refused_before_resizing() {
         serde_json::from_slice(&std::fs::read(src.join("config.json")).unwrap()).unwrap();
     let lake = repo().join("assets/samples/lake.png");
     for (resolution, expect) in [
-        (100_000, "image size 100000 is outside 1..=32768"),
+        (100_000, "image size 100000 is outside 1..=65535"),
         (16_384, "needs about"),
     ] {
         cfg["resolution"] = resolution.into();

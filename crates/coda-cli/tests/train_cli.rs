@@ -197,3 +197,176 @@ fn train_vq_multiscale_exports_a_tokenizer() {
     assert_eq!(cfg["quantizer"]["kind"], "nearest");
     assert_eq!(cfg["scales"]["derived"]["num_scales"], 3);
 }
+
+/// `adapt` on the default tokenizer with 16-px crops: 6 updates, a checkpoint every 2.
+fn adapt_args<'a>(data: &'a str, out: &'a str, tok: &'a str) -> Vec<&'a str> {
+    vec![
+        "adapt",
+        "--preset",
+        "tiny-cpu",
+        "--tokenizer",
+        tok,
+        "--data",
+        data,
+        "--out",
+        out,
+        "--size",
+        "16",
+        "--batch",
+        "2",
+        "--steps",
+        "6",
+        "--set",
+        "resize=48",
+        "--set",
+        "checkpoint_every=2",
+        "--set",
+        "eval_every=3",
+        "--set",
+        "eval_images=2",
+    ]
+}
+
+/// Run `coda` with `CODA_FAILPOINT` set: it must die by SIGKILL at that point.
+fn killed_at(point: &str, args: &[&str], cwd: &Path) {
+    use std::os::unix::process::ExitStatusExt;
+    let o = Command::new(env!("CARGO_BIN_EXE_coda"))
+        .args(args)
+        .current_dir(cwd)
+        .env("RAYON_NUM_THREADS", "2")
+        .env("CODA_FAILPOINT", point)
+        .output()
+        .unwrap();
+    assert_eq!(
+        o.status.signal(),
+        Some(9),
+        "{point}: the run was not killed there (status {:?}): the test proves nothing\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// Issue #15: kill -9 anywhere (mid-update, during a checkpoint write, right after the final
+/// checkpoint, during the export), then `--resume`: the exported tokenizer is bit-identical to
+/// an uninterrupted run's, and nothing temporary is left.
+#[test]
+fn adapt_killed_anywhere_resumes_to_the_identical_export() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let data = d.join("photos");
+    std::fs::create_dir_all(&data).unwrap();
+    for f in ["ladybird.jpg", "cups.jpg"] {
+        std::fs::copy(repo().join("assets/photos").join(f), data.join(f)).unwrap();
+    }
+    let tok = repo().join("assets/tokenizer");
+    let tok = tok.to_str().unwrap();
+    ok(&adapt_args("photos", "whole", tok), d);
+    killed_at("update@3", &adapt_args("photos", "run", tok), d);
+    let resume = ["adapt", "--resume", "--out", "run"];
+    killed_at("checkpoint-half-written@4", &resume, d);
+    killed_at("checkpoint-written@6", &resume, d);
+    // The final checkpoint exists and no export: resume must export (it did not before).
+    assert!(d.join("run/checkpoints/step-00000006").exists());
+    assert!(!d.join("run/tokenizer").exists());
+    killed_at("folder-written", &resume, d);
+    assert!(
+        !d.join("run/tokenizer").exists(),
+        "a half export is visible"
+    );
+    let out = ok(&resume, d);
+    assert!(out.contains("exported"), "{out}");
+    for f in ["model.safetensors", "config.json"] {
+        let a = std::fs::read(d.join("whole/tokenizer").join(f)).unwrap();
+        let b = std::fs::read(d.join("run/tokenizer").join(f)).unwrap();
+        assert!(a == b, "{f} differs after the kills");
+    }
+    for sub in ["run", "run/checkpoints"] {
+        for e in std::fs::read_dir(d.join(sub)).unwrap() {
+            let n = e.unwrap().file_name().to_string_lossy().into_owned();
+            assert!(!n.starts_with(".coda-tmp"), "{sub}/{n} left behind");
+        }
+    }
+    // Resuming a finished run exports again, to the same bits.
+    ok(&resume, d);
+    let a = std::fs::read(d.join("whole/tokenizer/model.safetensors")).unwrap();
+    assert!(a == std::fs::read(d.join("run/tokenizer/model.safetensors")).unwrap());
+}
+
+/// Issue #15: on --resume every flag applies on top of the saved config, and a change of what
+/// the run computes is refused (listed) unless --allow-changes.
+#[test]
+fn resume_refuses_changes_unless_allowed() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let data = d.join("photos");
+    std::fs::create_dir_all(&data).unwrap();
+    for f in ["ladybird.jpg", "cups.jpg"] {
+        std::fs::copy(repo().join("assets/photos").join(f), data.join(f)).unwrap();
+    }
+    let tok = repo().join("assets/tokenizer");
+    let tok = tok.to_str().unwrap();
+    let mut a = adapt_args("photos", "run", tok);
+    a.extend(["--stop-after", "2"]);
+    ok(&a, d);
+    let (s, _, err) = coda(&["adapt", "--resume", "--out", "run", "--batch", "3"], d);
+    assert!(
+        !s && err.contains("batch: 2 -> 3") && err.contains("--allow-changes"),
+        "{err}"
+    );
+    let (s, _, err) = coda(&["adapt", "--resume", "--out", "run", "--steps", "8"], d);
+    assert!(!s && err.contains("total updates: 6 -> 8"), "{err}");
+    // A new image in the data folder changes the run.
+    std::fs::copy(
+        repo().join("assets/samples/lake.png"),
+        data.join("lake.png"),
+    )
+    .unwrap();
+    let (s, _, err) = coda(&["adapt", "--resume", "--out", "run"], d);
+    assert!(!s && err.contains("training images: 2"), "{err}");
+    std::fs::remove_file(data.join("lake.png")).unwrap();
+    // --preset/--config start new runs; they are refused with --resume.
+    let (s, _, err) = coda(
+        &["adapt", "--resume", "--out", "run", "--preset", "tiny-cpu"],
+        d,
+    );
+    assert!(!s && err.contains("--preset"), "{err}");
+    // The cadence of logs and checkpoints may change; a moved data folder with the same files
+    // is the same run.
+    std::fs::rename(d.join("photos"), d.join("moved")).unwrap();
+    let out = ok(
+        &[
+            "adapt",
+            "--resume",
+            "--out",
+            "run",
+            "--data",
+            "moved",
+            "--stop-after",
+            "1",
+            "--set",
+            "log_every=1",
+        ],
+        d,
+    );
+    assert!(
+        out.contains("updates 2..6") && !out.contains("warning"),
+        "{out}"
+    );
+    let out = ok(
+        &[
+            "adapt",
+            "--resume",
+            "--out",
+            "run",
+            "--steps",
+            "8",
+            "--allow-changes",
+        ],
+        d,
+    );
+    assert!(
+        out.contains("total updates: 6 -> 8") && out.contains("updates 3..8"),
+        "{out}"
+    );
+    assert!(d.join("run/tokenizer/config.json").exists());
+}

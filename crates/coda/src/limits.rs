@@ -23,8 +23,9 @@ use crate::error::{Error, Result};
 use crate::tokenizer::TokenizerConfig;
 use crate::vae::VaeConfig;
 
-/// Longest image side accepted by the decoder (PNG's own limit is 2^31; no photo needs more).
-pub const MAX_IMAGE_SIDE: u32 = 32768;
+/// Longest image side accepted by the decoder: JPEG's own limit (wide panoramas pass; the
+/// decoded-size bound below limits the area).
+pub const MAX_IMAGE_SIDE: u32 = 65535;
 /// Largest decoded image buffer: 1 GiB (a 18000x18000 RGB picture).
 pub const MAX_DECODE_BYTES: u64 = 1 << 30;
 /// The environment variable that sets the job memory limit (e.g. `64G`, `512M`, bytes).

@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use coda::training::{config::TrainConfig, Event, Role, Trainer};
+use coda::training::{config::TrainConfig, Event, Role, Start, Trainer};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -37,9 +37,16 @@ pub struct Args {
     /// The run folder.
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// Continue the run in --out from its latest checkpoint, with its saved config.
+    /// Continue the run in --out from its latest checkpoint. Its saved config.toml is the
+    /// starting point; flags and --set given with --resume apply on top. Anything that changes
+    /// the result (any key but the log/eval/checkpoint cadence, the training images, the
+    /// starting tokenizer's weights) is refused unless --allow-changes.
     #[arg(long)]
     pub resume: bool,
+    /// With --resume: continue even though settings, data or the starting tokenizer differ
+    /// from the checkpoint's; the changes are listed.
+    #[arg(long, requires = "resume")]
+    pub allow_changes: bool,
     /// Stop after this many updates (a checkpoint is written); `--resume` continues.
     #[arg(long)]
     pub stop_after: Option<u64>,
@@ -80,24 +87,38 @@ pub fn run(role: Role, a: Args) -> anyhow::Result<()> {
             .out
             .as_ref()
             .ok_or_else(|| anyhow::anyhow!("--resume needs --out RUN_DIR"))?;
-        let saved = out.join("config.toml");
-        let mut cfg = TrainConfig::load(&saved)?;
-        if !a.sets.is_empty() || a.steps.is_some() {
-            // Only explicit overrides change a resumed run (e.g. more steps).
-            let mut t = toml::Table::try_from(&cfg)?;
-            for s in &sets {
-                coda::training::config::merge(&mut t, coda::training::config::parse_set(s)?);
-            }
-            cfg = t.try_into()?;
+        if a.preset.is_some() || a.config.is_some() {
+            anyhow::bail!(
+                "--resume continues with the run's own {}; --preset and --config start new runs (use --set KEY=VALUE to change a key)",
+                out.join("config.toml").display()
+            );
         }
-        cfg
+        let saved = out.join("config.toml");
+        let cfg = TrainConfig::load(&saved)?;
+        // Every flag and --set applies on top of the saved config; the trainer then compares
+        // the result with the checkpoint's and refuses changes without --allow-changes.
+        let mut t = toml::Table::try_from(&cfg)?;
+        for s in &sets {
+            coda::training::config::merge(&mut t, coda::training::config::parse_set(s)?);
+        }
+        TrainConfig::from_table(t, &saved)?
     } else {
         TrainConfig::resolve(a.preset.as_deref(), a.config.as_deref(), &sets)?
     };
     for d in cfg.recipe_departures() {
         eprintln!("warning: {d}");
     }
-    let mut trainer = Trainer::new(role, cfg, a.resume)?;
+    let start = if a.resume {
+        Start::Resume {
+            allow_changes: a.allow_changes,
+        }
+    } else {
+        Start::Fresh
+    };
+    let mut trainer = Trainer::start(role, cfg, start)?;
+    for c in trainer.changes() {
+        eprintln!("warning: resuming with a change (--allow-changes): {c}");
+    }
     let pb = indicatif::ProgressBar::new(trainer.total_steps());
     pb.set_style(
         indicatif::ProgressStyle::with_template(

@@ -3,8 +3,10 @@
 
 mod atomic;
 mod check;
+mod failpoint;
 mod tensors;
 
-pub use atomic::{write_atomic, write_atomic_with};
+pub use atomic::{remove_temp_siblings, write_atomic, write_atomic_with, write_dir_atomic};
 pub use check::check_tensor_shapes;
+pub use failpoint::failpoint;
 pub use tensors::{read_tensors, write_safetensors};

@@ -228,22 +228,25 @@ impl Tokenizer {
         }
     }
 
-    /// Write a tokenizer folder (config.json + model.safetensors, each atomically).
+    /// Write a tokenizer folder (config.json + model.safetensors) atomically as a folder: a
+    /// crash leaves the previous folder or the new one. An existing tokenizer folder is
+    /// replaced whole; any other non-empty folder is refused.
     pub fn save(
         dir: &Path,
         config: &TokenizerConfig,
         tensors: &HashMap<String, Tensor>,
     ) -> Result<()> {
         crate::io::check_tensor_shapes(&config.parameter_shapes(), tensors, dir)?;
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let mut named: Vec<(String, Tensor)> = tensors
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         named.sort_by(|a, b| a.0.cmp(&b.0));
-        crate::io::write_safetensors(&dir.join(WEIGHTS_FILE), &named, None)?;
         let json = serde_json::to_string_pretty(config).expect("config serialises");
-        crate::io::write_atomic(&dir.join(CONFIG_FILE), json.as_bytes())
+        crate::io::write_dir_atomic(dir, CONFIG_FILE, |tmp| {
+            crate::io::write_safetensors(&tmp.join(WEIGHTS_FILE), &named, None)?;
+            crate::io::write_atomic(&tmp.join(CONFIG_FILE), json.as_bytes())
+        })
     }
 
     pub fn config(&self) -> &TokenizerConfig {

@@ -306,7 +306,8 @@ impl TrainConfig {
         Self::from_table(table, file.unwrap_or(Path::new("--set")))
     }
 
-    fn from_table(table: toml::Table, origin: &Path) -> Result<Self> {
+    /// A config from a TOML table, checked (each bad value named with its allowed range).
+    pub fn from_table(table: toml::Table, origin: &Path) -> Result<Self> {
         let cfg: TrainConfig =
             toml::Value::Table(table)
                 .try_into()

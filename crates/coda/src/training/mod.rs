@@ -26,4 +26,4 @@ internal_modules!(dino, ema, losses, model, optim, patchgan);
 
 pub use config::TrainConfig;
 pub use model::Role;
-pub use trainer::{Event, Trainer};
+pub use trainer::{Event, RunIdentity, Start, Trainer};

@@ -172,6 +172,128 @@ pub struct Trainer {
     bad_streak: u32,
     adaptive: Option<usize>,
     device: Device,
+    /// What the result depends on besides the checkpointed tensors (saved with every
+    /// checkpoint, compared on resume).
+    identity: RunIdentity,
+    /// What changed since the resumed checkpoint (only with `allow_changes`).
+    changes: Vec<String>,
+}
+
+/// How a run starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Start {
+    /// A new run: the folder must not hold checkpoints.
+    Fresh,
+    /// Continue from the latest checkpoint. A change of settings, data or starting model since
+    /// the checkpoint is refused with the list of changes, unless `allow_changes`.
+    Resume { allow_changes: bool },
+}
+
+/// The settings, data and starting model a run's result depends on besides its checkpointed
+/// tensors. Paths are not part of it (a moved data folder with the same files is the same run);
+/// the cadence of logs, evaluations and checkpoints is not either.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunIdentity {
+    pub total_updates: u64,
+    pub images: usize,
+    /// sha256 over the sorted relative paths and byte sizes of the training images.
+    pub data: String,
+    /// The starting tokenizer's weights hash (adapt); empty for runs from scratch (their seed
+    /// is in the config).
+    pub start: String,
+    pub config: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Keys that change what a run logs or keeps, not what it computes.
+const CADENCE_KEYS: &[&str] = &[
+    "out",
+    "data",
+    "val",
+    "tokenizer",
+    "eval_every",
+    "eval_images",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "log_every",
+    "prefetch",
+    "cache_mb",
+];
+
+impl RunIdentity {
+    fn new(
+        cfg: &TrainConfig,
+        total: u64,
+        data_root: &Path,
+        paths: &[PathBuf],
+        start: String,
+    ) -> Result<Self> {
+        use sha2::Digest;
+        let mut rel: Vec<(String, u64)> = paths
+            .iter()
+            .map(|p| {
+                let len = std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+                let r = p.strip_prefix(data_root).unwrap_or(p);
+                (r.to_string_lossy().into_owned(), len)
+            })
+            .collect();
+        rel.sort();
+        let mut h = sha2::Sha256::new();
+        for (r, len) in &rel {
+            h.update(r.as_bytes());
+            h.update([0]);
+            h.update(len.to_le_bytes());
+        }
+        let mut config = match serde_json::to_value(cfg).expect("the config serialises") {
+            serde_json::Value::Object(m) => m,
+            _ => unreachable!("a struct serialises to an object"),
+        };
+        for k in CADENCE_KEYS {
+            config.remove(*k);
+        }
+        Ok(Self {
+            total_updates: total,
+            images: paths.len(),
+            data: format!("{:x}", h.finalize())[..16].to_string(),
+            start,
+            config,
+        })
+    }
+
+    /// One line per difference, `what: saved -> now`.
+    pub fn differences(&self, now: &RunIdentity) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.total_updates != now.total_updates {
+            out.push(format!(
+                "total updates: {} -> {}",
+                self.total_updates, now.total_updates
+            ));
+        }
+        if self.images != now.images || self.data != now.data {
+            out.push(format!(
+                "training images: {} (fingerprint {}) -> {} (fingerprint {})",
+                self.images, self.data, now.images, now.data
+            ));
+        }
+        if self.start != now.start {
+            out.push(format!(
+                "starting tokenizer weights: hash {} -> {}",
+                self.start, now.start
+            ));
+        }
+        let mut keys: Vec<&String> = self.config.keys().chain(now.config.keys()).collect();
+        keys.sort();
+        keys.dedup();
+        for k in keys {
+            let (a, b) = (self.config.get(k), now.config.get(k));
+            if a != b {
+                let show = |v: Option<&serde_json::Value>| {
+                    v.map_or("(unset)".to_string(), |v| v.to_string())
+                };
+                out.push(format!("{k}: {} -> {}", show(a), show(b)));
+            }
+        }
+        out
+    }
 }
 
 /// The architecture and starting weights of a run.
@@ -239,7 +361,24 @@ fn scalar(t: &Tensor) -> Result<f64> {
 
 impl Trainer {
     /// Set up a run in `cfg.out`: a fresh one, or with `resume` the latest checkpoint there.
+    /// A new run (`resume` false) or the continuation of one that refuses any change of
+    /// settings, data or starting model (see [`Trainer::start`]).
     pub fn new(role: Role, cfg: TrainConfig, resume: bool) -> Result<Self> {
+        let start = if resume {
+            Start::Resume {
+                allow_changes: false,
+            }
+        } else {
+            Start::Fresh
+        };
+        Self::start(role, cfg, start)
+    }
+
+    /// Build the trainer of a run. On resume the checkpoint's [`RunIdentity`] is compared with
+    /// the current one; a difference is an error that lists it, or a warning (returned by
+    /// [`Trainer::changes`]) when changes are allowed.
+    pub fn start(role: Role, cfg: TrainConfig, start: Start) -> Result<Self> {
+        let resume = start != Start::Fresh;
         let out = cfg
             .out
             .clone()
@@ -250,6 +389,10 @@ impl Trainer {
             .ok_or_else(|| Error::Invalid("give the training images (--data DIR)".into()))?;
         let device = Device::Cpu;
         let (arch, tensors) = initial_model(role, &cfg)?;
+        let start_hash = match role {
+            Role::Adapt => crate::tokenizer::weights_hash(&tensors)?,
+            Role::Vae | Role::Vq => String::new(),
+        };
         crate::limits::check(
             &format!(
                 "a training update of {} x {} crops of {}x{} (batch x accum)",
@@ -263,7 +406,7 @@ impl Trainer {
                 cfg.lpips.is_some() && cfg.lpips_weight > 0.0,
             ),
         )?;
-        let paths = crate::data::collect_images(&[data])?;
+        let paths = crate::data::collect_images(std::slice::from_ref(&data))?;
         let aug = Augment {
             size: cfg.size,
             resize: cfg.resize_side(),
@@ -274,6 +417,7 @@ impl Trainer {
         };
         let sampler = Arc::new(Sampler::new(paths.clone(), aug, cfg.seed, cfg.cache_mb)?);
         let total = cfg.total_steps(sampler.len());
+        let identity = RunIdentity::new(&cfg, total, &data, &paths, start_hash)?;
 
         let mut names: Vec<&String> = tensors.keys().collect();
         names.sort();
@@ -402,6 +546,8 @@ impl Trainer {
             bad_streak: 0,
             adaptive,
             device,
+            identity,
+            changes: Vec::new(),
         };
         if !resume {
             if let Some(c) = t.latest_checkpoint()? {
@@ -414,7 +560,22 @@ impl Trainer {
         }
         if resume {
             match t.latest_checkpoint()? {
-                Some(dir) => t.load_checkpoint(&dir)?,
+                Some(dir) => {
+                    t.load_checkpoint(&dir)?;
+                    let allow = matches!(
+                        start,
+                        Start::Resume {
+                            allow_changes: true
+                        }
+                    );
+                    if !t.changes.is_empty() && !allow {
+                        return Err(Error::Invalid(format!(
+                            "--resume: the run in {} was checkpointed with other settings, data or starting model:\n  {}\nResume with the saved settings (drop the flags that change them), or pass --allow-changes to continue with the changes.",
+                            t.out.display(),
+                            t.changes.join("\n  ")
+                        )));
+                    }
+                }
                 None => {
                     return Err(Error::Invalid(format!(
                         "--resume: no checkpoint in {}",
@@ -423,6 +584,8 @@ impl Trainer {
                 }
             }
         }
+        crate::io::remove_temp_siblings(&t.out)?;
+        crate::io::remove_temp_siblings(&t.checkpoints_dir())?;
         crate::io::write_atomic(&t.out.join("config.toml"), t.cfg.to_toml().as_bytes())?;
         t.truncate_metrics()?;
         Ok(t)
@@ -430,6 +593,12 @@ impl Trainer {
 
     pub fn step(&self) -> u64 {
         self.step
+    }
+
+    /// The changes since the resumed checkpoint, one line each (empty for a fresh run or an
+    /// unchanged one; non-empty only when changes were allowed).
+    pub fn changes(&self) -> &[String] {
+        &self.changes
     }
 
     pub fn log_every(&self) -> u64 {
@@ -549,6 +718,7 @@ impl Trainer {
             self.cfg.batch,
             self.cfg.prefetch,
         );
+        let mut exported = false;
         while self.step < until {
             let mut batches = Vec::with_capacity(self.cfg.accum);
             for _ in 0..accum {
@@ -558,7 +728,9 @@ impl Trainer {
                 batches.push(b);
             }
             let started = Instant::now();
-            match self.update(&batches)? {
+            let outcome = self.update(&batches)?;
+            crate::io::failpoint("update", self.step);
+            match outcome {
                 Ok(mut log) => {
                     log.seconds = started.elapsed().as_secs_f64();
                     let s = self.step;
@@ -600,7 +772,14 @@ impl Trainer {
             if last {
                 let p = self.export()?;
                 on(Event::Exported { path: &p });
+                exported = true;
             }
+        }
+        // A run resumed at its end (killed after its final checkpoint, or during the export)
+        // exports again: the export is a function of the checkpoint, so the files are the same.
+        if !exported && self.step == self.total {
+            let p = self.export()?;
+            on(Event::Exported { path: &p });
         }
         let bad = self.sampler.bad_images();
         if !bad.is_empty() {
@@ -877,7 +1056,7 @@ impl Trainer {
         let dir = self.checkpoints_dir();
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         let name = format!("step-{:08}", self.step);
-        let tmp = dir.join(format!(".tmp-{name}"));
+        let tmp = dir.join(format!(".coda-tmp-{name}"));
         let fin = dir.join(&name);
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
@@ -907,12 +1086,14 @@ impl Trainer {
             }
         }
         crate::io::write_safetensors(&tmp.join("state.safetensors"), &t, None)?;
+        crate::io::failpoint("checkpoint-half-written", self.step);
         let state = serde_json::json!({
             "step": self.step,
             "total": self.total,
             "opt_t": self.opt.t,
             "disc_opt_t": self.disc.as_ref().map(|d| d.opt.t),
             "bad_streak": self.bad_streak,
+            "run": &self.identity,
         });
         crate::io::write_atomic(
             &tmp.join("state.json"),
@@ -924,6 +1105,7 @@ impl Trainer {
             std::fs::remove_dir_all(&fin).map_err(|e| Error::io(&fin, e))?;
         }
         std::fs::rename(&tmp, &fin).map_err(|e| Error::io(&fin, e))?;
+        crate::io::failpoint("checkpoint-written", self.step);
         let all = self.checkpoints()?;
         let keep = self.cfg.keep_checkpoints.max(1);
         if all.len() > keep {
@@ -990,6 +1172,23 @@ impl Trainer {
                 .map_err(bad)?;
         }
         self.step = u("step").ok_or_else(|| bad("state.json has no step".into()))?;
+        self.changes = match state.get("run") {
+            Some(v) => {
+                let saved: RunIdentity =
+                    serde_json::from_value(v.clone()).map_err(|e| Error::Checkpoint {
+                        path: sp.clone(),
+                        reason: format!("run: {e}"),
+                    })?;
+                saved.differences(&self.identity)
+            }
+            None => {
+                tracing::warn!(
+                    "{}: a checkpoint from before run identities; settings not compared",
+                    sp.display()
+                );
+                Vec::new()
+            }
+        };
         self.bad_streak = u("bad_streak").unwrap_or(0) as u32;
         Ok(())
     }

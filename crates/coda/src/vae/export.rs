@@ -74,7 +74,6 @@ pub fn write_diffusers(
         )));
     }
     crate::io::check_tensor_shapes(&cfg.parameter_shapes(), tensors, dir)?;
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let mut named: Vec<(String, Tensor)> = tensors
         .iter()
         .map(|(k, t)| {
@@ -88,10 +87,13 @@ pub fn write_diffusers(
         })
         .collect::<Result<_>>()?;
     named.sort_by(|a, b| a.0.cmp(&b.0));
-    crate::io::write_safetensors(&dir.join(DIFFUSERS_WEIGHTS), &named, None)?;
     let json = serde_json::to_string_pretty(&diffusers_config(cfg, sample_size))
         .expect("a JSON value serialises");
-    crate::io::write_atomic(&dir.join("config.json"), json.as_bytes())
+    // The folder is written atomically as a whole (issue #15).
+    crate::io::write_dir_atomic(dir, "config.json", |tmp| {
+        crate::io::write_safetensors(&tmp.join(DIFFUSERS_WEIGHTS), &named, None)?;
+        crate::io::write_atomic(&tmp.join("config.json"), json.as_bytes())
+    })
 }
 
 /// Fresh weights for training a VAE from scratch, initialised as PyTorch's defaults do: conv
