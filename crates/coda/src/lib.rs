@@ -46,6 +46,9 @@
 pub mod data;
 pub mod error;
 pub mod evaluation;
+/// Fuzz target bodies (for `fuzz/` and the corpus replay test; not an API).
+#[cfg(feature = "internals")]
+pub mod fuzzing;
 pub mod io;
 /// Our own CPU kernels: crate-internal, public only with the `internals` feature (the kernel
 /// tests and benchmarks enable it).

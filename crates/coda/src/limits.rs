@@ -217,8 +217,8 @@ pub fn training_bytes(
     let params: u64 = arch
         .parameter_shapes()
         .iter()
-        .map(|(_, s)| s.iter().product::<usize>() as u64)
-        .sum();
+        .map(|(_, s)| s.iter().fold(1u64, |a, &b| a.saturating_mul(b as u64)))
+        .fold(0u64, u64::saturating_add);
     let weights = params.saturating_mul(4);
     b.saturating_mul(per_image)
         .saturating_add(images)

@@ -326,6 +326,10 @@ pub fn initial_model(
             vae.norm_groups = m.norm_groups;
             vae.norm_eps = m.norm_eps;
             vae.validate(Path::new("[model]"))?;
+            crate::limits::check(
+                "the [model] section's weights",
+                (vae.parameter_count() as u64).saturating_mul(4 * 4),
+            )?;
             let mut quantizer = QuantizerConfig::new(m.codebook_size, m.latent_channels);
             quantizer.kind = m.quantizer;
             quantizer.beta = m.beta;

@@ -276,10 +276,11 @@ impl VaeConfig {
         p
     }
 
+    /// Saturating: an absurd config (from a fuzzer or a typo) gives usize::MAX, not a panic.
     pub fn parameter_count(&self) -> usize {
         self.parameter_shapes()
             .iter()
-            .map(|(_, s)| s.iter().product::<usize>())
-            .sum()
+            .map(|(_, s)| s.iter().fold(1usize, |a, &b| a.saturating_mul(b)))
+            .fold(0usize, usize::saturating_add)
     }
 }
