@@ -204,3 +204,24 @@ fn impossible_tokenizer_configs_are_refused() {
         );
     }
 }
+
+/// Issue #15: a checkpoint with NaN or infinite weights is refused, naming the tensor, instead
+/// of loading and producing NaN images with exit 0.
+#[test]
+fn non_finite_weights_are_refused_naming_the_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    for bad in [f32::NAN, f32::INFINITY] {
+        let p = edited_copy(dir.path(), |ts| {
+            for (k, t) in ts.iter_mut() {
+                if k == "decoder.conv_out.bias" {
+                    *t = Tensor::new(&[0.0f32, bad, 0.0], &Device::Cpu).unwrap();
+                }
+            }
+        });
+        let err = load_err(&p, &LoadOptions::default());
+        assert!(
+            err.contains("decoder.conv_out.bias holds 1 non-finite value(s)"),
+            "{bad}: {err}"
+        );
+    }
+}

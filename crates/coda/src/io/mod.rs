@@ -9,4 +9,4 @@ mod tensors;
 pub use atomic::{remove_temp_siblings, write_atomic, write_atomic_with, write_dir_atomic};
 pub use check::check_tensor_shapes;
 pub use failpoint::failpoint;
-pub use tensors::{read_tensors, write_safetensors};
+pub use tensors::{check_finite, read_tensors, write_safetensors};

@@ -46,10 +46,28 @@ pub fn read_tensors(path: &Path, device: &Device) -> Result<HashMap<String, Tens
     }
     raw.into_iter()
         .map(|(k, t)| {
-            let t = t.to_dtype(DType::F32)?.to_device(device)?;
-            Ok((k, t))
+            let t = t.to_dtype(DType::F32)?;
+            check_finite(&k, &t, path)?;
+            Ok((k, t.to_device(device)?))
         })
         .collect()
+}
+
+/// Refuse a tensor holding NaN or infinite values (issue #15: a damaged checkpoint would
+/// otherwise load and produce black or NaN images with exit 0).
+pub fn check_finite(key: &str, t: &Tensor, path: &Path) -> Result<()> {
+    let v = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+    let bad = v.iter().filter(|x| !x.is_finite()).count();
+    if bad > 0 {
+        return Err(Error::Checkpoint {
+            path: path.into(),
+            reason: format!(
+                "{key} holds {bad} non-finite value(s) (NaN or infinite) of {}: the checkpoint is damaged",
+                v.len()
+            ),
+        });
+    }
+    Ok(())
 }
 
 fn read_pickle(path: &Path) -> std::result::Result<Vec<(String, Tensor)>, String> {

@@ -148,7 +148,11 @@ impl Tokenizer {
         })?;
         let tensors = tensors
             .into_iter()
-            .map(|(k, t)| Ok((k, t.to_dtype(DType::F32)?)))
+            .map(|(k, t)| {
+                let t = t.to_dtype(DType::F32)?;
+                crate::io::check_finite(&k, &t, origin)?;
+                Ok((k, t))
+            })
             .collect::<Result<HashMap<_, _>>>()?;
         Self::from_tensors(config, tensors, origin, true)
     }

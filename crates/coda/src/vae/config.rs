@@ -131,6 +131,24 @@ impl VaeConfig {
         if self.block_channels.is_empty() {
             return bad("block_channels is empty".into());
         }
+        // Found by fuzzing (fuzz/regressions/train_config): zero channels reached a panic in the
+        // weight initialisation.
+        for (name, v) in [
+            ("in_channels", self.in_channels),
+            ("out_channels", self.out_channels),
+            ("z_channels", self.z_channels),
+            ("latent_channels", self.latent_channels),
+        ]
+        .into_iter()
+        .chain(self.block_channels.iter().map(|&c| ("block_channels", c)))
+        {
+            if v == 0 {
+                return bad(format!("{name} must be at least 1, got 0"));
+            }
+        }
+        if self.levels() > 16 {
+            return bad(format!("{} levels: at most 16", self.levels()));
+        }
         if self.encoder_attention.len() != self.levels()
             || self.decoder_attention.len() != self.levels()
         {
