@@ -71,6 +71,7 @@ pub fn check_finite(key: &str, t: &Tensor, path: &Path) -> Result<()> {
 }
 
 fn read_pickle(path: &Path) -> std::result::Result<Vec<(String, Tensor)>, String> {
+    check_pth_bounds(path)?;
     let first = candle_core::pickle::read_all(path)
         .map_err(|e| format!("not a readable PyTorch zip checkpoint ({e})"))?;
     if !first.is_empty() {
@@ -84,6 +85,104 @@ fn read_pickle(path: &Path) -> std::result::Result<Vec<(String, Tensor)>, String
         }
     }
     Ok(Vec::new())
+}
+
+/// Bound what a `.pth` may make the parser allocate, before candle parses it (found by fuzzing,
+/// fuzz/regressions/vae_checkpoint): a string in the pickle longer than the pickle itself, or a
+/// tensor whose declared shape needs more bytes than the whole file holds.
+fn check_pth_bounds(path: &Path) -> std::result::Result<(), String> {
+    use std::io::Read;
+    let file_len = std::fs::metadata(path).map_err(|e| e.to_string())?.len();
+    let f = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let Ok(mut zip) = zip::ZipArchive::new(std::io::BufReader::new(f)) else {
+        return Ok(()); // not a zip: candle reports it
+    };
+    let names: Vec<String> = zip
+        .file_names()
+        .filter_map(|n| n.ok().map(|c| c.into_owned()))
+        .collect();
+    for name in names.iter().filter(|n| n.ends_with("data.pkl")) {
+        let mut bytes = Vec::new();
+        let entry = zip.by_name(name).map_err(|e| format!("{name}: {e}"))?;
+        entry
+            .take(file_len.saturating_mul(16))
+            .read_to_end(&mut bytes)
+            .map_err(|e| format!("{name}: {e}"))?;
+        check_pickle_lengths(&bytes).map_err(|e| format!("{name}: {e}"))?;
+    }
+    for key in std::iter::once(None).chain(NESTED_KEYS.iter().map(|k| Some(*k))) {
+        let Ok(infos) = candle_core::pickle::read_pth_tensor_info(path, false, key) else {
+            continue;
+        };
+        for i in infos {
+            let need = (i.layout.shape().dims().iter())
+                .fold(i.dtype.size_in_bytes() as u64, |a, &d| {
+                    a.saturating_mul(d as u64)
+                });
+            if need > file_len {
+                return Err(format!(
+                    "tensor {} declares shape {:?} ({need} bytes), more than the whole file ({file_len} bytes)",
+                    i.name,
+                    i.layout.dims()
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Walk a pickle's opcodes (the subset candle's parser knows, with their argument sizes) and
+/// refuse a length-prefixed string longer than what follows it. Stops at the first opcode
+/// candle does not know (it refuses those itself).
+fn check_pickle_lengths(p: &[u8]) -> std::result::Result<(), String> {
+    let mut i = 0usize;
+    let skip = |i: &mut usize, n: usize| -> std::result::Result<(), String> {
+        *i = i
+            .checked_add(n)
+            .filter(|&e| e <= p.len())
+            .ok_or("truncated pickle")?;
+        Ok(())
+    };
+    while i < p.len() {
+        let op = p[i];
+        i += 1;
+        match op {
+            b'.' => return Ok(()),
+            0x80 | b'q' | b'K' | b'h' => skip(&mut i, 1)?,
+            b'M' => skip(&mut i, 2)?,
+            b'r' | b'J' | b'j' => skip(&mut i, 4)?,
+            b'G' => skip(&mut i, 8)?,
+            0x8a => {
+                let n = *p.get(i).ok_or("truncated pickle")? as usize;
+                skip(&mut i, 1 + n)?;
+            }
+            b'X' => {
+                let b = p.get(i..i + 4).ok_or("truncated pickle")?;
+                let len = u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize;
+                i += 4;
+                if len > p.len() - i {
+                    return Err(format!(
+                        "a string of {len} bytes at offset {i} of a {}-byte pickle",
+                        p.len()
+                    ));
+                }
+                i += len;
+            }
+            b'c' => {
+                for _ in 0..2 {
+                    let nl = p[i..]
+                        .iter()
+                        .position(|&c| c == b'\n')
+                        .ok_or("truncated pickle")?;
+                    i += nl + 1;
+                }
+            }
+            b')' | b'R' | b'(' | b't' | b'Q' | 0x85 | 0x86 | 0x87 | 0x88 | 0x89 | b'N' | b's'
+            | b'u' | b'}' | b'd' | b'b' | 0x81 | b']' | b'a' | b'e' => {}
+            _ => return Ok(()),
+        }
+    }
+    Ok(())
 }
 
 /// Write tensors as safetensors, atomically, with string metadata.
