@@ -9,11 +9,14 @@ use candle_core::Device;
 use coda::tokenizer::{token_file, Tokenizer, Tokens};
 use coda::{EncodeOptions, Precision};
 use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray2, PyReadonlyArray4, PyUntypedArrayMethods};
-use pyo3::exceptions::{PyFileNotFoundError, PyOSError, PyRuntimeError, PyValueError};
+use pyo3::exceptions::{
+    PyFileNotFoundError, PyMemoryError, PyOSError, PyRuntimeError, PyValueError,
+};
 use pyo3::prelude::*;
 
 /// A library error as the Python exception a user expects: files that cannot be found or read
-/// are `OSError` (`FileNotFoundError` when missing), bad arguments and ids are `ValueError`.
+/// are `OSError` (`FileNotFoundError` when missing), bad arguments and ids are `ValueError`, a
+/// job above the memory limit is `MemoryError`.
 fn py_err(e: coda::Error) -> PyErr {
     let msg = e.to_string();
     match e {
@@ -24,6 +27,8 @@ fn py_err(e: coda::Error) -> PyErr {
         coda::Error::CheckpointMismatch { .. }
         | coda::Error::Config { .. }
         | coda::Error::Invalid(_) => PyValueError::new_err(msg),
+        // A job refused by its memory estimate (nothing was allocated).
+        coda::Error::Memory { .. } => PyMemoryError::new_err(msg),
         coda::Error::Candle(_) => PyRuntimeError::new_err(msg),
     }
 }

@@ -8,8 +8,11 @@ use std::path::PathBuf;
 
 use candle_core::Device;
 
+/// A fuzz target's body.
+pub type Target = fn(&[u8]);
+
 /// The fuzz targets by name, as in `fuzz/fuzz_targets/NAME.rs` and `fuzz/corpus/NAME/`.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("image", image),
     ("token_file", token_file),
     ("tokenizer_folder", tokenizer_folder),
