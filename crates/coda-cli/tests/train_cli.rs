@@ -198,6 +198,16 @@ fn train_vq_multiscale_exports_a_tokenizer() {
     assert_eq!(cfg["scales"]["derived"]["num_scales"], 3);
 }
 
+/// `d/photos` with the two bundled photos.
+fn bundled_photos(d: &Path) -> PathBuf {
+    let data = d.join("photos");
+    std::fs::create_dir_all(&data).unwrap();
+    for f in ["ladybird.jpg", "cups.jpg"] {
+        std::fs::copy(repo().join("assets/photos").join(f), data.join(f)).unwrap();
+    }
+    data
+}
+
 /// `adapt` on the default tokenizer with 16-px crops: 6 updates, a checkpoint every 2.
 fn adapt_args<'a>(data: &'a str, out: &'a str, tok: &'a str) -> Vec<&'a str> {
     vec![
@@ -253,11 +263,7 @@ fn killed_at(point: &str, args: &[&str], cwd: &Path) {
 fn adapt_killed_anywhere_resumes_to_the_identical_export() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let data = d.join("photos");
-    std::fs::create_dir_all(&data).unwrap();
-    for f in ["ladybird.jpg", "cups.jpg"] {
-        std::fs::copy(repo().join("assets/photos").join(f), data.join(f)).unwrap();
-    }
+    bundled_photos(d);
     let tok = repo().join("assets/tokenizer");
     let tok = tok.to_str().unwrap();
     ok(&adapt_args("photos", "whole", tok), d);
@@ -298,11 +304,7 @@ fn adapt_killed_anywhere_resumes_to_the_identical_export() {
 fn resume_refuses_changes_unless_allowed() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let data = d.join("photos");
-    std::fs::create_dir_all(&data).unwrap();
-    for f in ["ladybird.jpg", "cups.jpg"] {
-        std::fs::copy(repo().join("assets/photos").join(f), data.join(f)).unwrap();
-    }
+    let data = bundled_photos(d);
     let tok = repo().join("assets/tokenizer");
     let tok = tok.to_str().unwrap();
     let mut a = adapt_args("photos", "run", tok);
