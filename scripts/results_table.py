@@ -13,7 +13,8 @@ rows = [
     ("CODA before adaptation (random codebook, LoRA = identity)", "start"),
     ("CODA (adapted, 1x: 600 updates at 64 px)", "coda"),
     ("CODA, then 150 updates at 128 px", "coda-128"),
-    ("CODA, then 600 more at 128 px (the default tokenizer)", "coda-long"),
+    ("CODA, then 600 more at 128 px", "coda-long"),
+    ("CODA, then 1000 more at 128 px (lr 3e-4)", "coda-xl"),
     ("VQ from scratch, 1x", "vq-1x"),
     ("VQ from scratch, 6x", "vq-6x"),
     ("Multi-scale VQ from scratch, 1x", "msvq"),
@@ -69,7 +70,8 @@ def main():
             steps, wt, hours = "0", "0", "0"
         else:
             extra = {"coda": " + parent", "coda-128": " + 1x + parent",
-                     "coda-long": " + 150 + 1x + parent"}.get(run, "")
+                     "coda-long": " + 150 + 1x + parent",
+                     "coda-xl": " + 600 + 150 + 1x + parent"}.get(run, "")
             sec, cpu = wall.get(run, (None, None))
             wt = f"{sec / 60:.0f} min{extra}" if sec else "?"
             hours = f"{cpu / 3600:.2f}{extra}" if sec else "?"
