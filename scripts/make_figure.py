@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw
 
 CODA = os.environ.get("CODA", "target/release/coda")
 PHOTOS = ["summer_1am__images.png", "Kite__images.png", "desert__main.png", "Altai__images.png"]
-MODELS = [("VAE", "--vae", "vae/vae"), ("CODA", "--tokenizer", "coda-long/tokenizer"),
+MODELS = [("VAE", "--vae", "vae/vae"), ("CODA", "--tokenizer", "coda-xl/tokenizer"),
           ("VQ 1x", "--tokenizer", "vq-1x/tokenizer"), ("VQ 6x", "--tokenizer", "vq-6x/tokenizer"),
           ("MSVQ 1x", "--tokenizer", "msvq/tokenizer")]
 # The 27 grid colours of the RGB cube and the three of `coda eval --colours`.
