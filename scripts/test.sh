@@ -1,6 +1,12 @@
 #!/usr/bin/env bash
 # Every test of the project (README's test command; .ci/run calls it):
-#   1. the Rust workspace: cargo test --workspace;
+#   1. the Rust workspace: # Every kernel path the CPU has runs in tests/kernel_paths.rs; the best one is mandatory here.
+if grep -qw avx512f /proc/cpuinfo 2>/dev/null; then
+  export CODA_REQUIRE_ISA=avx512
+elif grep -qw avx2 /proc/cpuinfo 2>/dev/null; then
+  export CODA_REQUIRE_ISA=avx2
+fi
+cargo test --workspace;
 #   2. the Python package, built from this checkout (pip install .) into a fresh virtual
 #      environment, tested with pytest, including the comparison with the coda binary that step 1
 #      built (mandatory here: CODA_REQUIRE_CLI=1).

@@ -24,8 +24,14 @@ use rayon::prelude::*;
 /// AMX tiles in the kernel: 16 rows x 64 bytes (16 f32 or 32 bf16 per row).
 const TILE: usize = 512; // u16 elements per A or B tile (16 x 32)
 
-/// Whether this CPU and OS run AMX bf16 (asks Linux for the tile state once).
+/// Whether our kernels use AMX bf16: the CPU and OS have it (see [`detected`]) and the
+/// `CODA_CPU_ISA` cap allows it.
 pub fn available() -> bool {
+    super::simd::isa() >= super::simd::Isa::Amx
+}
+
+/// Whether this CPU and OS run AMX bf16 (asks Linux for the tile state once).
+pub fn detected() -> bool {
     static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *AVAILABLE.get_or_init(detect)
 }

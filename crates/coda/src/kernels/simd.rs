@@ -32,30 +32,107 @@ pub fn silu(x: f32) -> f32 {
     x / (1.0 + exp(-x))
 }
 
-/// Whether the CPU can run the `avx2,fma` versions of our loops (checked once, then cached).
-#[inline]
-pub fn has_avx2_fma() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
+/// Instruction-set levels of our kernel paths, lowest first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Isa {
+    /// Portable Rust (what the compiler makes of it for the build's target).
+    Scalar,
+    /// AVX2 + FMA copies of the hot loops.
+    Avx2,
+    /// AVX-512F copies.
+    Avx512,
+    /// AMX bf16 tiles (the bf16 and bf16x3 precisions only).
+    Amx,
+}
+
+impl Isa {
+    pub const ALL: [Isa; 4] = [Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Amx];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Scalar => "scalar",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512 => "avx512",
+            Isa::Amx => "amx",
+        }
     }
 }
 
-/// Whether the CPU can run the `avx512f` versions of our loops.
-#[inline]
-pub fn has_avx512() -> bool {
+/// The environment variable that caps the kernel paths (`scalar`, `avx2`, `avx512`, `amx`), so
+/// that a machine can measure and test the paths below its best one.
+pub const ISA_ENV: &str = "CODA_CPU_ISA";
+
+/// The cap: 0 = not read yet, else 1 + the Isa's index.
+static CAP: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// The best path this CPU (and OS, for AMX) can run, whatever the cap.
+pub fn detected() -> Isa {
     #[cfg(target_arch = "x86_64")]
     {
-        std::arch::is_x86_feature_detected!("avx512f") && has_avx2_fma()
+        let avx2 = std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma");
+        let avx512 = avx2 && std::arch::is_x86_feature_detected!("avx512f");
+        if avx512 && super::amx::detected() {
+            Isa::Amx
+        } else if avx512 {
+            Isa::Avx512
+        } else if avx2 {
+            Isa::Avx2
+        } else {
+            Isa::Scalar
+        }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        false
+        Isa::Scalar
     }
+}
+
+fn cap() -> Isa {
+    let c = CAP.load(std::sync::atomic::Ordering::Relaxed);
+    if c > 0 {
+        return Isa::ALL[(c - 1) as usize];
+    }
+    let from_env = std::env::var(ISA_ENV).ok().map(|v| {
+        Isa::ALL
+            .into_iter()
+            .find(|i| i.name() == v.trim().to_ascii_lowercase())
+            .unwrap_or_else(|| {
+                eprintln!(
+                    "warning: {ISA_ENV}={v} is not one of scalar, avx2, avx512, amx; ignored"
+                );
+                Isa::Amx
+            })
+    });
+    let c = from_env.unwrap_or(Isa::Amx);
+    CAP.store(c as u8 + 1, std::sync::atomic::Ordering::Relaxed);
+    c
+}
+
+/// Cap the kernel paths for this process (tests and benchmarks run every path this way);
+/// None restores the environment's cap or none.
+pub fn set_isa_cap(isa: Option<Isa>) {
+    CAP.store(
+        isa.map_or(0, |i| i as u8 + 1),
+        std::sync::atomic::Ordering::Relaxed,
+    );
+}
+
+/// The path our kernels take: the best one the CPU has, at most the cap.
+pub fn isa() -> Isa {
+    detected().min(cap())
+}
+
+/// Whether our kernels run their `avx2,fma` versions (the CPU has them and the cap allows).
+#[inline]
+pub fn has_avx2_fma() -> bool {
+    isa() >= Isa::Avx2
+}
+
+/// Whether our kernels run their `avx512f` versions.
+#[inline]
+pub fn has_avx512() -> bool {
+    isa() >= Isa::Avx512
 }
 
 #[cfg(test)]

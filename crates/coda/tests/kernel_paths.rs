@@ -1,0 +1,99 @@
+//! Every kernel path this CPU can run, in one process: the VAE against the PyTorch fixture
+//! (convolutions, Winograd, GroupNorm+SiLU) and the code assignment against a brute-force
+//! argmax in f64, with the kernels capped at each level in turn (`coda::kernels::simd::
+//! set_isa_cap`, the same cap `CODA_CPU_ISA` sets). Paths the CPU lacks are printed as SKIP
+//! with the reason; `CODA_REQUIRE_ISA=avx512` (say) makes a missing path a failure. AMX runs
+//! only in the bf16 precisions and has its own tests.
+
+mod common;
+
+use candle_core::Device;
+use coda::kernels::assign::argmax_dot;
+use coda::kernels::simd::{detected, isa, set_isa_cap, Isa};
+use coda::vae::{LoadOptions, VaeWeights};
+
+/// The decoder output on this path, and its max abs error against PyTorch's.
+fn vae_run() -> (candle_core::Tensor, f32) {
+    let dir = common::fixtures("vae");
+    let w = VaeWeights::load(
+        &dir.join("diffusers"),
+        &LoadOptions::default(),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let vae = w.build().unwrap();
+    let io = common::load(&dir.join("diffusers_io.safetensors"));
+    let post = vae.encode(&io["x"]).unwrap();
+    let dec = vae.decode(&io["mean"]).unwrap();
+    let e = common::max_abs(&post.mean, &io["mean"]).max(common::max_abs(&dec, &io["decoded"]));
+    (dec, e)
+}
+
+fn assignment_mismatches() -> usize {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let (n, v, d) = (300, 1000, 16);
+    let q: Vec<f32> = (0..n * d).map(|_| rng.gen_range(-1.0..1.0)).collect();
+    let k: Vec<f32> = (0..v * d).map(|_| rng.gen_range(-1.0..1.0)).collect();
+    let got = argmax_dot(&q, n, &k, v, d, 256);
+    (0..n)
+        .filter(|&i| {
+            let score = |j: usize| -> f64 {
+                (0..d)
+                    .map(|t| q[i * d + t] as f64 * k[j * d + t] as f64)
+                    .sum()
+            };
+            let best = (0..v).max_by(|&a, &b| score(a).total_cmp(&score(b)).then(b.cmp(&a)));
+            // A near-tie (within f32 rounding) may go either way.
+            let g = got[i] as usize;
+            Some(g) != best && (score(best.unwrap()) - score(g)).abs() > 1e-5
+        })
+        .count()
+}
+
+#[test]
+fn every_available_kernel_path_matches_the_references() {
+    let best = detected();
+    let required = std::env::var("CODA_REQUIRE_ISA").ok();
+    let mut ran = Vec::new();
+    let mut scalar_out = None;
+    for path in [Isa::Scalar, Isa::Avx2, Isa::Avx512] {
+        if path > best {
+            let msg = format!(
+                "SKIP kernel path {}: this CPU's best is {}",
+                path.name(),
+                best.name()
+            );
+            println!("{msg}");
+            eprintln!("{msg}");
+            assert!(
+                required.as_deref() != Some(path.name()),
+                "CODA_REQUIRE_ISA={} but the CPU lacks it",
+                path.name()
+            );
+            continue;
+        }
+        set_isa_cap(Some(path));
+        assert_eq!(isa(), path);
+        let (out, e) = vae_run();
+        let m = assignment_mismatches();
+        // How far this path's arithmetic is from the portable one (0 where the loops compute the
+        // same operations in the same order).
+        let vs_scalar = scalar_out.get_or_insert_with(|| out.clone());
+        let diff = common::max_abs(&out, vs_scalar);
+        println!(
+            "kernel path {}: VAE max abs error {e:.2e} (vs the scalar path {diff:.2e}), assignment mismatches {m}",
+            path.name()
+        );
+        assert!(e <= 1e-4, "{}: VAE max abs error {e}", path.name());
+        assert_eq!(
+            m,
+            0,
+            "{}: assignment differs from the brute force",
+            path.name()
+        );
+        ran.push(path.name());
+    }
+    set_isa_cap(None);
+    println!("kernel paths run: {ran:?}");
+}
