@@ -290,6 +290,15 @@ def test_bad_input_raises_the_right_exception(tok, tmp_path):
     assert not (tmp_path / "x.safetensors").exists()
 
 
+def test_a_job_above_the_memory_limit_raises_memory_error(tok, monkeypatch):
+    # The limit comes from CODA_MAX_MEMORY, read at each call; 256 px needs ~70 MB here.
+    monkeypatch.setenv("CODA_MAX_MEMORY", "10M")
+    with pytest.raises(MemoryError, match="above the limit of 10 MiB"):
+        tok.encode(np.zeros((1, 256, 256, 3), np.uint8))
+    monkeypatch.delenv("CODA_MAX_MEMORY")
+    assert tok.encode(np.zeros((1, 256, 256, 3), np.uint8)).shape[0] == 1
+
+
 def test_readme_python_example_runs(tmp_path):
     readme = (ROOT / "README.md").read_text()
     # The package's examples (blocks that import coda; others show reading files without it).
