@@ -153,10 +153,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 fn run_in_precision(args: Args) -> anyhow::Result<()> {
     // Every number is only meaningful with the path that made it.
     println!(
-        "kernel path {} (this CPU's best: {}; {} caps it; the convolutions' GEMM dispatches on its own)",
+        "kernel path {} (this CPU's best: {}; CODA_CPU_ISA caps it; the convolutions' GEMM dispatches on its own)",
         coda::kernel_isa().name(),
-        coda::detected_isa().name(),
-        "CODA_CPU_ISA"
+        coda::detected_isa().name()
     );
     if let Some(dir) = args.tokenizer.clone() {
         let lines = run_tokenizer(&args, &dir)?;
