@@ -63,7 +63,7 @@ fn a_huge_image_at_its_own_size_is_refused_with_the_estimate() {
     assert_refused(&o, "reconstruct");
     let err = stderr(&o);
     assert!(
-        err.contains("encoding 1 image(s) of 4096x4096 needs about")
+        err.contains("1 image(s) of 4096x4096 at a time needs about")
             && err.contains("above the limit of 3.4 GiB")
             && err.contains("--max-memory"),
         "{err}"

@@ -63,7 +63,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 fn run_in_precision(args: Args) -> anyhow::Result<()> {
     let device = super::device()?;
     let img = data::prepare(data::load_image(&args.image)?, args.size)?;
-    let x = data::images_to_tensor(std::slice::from_ref(&img), &device)?;
+    // The f32 tensor is made once the model is known, after its memory check: a huge picture
+    // is refused before 12 bytes per pixel are allocated for it.
+    let (iw, ih) = (img.width() as usize, img.height() as usize);
+    let to_tensor = || data::images_to_tensor(std::slice::from_ref(&img), &device);
     let output = args.output.clone().unwrap_or_else(|| {
         let stem = args
             .image
@@ -85,6 +88,8 @@ fn run_in_precision(args: Args) -> anyhow::Result<()> {
     let recon = if args.vae.vae.is_none() {
         let (tok, name) = super::tokenizer_or_default(args.tokenizer.as_deref(), &device)?;
         let tok = tok.with_precision(args.precision.precision)?;
+        tok.check_memory(1, ih, iw)?;
+        let x = to_tensor()?;
         let enc = tok.encode_with(&x, posterior)?;
         let recon = tok.decode_latent(&enc.latent_hat)?;
         let n = enc.tokens.len_per_image();
@@ -125,6 +130,11 @@ fn run_in_precision(args: Args) -> anyhow::Result<()> {
         let path = args.vae.path()?;
         let weights = VaeWeights::load(path, &args.vae.options(), &device)?;
         let vae = weights.build()?;
+        coda::limits::check(
+            &format!("encoding 1 image(s) of {iw}x{ih}"),
+            coda::limits::inference_bytes(vae.config(), 1, ih, iw),
+        )?;
+        let x = to_tensor()?;
         let post = vae.encode(&x)?;
         let z = posterior.latent(&post)?;
         let latent = vae.normalize(&z)?;
