@@ -65,8 +65,14 @@ pub const ISA_ENV: &str = "CODA_CPU_ISA";
 /// The cap: 0 = not read yet, else 1 + the Isa's index.
 static CAP: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
 
-/// The best path this CPU (and OS, for AMX) can run, whatever the cap.
+/// The best path this CPU (and OS, for AMX) can run, whatever the cap (detected once; the
+/// kernels ask on every block).
 pub fn detected() -> Isa {
+    static DETECTED: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+    *DETECTED.get_or_init(detect)
+}
+
+fn detect() -> Isa {
     #[cfg(target_arch = "x86_64")]
     {
         let avx2 = std::arch::is_x86_feature_detected!("avx2")
