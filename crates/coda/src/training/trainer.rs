@@ -204,7 +204,7 @@ pub struct RunIdentity {
     pub config: serde_json::Map<String, serde_json::Value>,
 }
 
-/// Keys that change what a run logs or keeps, not what it computes.
+/// Keys left out of the comparison: paths, and what a run logs or keeps rather than computes.
 const CADENCE_KEYS: &[&str] = &[
     "out",
     "data",
@@ -226,7 +226,7 @@ impl RunIdentity {
         data_root: &Path,
         paths: &[PathBuf],
         start: String,
-    ) -> Result<Self> {
+    ) -> Self {
         use sha2::Digest;
         let mut rel: Vec<(String, u64)> = paths
             .iter()
@@ -250,13 +250,13 @@ impl RunIdentity {
         for k in CADENCE_KEYS {
             config.remove(*k);
         }
-        Ok(Self {
+        Self {
             total_updates: total,
             images: paths.len(),
             data: format!("{:x}", h.finalize())[..16].to_string(),
             start,
             config,
-        })
+        }
     }
 
     /// One line per difference, `what: saved -> now`.
@@ -364,9 +364,8 @@ fn scalar(t: &Tensor) -> Result<f64> {
 }
 
 impl Trainer {
-    /// Set up a run in `cfg.out`: a fresh one, or with `resume` the latest checkpoint there.
-    /// A new run (`resume` false) or the continuation of one that refuses any change of
-    /// settings, data or starting model (see [`Trainer::start`]).
+    /// Set up a run in `cfg.out`: a fresh one, or with `resume` the latest checkpoint there,
+    /// refusing any change of settings, data or starting model (see [`Trainer::start`]).
     pub fn new(role: Role, cfg: TrainConfig, resume: bool) -> Result<Self> {
         let start = if resume {
             Start::Resume {
@@ -421,7 +420,7 @@ impl Trainer {
         };
         let sampler = Arc::new(Sampler::new(paths.clone(), aug, cfg.seed, cfg.cache_mb)?);
         let total = cfg.total_steps(sampler.len());
-        let identity = RunIdentity::new(&cfg, total, &data, &paths, start_hash)?;
+        let identity = RunIdentity::new(&cfg, total, &data, &paths, start_hash);
 
         let mut names: Vec<&String> = tensors.keys().collect();
         names.sort();
