@@ -17,6 +17,10 @@ struct Cli {
     /// it. Default: CODA_MAX_MEMORY, else 90% of the physical memory (or of `ulimit -v`).
     #[arg(long, global = true, value_name = "SIZE", value_parser = parse_memory)]
     max_memory: Option<u64>,
+    /// Device to run on: cpu, cuda or cuda:N. Default: CODA_DEVICE, else the first GPU in a
+    /// build with the `cuda` feature where one is usable, else the CPU.
+    #[arg(long, global = true, value_name = "DEVICE")]
+    device: Option<String>,
 }
 
 fn parse_memory(s: &str) -> Result<u64, String> {
@@ -59,6 +63,7 @@ fn main() {
         .init();
     let cli = Cli::parse();
     coda::limits::set_max_memory(cli.max_memory);
+    commands::set_device_spec(cli.device);
     let result = match cli.command {
         Command::Encode(a) => commands::encode::run(a),
         Command::Decode(a) => commands::decode::run(a),

@@ -44,6 +44,7 @@
 //! ```
 
 pub mod data;
+pub mod device;
 pub mod error;
 pub mod evaluation;
 /// Fuzz target bodies (for `fuzz/` and the corpus replay test; not an API).

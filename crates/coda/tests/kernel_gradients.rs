@@ -5,7 +5,7 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use coda::kernels::{conv2d, group_norm, ConvGeometry};
-use coda::quantizer::soft_assign::{Entropy, SoftCodes};
+use coda::quantizer::soft_assign::{entropy, soft_codes};
 
 /// Central differences (in f64 around f32 values) at `n` coordinates of each input, against
 /// the autograd gradient of `f`.
@@ -124,14 +124,14 @@ fn soft_assignment_ops_match_finite_differences() {
     let k = randn(&[13, 4], 0.5, 10);
     let v = randn(&[13, 3], 1.0, 11);
     let probe = randn(&[9, 3], 1.0, 12);
-    // SoftCodes' value is 0: the checked function adds the (detached) value of softmax(q kᵀ) @ v,
+    // soft_codes' value is 0: the checked function adds the (detached) value of softmax(q kᵀ) @ v,
     // so that its finite differences are those of softmax(q kᵀ) @ v while its gradient comes from
     // the op alone (queries and keys; v is held constant, as the op's contract says).
     check(
         "soft codes",
         &[q.clone(), k.clone()],
         &|t| {
-            let soft = t[0].apply_op3(&t[1], &v, SoftCodes).unwrap();
+            let soft = soft_codes(&t[0], &t[1], &v).unwrap();
             let value =
                 coda::quantizer::attention::softmax(&t[0].matmul(&t[1].t().unwrap()).unwrap(), 1)
                     .unwrap()
@@ -149,7 +149,7 @@ fn soft_assignment_ops_match_finite_differences() {
     check(
         "entropy",
         &[q, k],
-        &|t| t[0].apply_op2(&t[1], Entropy::new(0.5)).unwrap(),
+        &|t| entropy(&t[0], &t[1], 0.5).unwrap(),
         10,
         3e-2,
     );

@@ -8,7 +8,7 @@ use common::max_abs;
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 use candle_nn::VarBuilder;
 use coda::quantizer::resample::{Mode, Resize2d};
 use coda::quantizer::{CodaQuantizer, QuantizerConfig};
@@ -18,7 +18,7 @@ fn fixtures() -> PathBuf {
 }
 
 fn load(name: &str) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixtures().join(name), &Device::Cpu).unwrap()
+    candle_core::safetensors::load(fixtures().join(name), &common::device()).unwrap()
 }
 
 fn parse_size(s: &str) -> (usize, usize) {
@@ -43,7 +43,7 @@ fn resampling_matches_pytorch_values_and_gradients() {
             mode,
             parse_size(parts[1]),
             parse_size(parts[2]),
-            &Device::Cpu,
+            &common::device(),
         )
         .unwrap();
         let x = Var::from_tensor(&io[key]).unwrap();
@@ -82,14 +82,14 @@ fn resampling_matches_pytorch_values_and_gradients() {
 
 #[test]
 fn resampling_gradient_matches_finite_differences() {
-    let x = Tensor::randn(0f64, 1.0, (1, 1, 5, 7), &Device::Cpu).unwrap();
+    let x = Tensor::randn(0f64, 1.0, (1, 1, 5, 7), &common::device()).unwrap();
     for mode in [Mode::Area, Mode::Bicubic] {
         let (src, dst) = if mode == Mode::Area {
             ((5, 7), (3, 4))
         } else {
             ((5, 7), (9, 11))
         };
-        let r = Resize2d::new(mode, src, dst, &Device::Cpu).unwrap();
+        let r = Resize2d::new(mode, src, dst, &common::device()).unwrap();
         let f = |t: &Tensor| -> f64 {
             let y = r.apply(&t.to_dtype(DType::F32).unwrap()).unwrap();
             y.sqr()
@@ -125,7 +125,7 @@ fn resampling_gradient_matches_finite_differences() {
             p[i] += h;
             let mut m = flat.clone();
             m[i] -= h;
-            let t = |v: Vec<f64>| Tensor::from_vec(v, (1, 1, 5, 7), &Device::Cpu).unwrap();
+            let t = |v: Vec<f64>| Tensor::from_vec(v, (1, 1, 5, 7), &common::device()).unwrap();
             let numeric = (f(&t(p)) - f(&t(m))) / (2.0 * h);
             assert!(
                 (numeric - analytic[i] as f64).abs() < 1e-2 * (1.0 + numeric.abs()),
@@ -137,7 +137,7 @@ fn resampling_gradient_matches_finite_differences() {
 }
 
 fn small_quantizer(vars: bool) -> (CodaQuantizer, Vec<(String, Var)>) {
-    let ts = coda::io::read_tensors(&fixtures().join("quantizer.pth"), &Device::Cpu).unwrap();
+    let ts = coda::io::read_tensors(&fixtures().join("quantizer.pth"), &common::device()).unwrap();
     let cfg = QuantizerConfig {
         kind: coda::quantizer::QuantizerKind::Attention,
         attn_dim: 8,
@@ -156,8 +156,11 @@ fn small_quantizer(vars: bool) -> (CodaQuantizer, Vec<(String, Var)>) {
             }
         })
         .collect();
-    let q =
-        CodaQuantizer::new(cfg, VarBuilder::from_tensors(map, DType::F32, &Device::Cpu)).unwrap();
+    let q = CodaQuantizer::new(
+        cfg,
+        VarBuilder::from_tensors(map, DType::F32, &common::device()),
+    )
+    .unwrap();
     (q, var_list)
 }
 
@@ -238,10 +241,11 @@ fn inference_encode_and_decode_match_training_forward_for_any_chunk_size() {
         // The candle-ops path (used off the CPU) agrees with the kernel.
         let f_lat = &io["f"];
         for &s in &SCALES {
-            let qm = coda::quantizer::resample::Resize2d::new(Mode::Area, (8, 8), s, &Device::Cpu)
-                .unwrap()
-                .apply(f_lat)
-                .unwrap();
+            let qm =
+                coda::quantizer::resample::Resize2d::new(Mode::Area, (8, 8), s, &common::device())
+                    .unwrap()
+                    .apply(f_lat)
+                    .unwrap();
             let a = q.assign(&tables, &qm).unwrap().to_vec3::<u32>().unwrap();
             let b = q
                 .assign_composite(&tables, &qm)

@@ -8,7 +8,7 @@ use common::max_abs;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use coda::tokenizer::import::{import_official, OfficialPreset};
 use coda::tokenizer::{Tokenizer, Tokens};
 
@@ -19,7 +19,7 @@ fn fixtures() -> PathBuf {
 fn io(name: &str) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(
         fixtures().join(format!("{name}_io.safetensors")),
-        &Device::Cpu,
+        &common::device(),
     )
     .unwrap()
 }
@@ -33,7 +33,7 @@ fn import(name: &str, preset: OfficialPreset, base: &str, dir: &Path) -> Tokeniz
         &fixtures().join(format!("{name}_quantizer_ema.pth")),
         &fixtures().join(format!("{name}_vae_ema.pth")),
         Some(SCALES.to_vec()),
-        &Device::Cpu,
+        &common::device(),
     )
     .unwrap();
     assert_eq!(
@@ -42,7 +42,7 @@ fn import(name: &str, preset: OfficialPreset, base: &str, dir: &Path) -> Tokeniz
         "preset LoRA modules recognised"
     );
     Tokenizer::save(dir, &cfg, &tensors).unwrap();
-    Tokenizer::from_dir(dir, &Device::Cpu).unwrap()
+    Tokenizer::from_dir(dir, &common::device()).unwrap()
 }
 
 fn reference_tokens(io: &HashMap<String, Tensor>) -> Tokens {
@@ -131,7 +131,7 @@ fn fused_and_unfused_lora_agree() {
         &fixtures().join("mar_quantizer_ema.pth"),
         &fixtures().join("mar_vae_ema.pth"),
         Some(SCALES.to_vec()),
-        &Device::Cpu,
+        &common::device(),
     )
     .unwrap();
     let fused =
@@ -200,7 +200,7 @@ fn import_takes_the_normalisation_of_a_diffusers_base() {
         &fixtures().join("flux_quantizer_ema.pth"),
         &fixtures().join("flux_vae_ema.pth"),
         Some(SCALES.to_vec()),
-        &Device::Cpu,
+        &common::device(),
     )
     .unwrap();
     assert_eq!((tok.vae.scaling_factor, tok.vae.shift_factor), (0.5, 0.0));

@@ -8,7 +8,7 @@ use common::max_abs;
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use coda::vae::{ConfigOrigin, KeyLayout, LoadOptions, Preset, VaeConfig, VaeWeights};
 
 const TOL: f32 = 1e-4;
@@ -18,7 +18,7 @@ fn fixtures() -> PathBuf {
 }
 
 fn io(name: &str) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixtures().join(name), &Device::Cpu).unwrap()
+    candle_core::safetensors::load(fixtures().join(name), &common::device()).unwrap()
 }
 
 /// Encode and decode the fixture input and compare every output with PyTorch's.
@@ -71,7 +71,7 @@ fn ldm_safetensors_architecture_is_inferred_and_matches_pytorch() {
     let w = VaeWeights::load(
         &fixtures().join("ldm.safetensors"),
         &LoadOptions::default(),
-        &Device::Cpu,
+        &common::device(),
     )
     .unwrap();
     assert_eq!(w.layout, KeyLayout::Ldm);
@@ -85,7 +85,7 @@ fn ldm_pth_matches_pytorch() {
     let w = VaeWeights::load(
         &fixtures().join("ldm.pth"),
         &LoadOptions::default(),
-        &Device::Cpu,
+        &common::device(),
     )
     .unwrap();
     assert_eq!(w.config, ldm_reference_config());
@@ -97,7 +97,7 @@ fn diffusers_folder_matches_pytorch() {
     let w = VaeWeights::load(
         &fixtures().join("diffusers"),
         &LoadOptions::default(),
-        &Device::Cpu,
+        &common::device(),
     )
     .unwrap();
     assert_eq!(w.layout, KeyLayout::Diffusers);
@@ -115,7 +115,7 @@ fn diffusers_pth_without_config_is_inferred_and_matches_pytorch() {
         norm_groups: Some(8),
         ..Default::default()
     };
-    let w = VaeWeights::load(&fixtures().join("diffusers.pth"), &opts, &Device::Cpu).unwrap();
+    let w = VaeWeights::load(&fixtures().join("diffusers.pth"), &opts, &common::device()).unwrap();
     assert_eq!(w.layout, KeyLayout::Diffusers);
     assert_eq!(w.config.block_channels, vec![16, 32, 32]);
     check_against_reference(&w, "diffusers_io.safetensors");
@@ -141,7 +141,7 @@ fn posterior_sample_is_seeded_and_mean_is_default() {
     let w = VaeWeights::load(
         &fixtures().join("ldm.safetensors"),
         &LoadOptions::default(),
-        &Device::Cpu,
+        &common::device(),
     )
     .unwrap();
     let vae = w.build().unwrap();
@@ -160,11 +160,11 @@ fn normalisation_round_trips() {
     let w = VaeWeights::load(
         &fixtures().join("diffusers"),
         &LoadOptions::default(),
-        &Device::Cpu,
+        &common::device(),
     )
     .unwrap();
     let vae = w.build().unwrap();
-    let z = Tensor::randn(0f32, 1.0, (1, 4, 2, 3), &Device::Cpu).unwrap();
+    let z = Tensor::randn(0f32, 1.0, (1, 4, 2, 3), &common::device()).unwrap();
     let f = vae.normalize(&z).unwrap();
     let expected = ((&z - 0.1159).unwrap() * 0.3611).unwrap();
     assert!(max_abs(&f, &expected) < 1e-7);
@@ -178,7 +178,7 @@ fn backward_through_the_vae_matches_pytorch() {
     let w = VaeWeights::load(
         &fixtures().join("ldm.safetensors"),
         &Default::default(),
-        &Device::Cpu,
+        &common::device(),
     )
     .unwrap();
     let mut vars: HashMap<String, candle_core::Var> = HashMap::new();
@@ -190,7 +190,7 @@ fn backward_through_the_vae_matches_pytorch() {
     }
     let vae = coda::vae::AutoencoderKl::new(
         w.config.clone(),
-        candle_nn::VarBuilder::from_tensors(map, candle_core::DType::F32, &Device::Cpu),
+        candle_nn::VarBuilder::from_tensors(map, candle_core::DType::F32, &common::device()),
     )
     .unwrap();
     let io = io("ldm_io.safetensors");
@@ -242,5 +242,6 @@ fn backward_through_the_vae_matches_pytorch() {
 }
 
 fn io_grad() -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixtures().join("ldm_grad.safetensors"), &Device::Cpu).unwrap()
+    candle_core::safetensors::load(fixtures().join("ldm_grad.safetensors"), &common::device())
+        .unwrap()
 }

@@ -88,15 +88,23 @@ pub fn tokenizer_or_default(
     }
 }
 
-/// The device commands run on: the first CUDA GPU when built with `cuda` and one is present.
+static DEVICE_SPEC: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+
+/// The `--device` flag (or `CODA_DEVICE`), set once at start.
+pub fn set_device_spec(spec: Option<String>) {
+    let spec = spec.or_else(|| std::env::var("CODA_DEVICE").ok().filter(|s| !s.is_empty()));
+    DEVICE_SPEC.set(spec).expect("set once, at start");
+}
+
+/// The device commands run on: the one asked for, else the first CUDA GPU in a `cuda` build
+/// where one is usable, else the CPU.
 pub fn device() -> anyhow::Result<candle_core::Device> {
-    #[cfg(feature = "cuda")]
-    {
-        if candle_core::utils::cuda_is_available() {
-            return Ok(candle_core::Device::new_cuda(0)?);
-        }
-    }
-    Ok(candle_core::Device::Cpu)
+    let device = match DEVICE_SPEC.get().cloned().flatten() {
+        Some(spec) => coda::device::parse(&spec)?,
+        None => coda::device::default_device(),
+    };
+    tracing::info!("device: {}", coda::device::name(&device));
+    Ok(device)
 }
 
 /// A progress bar on stderr for `n` items (hidden when stderr is not a terminal).

@@ -115,7 +115,7 @@ pub fn run(role: Role, a: Args) -> anyhow::Result<()> {
     } else {
         Start::Fresh
     };
-    let mut trainer = Trainer::start(role, cfg, start)?;
+    let mut trainer = Trainer::start_on(role, cfg, start, &super::device()?)?;
     for c in trainer.changes() {
         eprintln!("warning: resuming with a change (--allow-changes): {c}");
     }

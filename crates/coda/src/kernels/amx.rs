@@ -318,7 +318,7 @@ impl WeightCache {
         three: bool,
     ) -> candle_core::Result<Option<std::sync::Arc<PackedWeights>>> {
         if weight.is_variable()
-            || !weight.device().is_cpu()
+            || !super::custom_ops(weight.device())
             || weight.dtype() != candle_core::DType::F32
         {
             return Ok(None);

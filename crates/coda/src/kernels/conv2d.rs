@@ -636,7 +636,7 @@ pub fn conv2d_residual_cached(
     cache: Option<&super::amx::WeightCache>,
 ) -> candle_core::Result<Tensor> {
     let inputs = [Some(x), Some(weight), Some(bias), residual];
-    let on_cpu_f32 = x.device().is_cpu()
+    let on_cpu_f32 = super::custom_ops(x.device())
         && inputs
             .iter()
             .flatten()
@@ -671,7 +671,13 @@ pub fn conv2d_residual_cached(
             None => Ok(y),
         }
     } else {
-        let y = conv2d_composite(x, weight, bias, g)?;
+        // Off the kernels (CUDA): in training, the recomputing op (only the needed gradients,
+        // only x kept); in inference, candle's ops.
+        let y = if tracked {
+            super::recompute::conv2d(x, weight, bias, g)?
+        } else {
+            conv2d_composite(x, weight, bias, g)?
+        };
         match residual {
             Some(r) => y + r,
             None => Ok(y),

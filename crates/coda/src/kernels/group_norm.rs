@@ -331,7 +331,7 @@ pub fn group_norm(
     if groups == 0 || c % groups != 0 {
         candle_core::bail!("group_norm: {c} channels not divisible into {groups} groups");
     }
-    let fused = x.device().is_cpu() && x.dtype() == DType::F32;
+    let fused = super::custom_ops(x.device()) && x.dtype() == DType::F32;
     if fused {
         let x = x.contiguous()?;
         let op = GroupNormOp { groups, eps, silu };
@@ -340,6 +340,9 @@ pub fn group_norm(
         } else {
             x.apply_op3_no_bwd(&weight.contiguous()?, &bias.contiguous()?, &op)
         }
+    } else if x.track_op() || weight.track_op() || bias.track_op() {
+        // Training off the kernels (CUDA): the same value, keeping only the input for backward.
+        super::recompute::group_norm(x, weight, bias, groups, eps, silu)
     } else {
         group_norm_composite(x, weight, bias, groups, eps, silu)
     }

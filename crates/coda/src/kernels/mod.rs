@@ -8,11 +8,42 @@ pub mod amx;
 pub mod assign;
 pub mod conv2d;
 pub mod group_norm;
+pub mod recompute;
 pub mod simd;
 pub mod winograd;
 
 pub use conv2d::{conv2d, conv2d_composite, conv2d_residual, ConvGeometry};
 pub use group_norm::{group_norm, group_norm_composite};
+
+static GENERIC_OPS: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(UNSET);
+const UNSET: u8 = 2;
+
+/// Whether our CPU kernels run for tensors on `device`: on the CPU, unless the device-generic
+/// path was asked for ([`set_generic_ops`] or `CODA_GENERIC_OPS=1`). Elsewhere (CUDA) every op is
+/// a composite of candle ops; forcing that path on the CPU is how the GPU's code path is tested
+/// on machines without a GPU.
+pub fn custom_ops(device: &candle_core::Device) -> bool {
+    device.is_cpu() && !generic_ops()
+}
+
+/// Whether the device-generic (candle-ops) path is forced on the CPU.
+pub fn generic_ops() -> bool {
+    use std::sync::atomic::Ordering;
+    match GENERIC_OPS.load(Ordering::Relaxed) {
+        UNSET => {
+            let on = std::env::var("CODA_GENERIC_OPS").is_ok_and(|v| v == "1");
+            GENERIC_OPS.store(on as u8, Ordering::Relaxed);
+            on
+        }
+        v => v == 1,
+    }
+}
+
+/// Force (or stop forcing) the device-generic path on the CPU, process-wide: the ops CUDA runs,
+/// for tests and memory measurements on machines without a GPU.
+pub fn set_generic_ops(on: bool) {
+    GENERIC_OPS.store(on as u8, std::sync::atomic::Ordering::Relaxed);
+}
 
 /// The f32 data of a contiguous CPU tensor as a slice, for custom ops.
 pub(crate) fn f32_slice<'a>(

@@ -369,7 +369,7 @@ impl CodaQuantizer {
         (b, h, w): (usize, usize, usize),
     ) -> Result<Tensor> {
         let queries = queries.detach().contiguous()?;
-        if queries.device().is_cpu() && queries.dtype() == DType::F32 {
+        if crate::kernels::custom_ops(queries.device()) && queries.dtype() == DType::F32 {
             // The fused GEMM + running argmax kernel.
             let (n, d) = queries.dims2()?;
             let codebook = match tables.codebook.get() {
@@ -501,16 +501,16 @@ impl CodaQuantizer {
     }
 
     /// Training forward: straight-through soft one-hot, quantization and entropy losses, with
-    /// gradients across scales (the residual is not detached). On the CPU in f32 the soft
-    /// assignment and the entropy loss are recomputing custom ops (no (N, V) tensor is kept for
-    /// the backward pass); elsewhere candle ops (`composite`). The nearest-neighbour baselines
-    /// have their own assignment and loss.
+    /// gradients across scales (the residual is not detached). In f32, on any device, the soft
+    /// assignment and the entropy loss are recomputing ops (no (N, V) tensor is kept for the
+    /// backward pass); in other dtypes plain candle ops (`composite`). The nearest-neighbour
+    /// baselines have their own assignment and loss.
     pub fn forward_train(&self, f: &Tensor, scales: &[(usize, usize)]) -> Result<TrainOutput> {
-        let fused = f.device().is_cpu() && f.dtype() == DType::F32;
+        let fused = f.dtype() == DType::F32;
         self.forward_train_with(f, scales, fused)
     }
 
-    /// [`forward_train`](Self::forward_train) with the CPU custom ops: the same values and
+    /// [`forward_train`](Self::forward_train) with the recomputing ops: the same values and
     /// gradients as [`forward_train_composite`](Self::forward_train_composite).
     pub fn forward_train_fused(
         &self,
@@ -553,7 +553,7 @@ impl CodaQuantizer {
                 self.nearest_step(q, s, &tables, &values, to_map)
             })?
         } else if fused {
-            use super::soft_assign::{Entropy, SoftCodes};
+            use super::soft_assign::{entropy, soft_codes};
             let (keys, values) = (keys.contiguous()?, values.contiguous()?);
             let tables = CodeTables {
                 keys: keys.detach(),
@@ -565,11 +565,10 @@ impl CodaQuantizer {
                 let queries = self.queries(q)?.contiguous()?;
                 let idx = self.assign_queries(&tables, &queries, (b, h, w))?;
                 let hard = values.index_select(&idx.flatten_all()?, 0)?; // (N, C): grads to E_v
-                let soft = queries.apply_op3(&keys, &values, SoftCodes)?; // 0, grads to q and k
+                let soft = soft_codes(&queries, &keys, &values)?; // 0, grads to q and k
                 let z = to_map((&hard + soft)?, (h, w))?;
                 let z_hat = to_map(hard, (h, w))?;
-                let entropy =
-                    queries.apply_op2(&keys, Entropy::new(self.config.entropy_temperature))?;
+                let entropy = entropy(&queries, &keys, self.config.entropy_temperature)?;
                 let loss_q = self.quantization_loss(&z, &z_hat, q)?;
                 Ok(ScaleStep::training(idx, z, loss_q, Some(entropy)))
             })?

@@ -6,10 +6,14 @@
 //! These two ops keep only their inputs (queries, keys, values) and recompute the logits row chunk
 //! by row chunk in the backward pass, so memory is O(chunk · V) whatever the number of scales.
 //!
-//! - [`SoftCodes`]: the straight-through term `p @ E_v − sg(p) @ E_v` (value 0); its backward
+//! - [`soft_codes`]: the straight-through term `p @ E_v − sg(p) @ E_v` (value 0); its backward
 //!   is the gradient that flows through softmax(logits) to queries and keys.
-//! - [`Entropy`]: the entropy loss `H_sample − H_avg` of softmax(logits / τ), with the reference's
+//! - [`entropy`]: the entropy loss `H_sample − H_avg` of softmax(logits / τ), with the reference's
 //!   eps in log(p̄ + 1e-5), and its analytic gradient.
+//!
+//! Both are device-generic: the chunked arithmetic is made of candle ops on the inputs' device
+//! (CPU or CUDA), computed before the op (the forward value) or in its backward; the custom op
+//! itself only places the known value on the device and routes the gradient.
 
 use std::sync::Mutex;
 
@@ -18,9 +22,15 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape
 /// Rows of logits materialised at a time.
 const ROW_CHUNK: usize = 256;
 
-fn tensor(s: &CpuStorage, l: &Layout) -> Result<Tensor> {
-    let data = crate::kernels::f32_slice("coda-soft-assign", s, l)?;
-    Tensor::from_slice(data, l.dims(), &candle_core::Device::Cpu)
+/// A value known in advance, as the output storage of a custom op on the inputs' device.
+#[cfg(feature = "cuda")]
+fn cuda_constant(
+    like: &candle_core::cuda_backend::CudaStorage,
+    value: &[f32],
+    shape: Shape,
+) -> Result<(candle_core::cuda_backend::CudaStorage, Shape)> {
+    use candle_core::backend::BackendDevice;
+    Ok((like.device.storage_from_slice(value)?, shape))
 }
 
 /// Row-wise softmax and log-softmax of a chunk of logits.
@@ -53,8 +63,14 @@ fn chunked_backward(
     Ok((Tensor::cat(&dq, 0)?, dk))
 }
 
+/// The straight-through term of queries (N, D), keys (V, D) and values (V, C): zeros (N, C)
+/// whose gradient flows through p = softmax(q kᵀ) to queries and keys, values held constant.
+pub fn soft_codes(queries: &Tensor, keys: &Tensor, values: &Tensor) -> Result<Tensor> {
+    queries.apply_op3(keys, values, SoftCodes)
+}
+
 /// Value: zeros (N, C). Gradient: through p = softmax(q kᵀ) with the value table held constant.
-pub struct SoftCodes;
+struct SoftCodes;
 
 impl CustomOp3 for SoftCodes {
     fn name(&self) -> &'static str {
@@ -72,6 +88,22 @@ impl CustomOp3 for SoftCodes {
     ) -> Result<(CpuStorage, Shape)> {
         let (n, c) = (ql.dims()[0], vl.dims()[1]);
         Ok((CpuStorage::F32(vec![0.0; n * c]), Shape::from((n, c))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        q: &candle_core::cuda_backend::CudaStorage,
+        ql: &Layout,
+        _k: &candle_core::cuda_backend::CudaStorage,
+        _kl: &Layout,
+        _v: &candle_core::cuda_backend::CudaStorage,
+        vl: &Layout,
+    ) -> Result<(candle_core::cuda_backend::CudaStorage, Shape)> {
+        use candle_core::backend::BackendDevice;
+        let (n, c) = (ql.dims()[0], vl.dims()[1]);
+        let shape = Shape::from((n, c));
+        Ok((q.device.zeros_impl(&shape, DType::F32)?, shape))
     }
 
     fn bwd(
@@ -93,19 +125,48 @@ impl CustomOp3 for SoftCodes {
     }
 }
 
-/// Value: the scalar entropy loss of softmax(q kᵀ / τ). p̄ is kept from the forward pass (V floats).
-pub struct Entropy {
-    pub tau: f64,
-    mean_p: Mutex<Option<Tensor>>,
+/// The entropy loss of softmax(queries keysᵀ / τ) (a scalar), its gradient recomputed chunk by
+/// chunk in the backward pass.
+pub fn entropy(queries: &Tensor, keys: &Tensor, tau: f64) -> Result<Tensor> {
+    let (loss, mean_p) = entropy_forward(&queries.detach(), &keys.detach(), tau)?;
+    queries.apply_op2(
+        keys,
+        Entropy {
+            tau,
+            loss: loss as f32,
+            mean_p: Mutex::new(Some(mean_p)),
+        },
+    )
 }
 
-impl Entropy {
-    pub fn new(tau: f64) -> Self {
-        Self {
-            tau,
-            mean_p: Mutex::new(None),
-        }
+/// H_sample − H_avg and p̄ (V,), from chunks of rows: no (N, V) tensor.
+fn entropy_forward(q: &Tensor, k: &Tensor, tau: f64) -> Result<(f64, Tensor)> {
+    let n = q.dim(0)?;
+    let mut sum_p = Tensor::zeros(k.dim(0)?, DType::F32, q.device())?;
+    let mut h_sample = Tensor::zeros((), DType::F32, q.device())?;
+    let mut r0 = 0;
+    while r0 < n {
+        let len = ROW_CHUNK.min(n - r0);
+        let logits = (q.narrow(0, r0, len)?.matmul(&k.t()?)? / tau)?;
+        let (p, logp) = softmax_rows(&logits)?;
+        // Per-row sums stay on the device; one read at the end (no sync per chunk on a GPU).
+        h_sample = (h_sample - (&p * &logp)?.sum_all()?)?;
+        sum_p = (sum_p + p.sum(0)?)?;
+        r0 += len;
     }
+    let mean_p = (sum_p / n as f64)?;
+    let h_avg = (&mean_p * (&mean_p + EPS_AVG)?.log()?)?.sum_all()?.neg()?;
+    let [h_sample, h_avg] =
+        [h_sample, h_avg].map(|t| t.to_dtype(DType::F64).and_then(|t| t.to_scalar::<f64>()));
+    Ok((h_sample? / n as f64 - h_avg?, mean_p))
+}
+
+/// Value: the scalar entropy loss computed by [`entropy_forward`]; p̄ (V floats) is kept for the
+/// backward pass.
+struct Entropy {
+    tau: f64,
+    loss: f32,
+    mean_p: Mutex<Option<Tensor>>,
 }
 
 const EPS_AVG: f64 = 1e-5;
@@ -117,35 +178,23 @@ impl CustomOp2 for Entropy {
 
     fn cpu_fwd(
         &self,
-        qs: &CpuStorage,
-        ql: &Layout,
-        ks: &CpuStorage,
-        kl: &Layout,
+        _qs: &CpuStorage,
+        _ql: &Layout,
+        _ks: &CpuStorage,
+        _kl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (q, k) = (tensor(qs, ql)?, tensor(ks, kl)?);
-        let n = q.dim(0)?;
-        let mut sum_p = Tensor::zeros(k.dim(0)?, DType::F32, q.device())?;
-        let mut h_sample = 0f64;
-        let mut r0 = 0;
-        while r0 < n {
-            let len = ROW_CHUNK.min(n - r0);
-            let logits = (q.narrow(0, r0, len)?.matmul(&k.t()?)? / self.tau)?;
-            let (p, logp) = softmax_rows(&logits)?;
-            h_sample -= (&p * &logp)?
-                .sum_all()?
-                .to_dtype(DType::F64)?
-                .to_scalar::<f64>()?;
-            sum_p = (sum_p + p.sum(0)?)?;
-            r0 += len;
-        }
-        let mean_p = (sum_p / n as f64)?;
-        let h_avg = -(&mean_p * (&mean_p + EPS_AVG)?.log()?)?
-            .sum_all()?
-            .to_dtype(DType::F64)?
-            .to_scalar::<f64>()?;
-        *self.mean_p.lock().expect("not poisoned") = Some(mean_p);
-        let loss = h_sample / n as f64 - h_avg;
-        Ok((CpuStorage::F32(vec![loss as f32]), Shape::from(())))
+        Ok((CpuStorage::F32(vec![self.loss]), Shape::from(())))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        q: &candle_core::cuda_backend::CudaStorage,
+        _ql: &Layout,
+        _k: &candle_core::cuda_backend::CudaStorage,
+        _kl: &Layout,
+    ) -> Result<(candle_core::cuda_backend::CudaStorage, Shape)> {
+        cuda_constant(q, &[self.loss], Shape::from(()))
     }
 
     fn bwd(

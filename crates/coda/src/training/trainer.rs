@@ -381,6 +381,13 @@ impl Trainer {
     /// the current one; a difference is an error that lists it, or a warning (returned by
     /// [`Trainer::changes`]) when changes are allowed.
     pub fn start(role: Role, cfg: TrainConfig, start: Start) -> Result<Self> {
+        Self::start_on(role, cfg, start, &Device::Cpu)
+    }
+
+    /// [`Trainer::start`] on `device` (a GPU: every op runs as candle ops there, the quantizer's
+    /// (N, V) terms recomputed chunk by chunk as on the CPU). The device is not part of the run's
+    /// identity: a run may be resumed on another device.
+    pub fn start_on(role: Role, cfg: TrainConfig, start: Start, device: &Device) -> Result<Self> {
         let resume = start != Start::Fresh;
         let out = cfg
             .out
@@ -390,7 +397,7 @@ impl Trainer {
             .data
             .clone()
             .ok_or_else(|| Error::Invalid("give the training images (--data DIR)".into()))?;
-        let device = Device::Cpu;
+        let device = device.clone();
         let (arch, tensors) = initial_model(role, &cfg)?;
         let start_hash = match role {
             Role::Adapt => crate::tokenizer::weights_hash(&tensors)?,

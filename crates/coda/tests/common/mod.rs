@@ -13,9 +13,21 @@ pub fn fixtures(sub: &str) -> PathBuf {
         .join(sub)
 }
 
-/// All tensors of a safetensors fixture.
+/// The device the parity tests run on: `CODA_TEST_DEVICE=cuda[:N]` in a build with the `cuda`
+/// feature (scripts/gpu_check.sh), else the CPU. With `CODA_GENERIC_OPS=1` the CPU runs the
+/// candle ops CUDA runs instead of our kernels.
+pub fn device() -> Device {
+    match std::env::var("CODA_TEST_DEVICE") {
+        Ok(spec) => {
+            coda::device::parse(&spec).unwrap_or_else(|e| panic!("CODA_TEST_DEVICE={spec}: {e}"))
+        }
+        Err(_) => Device::Cpu,
+    }
+}
+
+/// All tensors of a safetensors fixture, on the test device.
 pub fn load(path: &Path) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(path, &Device::Cpu)
+    candle_core::safetensors::load(path, &device())
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
