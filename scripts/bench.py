@@ -26,7 +26,7 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CODA = os.path.join(ROOT, "target", "release", "coda")
+CODA = os.environ.get("CODA", os.path.join(ROOT, "target", "release", "coda"))
 PHOTO = os.path.join(ROOT, "assets", "photos", "ladybird.jpg")
 ARCHS = {
     "mar": dict(blocks=(128, 128, 256, 256, 512), codebook=16384, scales=[1, 2, 3, 4, 5, 6, 8, 10, 13, 16],
@@ -62,12 +62,14 @@ def make_model(arch):
     vae.save_pretrained(model_dir(arch), safe_serialization=True)
 
 
-def median_ms(fn, iters):
+def median_ms(fn, iters, sync=lambda: None):
     fn()
+    sync()
     ts = []
     for _ in range(max(1, iters)):
         t = time.perf_counter()
         fn()
+        sync()
         ts.append((time.perf_counter() - t) * 1e3)
     return sorted(ts)[len(ts) // 2]
 
@@ -120,20 +122,29 @@ class TorchTokenizer:
         return self.vae.decode(f_hat / self.scale + self.shift).sample
 
 
-def torch_worker(arch, size, batch, iters, threads):
+def torch_worker(arch, size, batch, iters, threads, device="cpu"):
+    import functools
+
     import torch
     from diffusers import AutoencoderKL
     from safetensors.torch import load_file
 
     torch.set_num_threads(threads)
+    cuda = device.startswith("cuda")
+    if cuda:
+        # PyTorch eager at full f32 precision, as coda-rs runs (no TF32).
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    global median_ms
+    median_ms = functools.partial(median_ms, sync=torch.cuda.synchronize if cuda else (lambda: None))
     a = ARCHS[arch]
     scales = a["scales"]
-    vae = AutoencoderKL.from_pretrained(model_dir(arch)).eval()
+    vae = AutoencoderKL.from_pretrained(model_dir(arch)).eval().to(device)
     with torch.inference_mode():
-        w = load_file(os.path.join(tokenizer_dir(arch), "model.safetensors"))
+        w = load_file(os.path.join(tokenizer_dir(arch), "model.safetensors"), device=device)
         q = {k[len("quantizer."):]: v for k, v in w.items() if k.startswith("quantizer.")}
         tok = TorchTokenizer(vae, q, a["scale"], a["shift"])
-        x = torch.rand(batch, 3, size, size) * 2 - 1
+        x = torch.rand(batch, 3, size, size, device=device) * 2 - 1
         f = (vae.encode(x).latent_dist.mean - a["shift"]) * a["scale"]
         ids = tok.encode(x, scales)
         hw = tuple(f.shape[-2:])
@@ -144,6 +155,8 @@ def torch_worker(arch, size, batch, iters, threads):
                    tok_encode_ms=median_ms(lambda: tok.encode(x, scales), iters),
                    tok_decode_ms=median_ms(lambda: tok.decode(ids, hw), iters))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if cuda:
+        rec["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
     print(json.dumps(dict(impl="pytorch", size=size, batch=batch, peak_rss_mib=peak, **rec)))
 
 
@@ -153,7 +166,7 @@ STAGES = ("vae_encode", "assign", "vae_decode", "tok_encode", "tok_decode")
 def run_ours(arch, batch, precision, a, env):
     jsonl = os.path.join(ROOT, ".bench", f"coda-{arch}-{batch}-{precision}.jsonl")
     image = [] if precision == "f32" else ["--image", PHOTO]
-    subprocess.run([CODA, "bench", "--tokenizer", tokenizer_dir(arch), "--size", str(a.size), "--batch", str(batch),
+    subprocess.run([CODA, "--device", a.device, "bench", "--tokenizer", tokenizer_dir(arch), "--size", str(a.size), "--batch", str(batch),
                     "--iters", str(a.iters), "--precision", precision, *image, "--json", jsonl],
                    env=env, check=True, stdout=subprocess.DEVNULL)
     return json.loads(open(jsonl).read().strip().splitlines()[-1])
@@ -161,7 +174,7 @@ def run_ours(arch, batch, precision, a, env):
 
 def run_torch(arch, batch, a, env):
     res = subprocess.run([sys.executable, __file__, "--torch-worker", arch, "--size", str(a.size), "--batch",
-                          str(batch), "--iters", str(a.iters), "--threads", str(a.threads)],
+                          str(batch), "--iters", str(a.iters), "--threads", str(a.threads), "--device", a.device],
                          env=env, check=True, capture_output=True, text=True)
     return json.loads(res.stdout.strip().splitlines()[-1])
 
@@ -192,21 +205,24 @@ def main():
                     help="coda-rs precisions to time (the bf16 ones need AMX; skipped without it)")
     ap.add_argument("--json", default=os.path.join(ROOT, ".bench", "bench.json"), help="all results, as JSON")
     ap.add_argument("--table", help="print saved results (comma-separated --json files) as a Markdown table, and exit")
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda for both sides on the GPU (a `cuda` build of coda)")
+    ap.add_argument("--no-build", action="store_true", help="use the coda binary as it is (CODA=path overrides it)")
     ap.add_argument("--torch-worker", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.table:
         return markdown(a.table.split(","))
     batches = [int(b) for b in a.batch.split(",")]
     if a.torch_worker:
-        return torch_worker(a.torch_worker, a.size, batches[0], a.iters, a.threads)
+        return torch_worker(a.torch_worker, a.size, batches[0], a.iters, a.threads, a.device)
 
     import torch
 
-    subprocess.run(["cargo", "build", "--release", "-q", "-p", "coda-cli"], cwd=ROOT, check=True)
+    if not a.no_build:
+        subprocess.run(["cargo", "build", "--release", "-q", "-p", "coda-cli"], cwd=ROOT, check=True)
     env = dict(os.environ, RAYON_NUM_THREADS=str(a.threads), OMP_NUM_THREADS=str(a.threads))
     precisions = a.precision.split(",")
     amx = "amx_bf16" in open("/proc/cpuinfo").read()
-    if not amx:
+    if not amx or a.device != "cpu":
         precisions = ["f32"]
     print(f"random weights, {a.size}x{a.size}, {a.threads} threads each, median of {a.iters} after a warm-up; "
           f"torch {torch.__version__}, {os.cpu_count()} CPUs. ratio = coda-rs / PyTorch time (< 1: coda-rs faster)")

@@ -31,7 +31,7 @@ if [ ! -x "$_cu/bin/nvcc" ] || [ ! -e "$_cu/lib/libcublas.so.13" ]; then
 fi
 # The linker looks for unversioned names; the wheels ship only the versioned ones.
 for _lib in cublas cublasLt cudart nvrtc curand; do
-  _so="$(ls "$_cu/lib/lib$_lib.so."* 2>/dev/null | grep -E "lib$_lib\.so\.[0-9]+$" | head -1)"
+  _so="$(ls "$_cu/lib/lib$_lib.so."* 2>/dev/null | grep -E "lib$_lib\.so\.[0-9]+$" | head -1 || true)"
   [ -n "$_so" ] && ln -sf "$(basename "$_so")" "$_cu/lib/lib$_lib.so"
 done
 # libcuda: the driver's own library where one is installed, else a link-time stub.

@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # Every test of the project (README's test command; .ci/run calls it):
-#   1. the Rust workspace: # Every kernel path the CPU has runs in tests/kernel_paths.rs; the best one is mandatory here.
+#   1. the Rust workspace (cargo test), with the kernel path of this CPU mandatory;
+#   2. the parity tests again through the ops a GPU runs (CODA_GENERIC_OPS=1: candle's composite
+#      ops and the device-generic recomputing ops instead of our CPU kernels), same tolerances;
+#   3. the Python package, built from this checkout (pip install .) into a fresh virtual
+#      environment, tested with pytest, including the comparison with the coda binary that step 1
+#      built (mandatory here: CODA_REQUIRE_CLI=1).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# Every kernel path the CPU has runs in tests/kernel_paths.rs; the best one is mandatory here.
 if grep -qw avx512f /proc/cpuinfo 2>/dev/null; then
   export CODA_REQUIRE_ISA=avx512
 elif grep -qw avx2 /proc/cpuinfo 2>/dev/null; then
   export CODA_REQUIRE_ISA=avx2
 fi
-cargo test --workspace;
-#   2. the Python package, built from this checkout (pip install .) into a fresh virtual
-#      environment, tested with pytest, including the comparison with the coda binary that step 1
-#      built (mandatory here: CODA_REQUIRE_CLI=1).
-set -euo pipefail
-cd "$(dirname "$0")/.."
 # The bf16 (AMX) tests skip on CPUs without AMX; where the CPU has it they are mandatory.
 if grep -qw amx_bf16 /proc/cpuinfo 2>/dev/null; then
   export CODA_REQUIRE_AMX=1
@@ -19,6 +21,8 @@ else
   echo "NOTE: this CPU has no AMX bf16: the bf16-precision tests print SKIP and check only the refusal"
 fi
 cargo test --workspace
+CODA_GENERIC_OPS=1 cargo test -p coda-tokenizer --test vae_parity --test quantizer_parity \
+  --test tokenizer_parity
 cargo build -p coda-cli
 VENV=${CODA_TEST_VENV:-target/py-test-venv}
 rm -rf "$VENV"

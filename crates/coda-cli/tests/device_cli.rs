@@ -5,19 +5,43 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+/// The repository root; `CODA_REPO` for a test binary run away from where it was built
+/// (scripts/gpu_check.sh carries prebuilt binaries to a GPU machine).
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .unwrap()
+    match std::env::var_os("CODA_REPO") {
+        Some(r) => PathBuf::from(r),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."),
+    }
+    .canonicalize()
+    .unwrap()
+}
+
+/// The `coda` binary under test (`CODA_BIN` for prebuilt binaries, as `repo`).
+fn bin() -> PathBuf {
+    std::env::var_os("CODA_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_coda")))
+}
+
+/// The GPU of `CODA_TEST_DEVICE=cuda[:N]`, or None after a loud skip line.
+fn gpu(test: &str) -> Option<String> {
+    match std::env::var("CODA_TEST_DEVICE") {
+        Ok(d) if d.starts_with("cuda") => Some(d),
+        _ => {
+            println!(
+                "SKIP {test}: needs a GPU (CODA_TEST_DEVICE=cuda; scripts/gpu_check.sh runs it)"
+            );
+            None
+        }
+    }
 }
 
 fn coda(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_coda"));
+    let mut cmd = Command::new(bin());
     cmd.args(args)
         .current_dir(repo())
         .env("RUST_BACKTRACE", "0")
-        .env_remove("CODA_DEVICE")
+        .env("CODA_DEVICE", "cpu")
         .env_remove("CODA_GENERIC_OPS");
     for (k, v) in env {
         cmd.env(k, v);
@@ -35,9 +59,10 @@ fn ok(o: &Output, what: &str) {
 
 /// Run `coda` and return its peak resident memory (wait4's ru_maxrss) in bytes.
 fn peak_rss(args: &[&str], env: &[(&str, &str)]) -> u64 {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_coda"));
+    let mut cmd = Command::new(bin());
     cmd.args(args)
         .current_dir(repo())
+        .env("CODA_DEVICE", "cpu")
         .env_remove("CODA_GENERIC_OPS")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped());
@@ -219,4 +244,123 @@ fn a_flux_65536_update_on_the_generic_path_stays_within_1_5x_of_the_kernels_memo
         gib(generic),
         gib(kernels)
     );
+}
+
+/// Token ids (all scales, flattened) of `image` at 128 px on `device`.
+fn ids_on(device: &str, image: &Path, out: &Path) -> Vec<u32> {
+    let o = coda(
+        &[
+            "--device",
+            device,
+            "encode",
+            image.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--size",
+            "128",
+        ],
+        &[],
+    );
+    ok(&o, &format!("encode on {device}"));
+    let (tokens, _) = coda::tokenizer::token_file::read(out, &candle_core::Device::Cpu).unwrap();
+    tokens
+        .ids
+        .iter()
+        .flat_map(|s| s.flatten_all().unwrap().to_vec1::<u32>().unwrap())
+        .collect()
+}
+
+#[test]
+fn gpu_tokens_repeat_run_to_run_and_match_the_cpu_but_near_ties() {
+    let Some(dev) = gpu("gpu_tokens_repeat_run_to_run_and_match_the_cpu_but_near_ties") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut total = (0, 0);
+    for name in ["lake.png", "kite.png"] {
+        let image = repo().join("assets/samples").join(name);
+        let a = ids_on(&dev, &image, &dir.path().join("a.safetensors"));
+        let b = ids_on(&dev, &image, &dir.path().join("b.safetensors"));
+        assert_eq!(a, b, "{name}: GPU ids differ between two runs");
+        let cpu = ids_on("cpu", &image, &dir.path().join("c.safetensors"));
+        let differ = a.iter().zip(&cpu).filter(|(x, y)| x != y).count();
+        println!("{name}: {} ids, {differ} differ from the CPU's", a.len());
+        total = (total.0 + differ, total.1 + a.len());
+    }
+    assert!(total.1 > 0);
+    // f32 on both, TF32 off: only near-ties may flip; more than 1% would be a bug.
+    assert!(
+        total.0 * 100 <= total.1,
+        "{} of {} ids differ from the CPU",
+        total.0,
+        total.1
+    );
+}
+
+#[test]
+fn gpu_flux_65536_adapt_update_at_batch_8() {
+    let Some(dev) = gpu("gpu_flux_65536_adapt_update_at_batch_8") else {
+        return;
+    };
+    let size = 256;
+    let dir = tempfile::tempdir().unwrap();
+    let tok = flux_tokenizer(dir.path(), size);
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    for i in 0..8u32 {
+        let img = image::RgbImage::from_fn(size as u32, size as u32, |x, y| {
+            image::Rgb([
+                (x * 7 + i * 50) as u8,
+                (y * 3 + i) as u8,
+                ((x ^ y) * 5) as u8,
+            ])
+        });
+        img.save(data.join(format!("{i}.png"))).unwrap();
+    }
+    let out = dir.path().join("run");
+    let o = coda(
+        &[
+            "--device",
+            &dev,
+            "adapt",
+            "--tokenizer",
+            tok.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--size",
+            &size.to_string(),
+            "--batch",
+            "8",
+            "--steps",
+            "4",
+            "--set",
+            "log_every=1",
+            "--set",
+            "eval_every=0",
+            "--set",
+            "checkpoint_every=0",
+            "--set",
+            "eval_images=1",
+        ],
+        &[],
+    );
+    ok(&o, "adapt on the GPU");
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let steps: Vec<serde_json::Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter_map(|v| v.get("train").cloned())
+        .collect();
+    assert!(steps.len() >= 3, "{metrics}");
+    for s in &steps {
+        let loss = s["loss"].as_f64().unwrap();
+        assert!(loss.is_finite(), "loss {loss}");
+        println!(
+            "flux-65536 adapt on {dev}, batch 8, {size} px: update {} took {:.3} s, loss {loss:.4}",
+            s["step"],
+            s["seconds"].as_f64().unwrap()
+        );
+    }
 }

@@ -43,11 +43,15 @@ pub struct Args {
 }
 
 fn median_ms<T>(mut f: impl FnMut() -> anyhow::Result<T>, iters: usize) -> anyhow::Result<f64> {
+    // A GPU runs asynchronously: each timed call ends when the device has finished.
+    let device = super::device()?;
     f()?; // warm-up
+    device.synchronize()?;
     let mut t = Vec::with_capacity(iters);
     for _ in 0..iters.max(1) {
         let s = Instant::now();
         f()?;
+        device.synchronize()?;
         t.push(s.elapsed().as_secs_f64() * 1e3);
     }
     t.sort_by(|a, b| a.partial_cmp(b).unwrap());

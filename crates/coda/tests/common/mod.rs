@@ -6,11 +6,15 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 
-/// `fixtures/<sub>` at the repository root (written by scripts/make_fixtures.py).
+/// `fixtures/<sub>` at the repository root (written by scripts/make_fixtures.py). `CODA_REPO`
+/// names the root for test binaries run away from where they were built (scripts/gpu_check.sh).
 pub fn fixtures(sub: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fixtures")
-        .join(sub)
+    match std::env::var_os("CODA_REPO") {
+        Some(root) => PathBuf::from(root).join("fixtures").join(sub),
+        None => Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../fixtures")
+            .join(sub),
+    }
 }
 
 /// The device the parity tests run on: `CODA_TEST_DEVICE=cuda[:N]` in a build with the `cuda`
