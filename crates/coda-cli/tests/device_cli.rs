@@ -69,6 +69,8 @@ fn peak_rss(args: &[&str], env: &[(&str, &str)]) -> u64 {
     for (k, v) in env {
         cmd.env(k, v);
     }
+    // Reaped by wait4 below, which also gives the rusage.
+    #[allow(clippy::zombie_processes)]
     let child = cmd.spawn().unwrap();
     let pid = child.id() as libc::pid_t;
     let mut status = 0;
