@@ -188,6 +188,59 @@ fn flux_tokenizer(dir: &Path, size: usize) -> PathBuf {
     tok
 }
 
+/// `n` synthetic size x size pictures in `dir/data`.
+fn synthetic_images(dir: &Path, n: u32, size: usize) -> PathBuf {
+    let data = dir.join("data");
+    std::fs::create_dir(&data).unwrap();
+    for i in 0..n {
+        let img = image::RgbImage::from_fn(size as u32, size as u32, |x, y| {
+            image::Rgb([
+                (x * 7 + i * 50) as u8,
+                (y * 3 + i) as u8,
+                ((x ^ y) * 5) as u8,
+            ])
+        });
+        img.save(data.join(format!("{i}.png"))).unwrap();
+    }
+    data
+}
+
+/// `coda adapt` arguments for `steps` updates of `tok` on `data`, logging every update and
+/// skipping evaluation and checkpoints.
+fn adapt_args(
+    tok: &Path,
+    data: &Path,
+    out: &Path,
+    size: usize,
+    batch: usize,
+    steps: usize,
+) -> Vec<String> {
+    let mut a: Vec<String> = ["adapt", "--tokenizer"].map(String::from).to_vec();
+    for (flag, v) in [
+        ("", tok.display().to_string()),
+        ("--data", data.display().to_string()),
+        ("--out", out.display().to_string()),
+        ("--size", size.to_string()),
+        ("--batch", batch.to_string()),
+        ("--steps", steps.to_string()),
+    ] {
+        if !flag.is_empty() {
+            a.push(flag.into());
+        }
+        a.push(v);
+    }
+    for set in [
+        "log_every=1",
+        "eval_every=0",
+        "checkpoint_every=0",
+        "eval_images=1",
+    ] {
+        a.push("--set".into());
+        a.push(set.into());
+    }
+    a
+}
+
 #[test]
 fn a_flux_65536_update_on_the_generic_path_stays_within_1_5x_of_the_kernels_memory() {
     // Issue #17: the quantizer's composite training path kept ~15 N x V tensors per scale
@@ -196,40 +249,12 @@ fn a_flux_65536_update_on_the_generic_path_stays_within_1_5x_of_the_kernels_memo
     let size = 256;
     let dir = tempfile::tempdir().unwrap();
     let tok = flux_tokenizer(dir.path(), size);
-    let data = dir.path().join("data");
-    std::fs::create_dir(&data).unwrap();
-    for i in 0..2u32 {
-        let img = image::RgbImage::from_fn(size as u32, size as u32, |x, y| {
-            image::Rgb([(x * 7 + i * 50) as u8, (y * 3) as u8, ((x ^ y) * 5) as u8])
-        });
-        img.save(data.join(format!("{i}.png"))).unwrap();
-    }
+    let data = synthetic_images(dir.path(), 2, size);
     let run = |generic: &str| {
         let out = dir.path().join(format!("run{generic}"));
-        peak_rss(
-            &[
-                "adapt",
-                "--tokenizer",
-                tok.to_str().unwrap(),
-                "--data",
-                data.to_str().unwrap(),
-                "--out",
-                out.to_str().unwrap(),
-                "--size",
-                &size.to_string(),
-                "--batch",
-                "1",
-                "--steps",
-                "1",
-                "--set",
-                "eval_every=0",
-                "--set",
-                "checkpoint_every=0",
-                "--set",
-                "eval_images=1",
-            ],
-            &[("CODA_GENERIC_OPS", generic)],
-        )
+        let args = adapt_args(&tok, &data, &out, size, 1, 1);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        peak_rss(&args, &[("CODA_GENERIC_OPS", generic)])
     };
     let kernels = run("0");
     let generic = run("1");
@@ -307,47 +332,11 @@ fn gpu_flux_65536_adapt_update_at_batch_8() {
     let size = 256;
     let dir = tempfile::tempdir().unwrap();
     let tok = flux_tokenizer(dir.path(), size);
-    let data = dir.path().join("data");
-    std::fs::create_dir(&data).unwrap();
-    for i in 0..8u32 {
-        let img = image::RgbImage::from_fn(size as u32, size as u32, |x, y| {
-            image::Rgb([
-                (x * 7 + i * 50) as u8,
-                (y * 3 + i) as u8,
-                ((x ^ y) * 5) as u8,
-            ])
-        });
-        img.save(data.join(format!("{i}.png"))).unwrap();
-    }
+    let data = synthetic_images(dir.path(), 8, size);
     let out = dir.path().join("run");
-    let o = coda(
-        &[
-            "--device",
-            &dev,
-            "adapt",
-            "--tokenizer",
-            tok.to_str().unwrap(),
-            "--data",
-            data.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--size",
-            &size.to_string(),
-            "--batch",
-            "8",
-            "--steps",
-            "4",
-            "--set",
-            "log_every=1",
-            "--set",
-            "eval_every=0",
-            "--set",
-            "checkpoint_every=0",
-            "--set",
-            "eval_images=1",
-        ],
-        &[],
-    );
+    let mut args = vec!["--device".to_string(), dev.clone()];
+    args.extend(adapt_args(&tok, &data, &out, size, 8, 4));
+    let o = coda(&args.iter().map(String::as_str).collect::<Vec<_>>(), &[]);
     ok(&o, "adapt on the GPU");
     let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
     let steps: Vec<serde_json::Value> = metrics

@@ -298,6 +298,21 @@ mod tests {
     use super::*;
     use candle_core::{Device, Var};
 
+    /// f's value and the gradients of sum(f · probe) with respect to `vars`.
+    fn value_and_gradients(
+        f: &dyn Fn() -> Result<Tensor>,
+        probe: &Tensor,
+        vars: [&Var; 3],
+    ) -> Result<Vec<Tensor>> {
+        let y = f()?;
+        let gr = (&y * probe)?.sum_all()?.backward()?;
+        let mut out = vec![y];
+        for v in vars {
+            out.push(gr.get(v.as_tensor()).expect("a gradient").clone());
+        }
+        Ok(out)
+    }
+
     #[test]
     fn conv_gradients_match_the_composite_autograd() -> Result<()> {
         use super::super::ConvGeometry;
@@ -327,15 +342,8 @@ mod tests {
             let shape =
                 super::super::conv2d_composite(x.as_tensor(), wt.as_tensor(), bs.as_tensor(), g)?;
             let probe = Tensor::randn(0f32, 1.0, shape.shape(), &dev)?;
-            let run = |f: &dyn Fn() -> Result<Tensor>| -> Result<Vec<Tensor>> {
-                let y = f()?;
-                let gr = (&y * &probe)?.sum_all()?.backward()?;
-                let mut out = vec![y];
-                for v in [&x, &wt, &bs] {
-                    out.push(gr.get(v.as_tensor()).expect("a gradient").clone());
-                }
-                Ok(out)
-            };
+            let run =
+                |f: &dyn Fn() -> Result<Tensor>| value_and_gradients(f, &probe, [&x, &wt, &bs]);
             let ours = run(&|| conv2d(x.as_tensor(), wt.as_tensor(), bs.as_tensor(), g))?;
             let want = run(&|| {
                 super::super::conv2d_composite(x.as_tensor(), wt.as_tensor(), bs.as_tensor(), g)
@@ -400,15 +408,8 @@ mod tests {
                 let wt = Var::from_tensor(&Tensor::randn(1f32, 0.3, c, &dev)?)?;
                 let bs = Var::from_tensor(&Tensor::randn(0f32, 0.3, c, &dev)?)?;
                 let probe = Tensor::randn(0f32, 1.0, (n, c, h, w), &dev)?;
-                let run = |f: &dyn Fn() -> Result<Tensor>| -> Result<Vec<Tensor>> {
-                    let y = f()?;
-                    let gr = (&y * &probe)?.sum_all()?.backward()?;
-                    let mut out = vec![y];
-                    for v in [&x, &wt, &bs] {
-                        out.push(gr.get(v.as_tensor()).expect("a gradient").clone());
-                    }
-                    Ok(out)
-                };
+                let run =
+                    |f: &dyn Fn() -> Result<Tensor>| value_and_gradients(f, &probe, [&x, &wt, &bs]);
                 let ours = run(&|| {
                     group_norm(x.as_tensor(), wt.as_tensor(), bs.as_tensor(), g, 1e-6, silu)
                 })?;
