@@ -36,12 +36,7 @@ fn bad_spec(spec: &str) -> Error {
 
 /// The default device: the first GPU in a `cuda` build where one is usable, else the CPU.
 pub fn default_device() -> Device {
-    if gpu_present() {
-        if let Ok(d) = cuda(0) {
-            return d;
-        }
-    }
-    Device::Cpu
+    cuda(0).unwrap_or(Device::Cpu)
 }
 
 /// A short name of a device for logs and reports: `cpu` or `cuda:N`.
@@ -51,21 +46,6 @@ pub fn name(device: &Device) -> String {
         candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
         candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
     }
-}
-
-/// Whether a GPU is usable: the CUDA driver (linked at start in a `cuda` build) reports one and
-/// a context starts on it.
-#[cfg(feature = "cuda")]
-pub fn gpu_present() -> bool {
-    static PRESENT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *PRESENT
-        .get_or_init(|| std::panic::catch_unwind(|| Device::new_cuda(0).is_ok()).unwrap_or(false))
-}
-
-/// Whether a GPU is usable (never, in a build without the `cuda` feature).
-#[cfg(not(feature = "cuda"))]
-pub fn gpu_present() -> bool {
-    false
 }
 
 #[cfg(feature = "cuda")]

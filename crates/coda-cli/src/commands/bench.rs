@@ -42,9 +42,12 @@ pub struct Args {
     pub json: Option<PathBuf>,
 }
 
-fn median_ms<T>(mut f: impl FnMut() -> anyhow::Result<T>, iters: usize) -> anyhow::Result<f64> {
+fn median_ms<T>(
+    device: &candle_core::Device,
+    mut f: impl FnMut() -> anyhow::Result<T>,
+    iters: usize,
+) -> anyhow::Result<f64> {
     // A GPU runs asynchronously: each timed call ends when the device has finished.
-    let device = super::device()?;
     f()?; // warm-up
     device.synchronize()?;
     let mut t = Vec::with_capacity(iters);
@@ -101,14 +104,15 @@ fn run_tokenizer(args: &Args, dir: &std::path::Path) -> anyhow::Result<Vec<Strin
         let tables = tok.quantizer().tables()?;
         let scales = enc.tokens.scales.clone();
         let z = vae.denormalize(&enc.latent_hat)?;
-        let vae_encode = median_ms(|| Ok(vae.encode(&x)?.mean), args.iters)?;
-        let vae_decode = median_ms(|| Ok(vae.decode(&z)?), args.iters)?;
+        let vae_encode = median_ms(&device, || Ok(vae.encode(&x)?.mean), args.iters)?;
+        let vae_decode = median_ms(&device, || Ok(vae.decode(&z)?), args.iters)?;
         let assign = median_ms(
+            &device,
             || Ok(tok.quantizer().encode(&tables, &enc.latent, &scales)?),
             args.iters,
         )?;
-        let encode = median_ms(|| Ok(tok.encode(&x)?), args.iters)?;
-        let decode = median_ms(|| Ok(tok.decode(&enc.tokens)?), args.iters)?;
+        let encode = median_ms(&device, || Ok(tok.encode(&x)?), args.iters)?;
+        let decode = median_ms(&device, || Ok(tok.decode(&enc.tokens)?), args.iters)?;
         let mut rec = json!({
             "impl": "coda-rs", "precision": precision.name(), "size": args.size, "batch": b,
             "latent": [tok.config().vae.latent_channels, args.size / f, args.size / f],
@@ -176,17 +180,17 @@ fn run_in_precision(args: Args) -> anyhow::Result<()> {
         let x = Tensor::rand(-1f32, 1f32, (b, 3, args.size, args.size), &device)?;
         let z = vae.encode(&x)?.mean;
         let enc = median_ms(
+            &device,
             || {
                 vae.encode(&x)?.mean.to_dtype(DType::F32)?;
-                device.synchronize()?;
                 Ok(())
             },
             args.iters,
         )?;
         let dec = median_ms(
+            &device,
             || {
                 vae.decode(&z)?;
-                device.synchronize()?;
                 Ok(())
             },
             args.iters,

@@ -98,13 +98,19 @@ pub fn set_device_spec(spec: Option<String>) {
 
 /// The device commands run on: the one asked for, else the first CUDA GPU in a `cuda` build
 /// where one is usable, else the CPU.
+/// Made once per process: a CUDA device is a context, streams and loaded kernels, and tensors
+/// of two device handles cannot be mixed.
 pub fn device() -> anyhow::Result<candle_core::Device> {
+    static DEVICE: std::sync::OnceLock<candle_core::Device> = std::sync::OnceLock::new();
+    if let Some(d) = DEVICE.get() {
+        return Ok(d.clone());
+    }
     let device = match DEVICE_SPEC.get().cloned().flatten() {
         Some(spec) => coda::device::parse(&spec)?,
         None => coda::device::default_device(),
     };
     tracing::info!("device: {}", coda::device::name(&device));
-    Ok(device)
+    Ok(DEVICE.get_or_init(|| device).clone())
 }
 
 /// A progress bar on stderr for `n` items (hidden when stderr is not a terminal).
