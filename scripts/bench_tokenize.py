@@ -9,8 +9,9 @@ against the dataset size, and the time to resume.
 alone (the same pictures pre-decoded and prepared, encoded from uint8 arrays through the Python
 package, whose overhead over the CLI was measured below 1%), and their ratio.
 `memory`: for each count, a flat folder of that many small PNGs (generated once under
-/tmp/coda-bench-N), `coda tokenize` under GNU time: peak RSS (MiB) and images/s; then the store
-is tokenized again to measure the time to resume a finished store.
+/tmp/coda-bench-N) and the same images in the ImageNet layout (class folders of 1,000 images,
+symbolic links under /tmp/coda-bench-N-classes), `coda tokenize` under GNU time: peak RSS (MiB)
+and images/s; then the store is tokenized again to measure the time to resume a finished store.
 """
 
 import argparse
@@ -84,12 +85,20 @@ def memory(a):
                 Image.fromarray(rng.integers(0, 256, (a.size, a.size, 3), dtype=np.uint8)).save(
                     data / f"{i:07d}.png"
                 )
-        with tempfile.TemporaryDirectory() as d:
-            out = Path(d) / "store"
-            secs, rss, rate = run_tokenize(data, out, a.size, ["--batch", "64"])
-            again, rss2, _ = run_tokenize(data, out, a.size, ["--batch", "64"])
-            print(f"{n:>7} images: {secs:7.1f} s, {rate:8.1f} images/s, peak RSS {rss:7.1f} MiB; "
-                  f"resuming the finished store: {again:.2f} s, peak RSS {rss2:.1f} MiB")
+        classes = Path(f"/tmp/coda-bench-{n}-classes")
+        if not classes.exists():
+            for i in range(n):
+                c = classes / f"c{i // 1000:04d}"
+                c.mkdir(parents=True, exist_ok=True)
+                (c / f"{i:07d}.png").symlink_to(data / f"{i:07d}.png")
+        for layout, src in [("flat folder", data), ("class folders", classes)]:
+            with tempfile.TemporaryDirectory() as d:
+                out = Path(d) / "store"
+                secs, rss, rate = run_tokenize(src, out, a.size, ["--batch", "64"])
+                again, rss2, _ = run_tokenize(src, out, a.size, ["--batch", "64"])
+                print(f"{n:>7} images, {layout:13}: {secs:7.1f} s, {rate:8.1f} images/s, "
+                      f"peak RSS {rss:7.1f} MiB; resuming the finished store: {again:.2f} s, "
+                      f"peak RSS {rss2:.1f} MiB", flush=True)
 
 
 def main():

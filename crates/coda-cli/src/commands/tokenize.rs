@@ -123,9 +123,7 @@ fn run_tokenize(a: RunArgs) -> anyhow::Result<()> {
         limit: a.limit,
         source: data.display().to_string(),
     };
-    let total = a
-        .limit
-        .map_or(dataset.samples.len(), |l| l.min(dataset.samples.len()));
+    let total = a.limit.map_or(dataset.len(), |l| l.min(dataset.len()));
     eprintln!(
         "tokenizing {total} images of {} ({}) at {size} px with {name}{}",
         data.display(),

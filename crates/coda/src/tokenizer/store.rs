@@ -229,13 +229,10 @@ pub fn tokenize(
             )));
         }
     }
-    let n = opts
-        .limit
-        .map_or(dataset.samples.len(), |l| l.min(dataset.samples.len()));
+    let n = opts.limit.map_or(dataset.len(), |l| l.min(dataset.len()));
     if n == 0 {
         return Err(Error::Invalid(format!("no images in {}", opts.source)));
     }
-    let samples = &dataset.samples[..n];
     let spec = StoreSpec::new(tok, dataset, n, opts)?;
     tok.check_memory(opts.batch.max(1), opts.size as usize, opts.size as usize)?;
     std::fs::create_dir_all(store).map_err(|e| Error::io(store, e))?;
@@ -268,10 +265,27 @@ pub fn tokenize(
         done: selected.len() - todo.len(),
         todo: todo.len(),
     });
+    // The dataset is listed as the shards go: only one shard's samples are in memory.
+    let mut listing = dataset.samples();
+    let mut position = 0;
+    let changed = || {
+        Error::Invalid(format!(
+            "{}: the dataset changed while it was being tokenized (it listed {} samples at the start)",
+            opts.source,
+            dataset.len()
+        ))
+    };
     for i in todo {
         let lo = i * opts.shard_size;
         let hi = (lo + opts.shard_size).min(n);
-        write_shard(tok, &spec, &samples[lo..hi], i, store, opts, events)?;
+        for _ in position..lo {
+            listing.next().ok_or_else(changed)??;
+        }
+        let samples = (lo..hi)
+            .map(|_| listing.next().ok_or_else(changed)?)
+            .collect::<Result<Vec<Sample>>>()?;
+        position = hi;
+        write_shard(tok, &spec, &samples, i, store, opts, events)?;
         events(StoreEvent::ShardDone(i));
     }
     finish(store)
@@ -303,7 +317,20 @@ fn write_shard(
 ) -> Result<()> {
     let views = spec.views.len();
     let l = spec.tokens_per_view;
-    let mut ids: Vec<u32> = Vec::with_capacity(samples.len() * views * l);
+    // The ids are kept as the file's little-endian bytes (u16 or u32), not as u32 values and then
+    // converted: at 10,000 samples of a few thousand tokens, each copy is tens of MB.
+    let wide = spec.id_dtype == "uint32";
+    let id_width = if wide { 4 } else { 2 };
+    let mut ids: Vec<u8> = Vec::with_capacity(samples.len() * views * l * id_width);
+    let push_ids = |ids: &mut Vec<u8>, values: &[u32]| {
+        for &v in values {
+            if wide {
+                ids.extend_from_slice(&v.to_le_bytes());
+            } else {
+                ids.extend_from_slice(&(v as u16).to_le_bytes());
+            }
+        }
+    };
     let mut labels: Vec<i64> = Vec::with_capacity(samples.len());
     let mut keys: Vec<&str> = Vec::with_capacity(samples.len());
     let mut skipped: Vec<(String, String)> = Vec::new();
@@ -364,26 +391,18 @@ fn write_shard(
                 None
             };
             for r in 0..good.len() {
-                ids.extend_from_slice(&center[r * l..(r + 1) * l]);
+                push_ids(&mut ids, &center[r * l..(r + 1) * l]);
                 if let Some(f) = &flipped {
-                    ids.extend_from_slice(&f[r * l..(r + 1) * l]);
+                    push_ids(&mut ids, &f[r * l..(r + 1) * l]);
                 }
             }
         }
         Ok(())
     })?;
     let m = labels.len();
-    let id_bytes: Vec<u8> = if spec.id_dtype == "uint32" {
-        ids.iter().flat_map(|v| v.to_le_bytes()).collect()
-    } else {
-        ids.iter().flat_map(|&v| (v as u16).to_le_bytes()).collect()
-    };
-    let descr = if spec.id_dtype == "uint32" {
-        "<u4"
-    } else {
-        "<u2"
-    };
-    let ids_npy = npy_bytes(descr, &[m, views, l], &id_bytes);
+    let descr = if wide { "<u4" } else { "<u2" };
+    let ids_npy = npy_bytes(descr, &[m, views, l], &ids);
+    drop(ids);
     let label_bytes: Vec<u8> = labels.iter().flat_map(|v| v.to_le_bytes()).collect();
     let labels_npy = npy_bytes("<i8", &[m], &label_bytes);
     let keys_json = serde_json::to_string(&keys).expect("keys serialise") + "\n";
@@ -524,5 +543,38 @@ mod tests {
         assert!(h.contains("'shape': (2, 1, 3)") && h.ends_with('\n'), "{h}");
         let one = npy_bytes("<i8", &[5], &[0u8; 40]);
         assert!(std::str::from_utf8(&one[10..74]).unwrap().contains("(5,)"));
+    }
+
+    #[test]
+    fn a_dataset_that_shrinks_while_tokenizing_is_an_error() {
+        // The listing is read again shard by shard; a file deleted after the count must stop the
+        // run with a clear error (not write a short last shard under the counted size).
+        let d = tempfile::tempdir().unwrap();
+        let data = d.path().join("images");
+        std::fs::create_dir_all(&data).unwrap();
+        for i in 0..3u8 {
+            image::RgbImage::from_pixel(8, 8, image::Rgb([i * 60, 100, 200]))
+                .save(data.join(format!("{i}.png")))
+                .unwrap();
+        }
+        let ds = crate::data::dataset::open_dataset(&data).unwrap();
+        std::fs::remove_file(data.join("2.png")).unwrap();
+        let tok = Tokenizer::default_tokenizer(&candle_core::Device::Cpu).unwrap();
+        let opts = TokenizeOptions {
+            size: 8,
+            flip: false,
+            shard_size: 2,
+            batch: 2,
+            part: None,
+            limit: None,
+            source: data.display().to_string(),
+        };
+        let e = tokenize(&tok, &ds, &d.path().join("store"), &opts, &mut |_| {})
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("changed") && e.contains("3 samples"), "{e}");
+        // The first shard (samples 0 and 1, still there) was finished before the error.
+        assert!(finished_shard(&d.path().join("store"), 0).unwrap().is_some());
+        assert!(finished_shard(&d.path().join("store"), 1).unwrap().is_none());
     }
 }
