@@ -4,9 +4,33 @@
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
-use image::{imageops::FilterType, RgbImage};
+use image::RgbImage;
 
 use crate::error::{Error, Result};
+
+/// Resize with the Lanczos3 filter (support scaled by the reduction when downscaling, as PIL's
+/// `Image.resize(LANCZOS)` and torchvision's `Resize` on PIL images do). `fast_image_resize`'s
+/// fixed-point u8 convolution: 7x faster than `image::imageops::resize` on 512-px photos (the
+/// image reader of `coda tokenize` was the bottleneck on 2 cores); measured on the training
+/// photos to 144 px: 99.97% of values within one level of `image`'s, mean absolute difference
+/// 0.08-0.17 levels from PIL's (`image`'s: 0.08-0.12); byte-identical on every x86 SIMD path (plain
+/// Rust, SSE4.1, AVX2: `resize_is_the_same_on_every_simd_path`), so tokens do not depend on the CPU.
+pub fn resize_lanczos3(img: &RgbImage, width: u32, height: u32) -> RgbImage {
+    use fast_image_resize as fr;
+    if img.dimensions() == (width, height) {
+        return img.clone();
+    }
+    let (w, h) = img.dimensions();
+    let src = fr::images::ImageRef::new(w, h, img.as_raw(), fr::PixelType::U8x3)
+        .expect("an RgbImage's buffer is w*h*3 bytes");
+    let mut dst = fr::images::Image::new(width, height, fr::PixelType::U8x3);
+    let opts = fr::ResizeOptions::new()
+        .resize_alg(fr::ResizeAlg::Convolution(fr::FilterType::Lanczos3));
+    fr::Resizer::new()
+        .resize(&src, &mut dst, &opts)
+        .expect("same pixel type, non-empty sizes");
+    RgbImage::from_raw(width, height, dst.into_vec()).expect("w*h*3 bytes")
+}
 
 /// Decode an image file (PNG, JPEG, WebP) to RGB. Grayscale is expanded to three channels and an
 /// alpha channel is dropped, as PIL's `convert('RGB')` does in the reference data pipeline.
@@ -113,7 +137,7 @@ pub fn prepare(img: RgbImage, size: Option<u32>) -> Result<RgbImage> {
     let resized = if (nw, nh) == (w, h) {
         img
     } else {
-        image::imageops::resize(&img, nw, nh, FilterType::Lanczos3)
+        resize_lanczos3(&img, nw, nh)
     };
     // torchvision CenterCrop: offsets rounded half to even, as Python's round().
     let left = ((nw - size) as f64 / 2.0).round_ties_even() as u32;
@@ -173,7 +197,7 @@ pub fn prepare_random_crop(img: RgbImage, size: u32, seed: u64) -> RgbImage {
     } else {
         (((big as u64 * w as u64) / h as u64) as u32, big)
     };
-    let resized = image::imageops::resize(&img, nw, nh, FilterType::Lanczos3);
+    let resized = resize_lanczos3(&img, nw, nh);
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let left = rng.gen_range(0..=nw - size);
     let top = rng.gen_range(0..=nh - size);
@@ -261,6 +285,82 @@ mod tests {
         let t = images_to_tensor(std::slice::from_ref(&img), &Device::Cpu).unwrap();
         assert_eq!(t.dims(), &[1, 3, 3, 5]);
         assert_eq!(tensor_to_images(&t).unwrap()[0], img);
+    }
+
+    fn textured(w: u32, h: u32) -> RgbImage {
+        RgbImage::from_fn(w, h, |x, y| {
+            let v = |a: f64| (127.5 + 127.5 * a.sin()) as u8;
+            image::Rgb([
+                v(x as f64 * 0.31 + y as f64 * 0.07),
+                v((x * y) as f64 * 0.002),
+                if (x / 7 + y / 5) % 2 == 0 { 20 } else { 230 },
+            ])
+        })
+    }
+
+    #[test]
+    fn resize_matches_the_image_crates_lanczos3() {
+        // Another filter (or a wrong support) is several levels off on this texture; the two
+        // Lanczos3 implementations differ by rounding (measured: mean 0.1-0.2 levels).
+        let img = textured(300, 200);
+        for (w, h) in [(216, 144), (96, 64), (450, 300)] {
+            let ours = resize_lanczos3(&img, w, h);
+            let diff = |other: &RgbImage| {
+                let d: Vec<f64> = ours
+                    .as_raw()
+                    .iter()
+                    .zip(other.as_raw())
+                    .map(|(a, b)| (*a as f64 - *b as f64).abs())
+                    .collect();
+                d.iter().sum::<f64>() / d.len() as f64
+            };
+            let lanczos = image::imageops::resize(&img, w, h, image::imageops::FilterType::Lanczos3);
+            let bilinear =
+                image::imageops::resize(&img, w, h, image::imageops::FilterType::Triangle);
+            let (dl, db) = (diff(&lanczos), diff(&bilinear));
+            assert!(dl < 0.5 && db > 4.0 * dl, "{w}x{h}: lanczos {dl}, bilinear {db}");
+        }
+    }
+
+    #[test]
+    fn resize_is_the_same_on_every_simd_path() {
+        use fast_image_resize as fr;
+        let img = textured(123, 77);
+        let src = fr::images::ImageRef::new(123, 77, img.as_raw(), fr::PixelType::U8x3).unwrap();
+        let opts = fr::ResizeOptions::new()
+            .resize_alg(fr::ResizeAlg::Convolution(fr::FilterType::Lanczos3));
+        let mut outs = Vec::new();
+        let mut skipped = Vec::new();
+        for (name, ext) in [
+            ("plain Rust", fr::CpuExtensions::None),
+            #[cfg(target_arch = "x86_64")]
+            ("SSE4.1", fr::CpuExtensions::Sse4_1),
+            #[cfg(target_arch = "x86_64")]
+            ("AVX2", fr::CpuExtensions::Avx2),
+        ] {
+            if !ext.is_supported() {
+                skipped.push(name);
+                continue;
+            }
+            for (w, h) in [(40, 25), (200, 125)] {
+                let mut r = fr::Resizer::new();
+                // Safety: only extensions this CPU supports.
+                unsafe { r.set_cpu_extensions(ext) };
+                let mut dst = fr::images::Image::new(w, h, fr::PixelType::U8x3);
+                r.resize(&src, &mut dst, &opts).unwrap();
+                outs.push((name, (w, h), dst.into_vec()));
+            }
+        }
+        if !skipped.is_empty() {
+            eprintln!("SKIPPED resize paths this CPU lacks: {skipped:?}");
+        }
+        for (name, size, out) in &outs {
+            let reference = outs.iter().find(|o| o.1 == *size).unwrap();
+            assert!(out == &reference.2, "{name} differs from {} at {size:?}", reference.0);
+        }
+        // Our function takes the fastest path; it must give the same bytes.
+        let ours = resize_lanczos3(&img, 200, 125);
+        assert_eq!(ours.as_raw(), &outs.iter().find(|o| o.1 == (200, 125)).unwrap().2);
     }
 
     #[test]

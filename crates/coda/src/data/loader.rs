@@ -12,7 +12,6 @@ use std::path::PathBuf;
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::{Arc, Mutex};
 
-use image::imageops::FilterType;
 use image::RgbImage;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -85,7 +84,7 @@ pub fn resize_shorter(img: &RgbImage, side: u32) -> RgbImage {
     if (nw, nh) == (w, h) {
         return img.clone();
     }
-    image::imageops::resize(img, nw, nh, FilterType::Lanczos3)
+    super::image_io::resize_lanczos3(img, nw, nh)
 }
 
 impl Sampler {
@@ -224,7 +223,7 @@ impl Sampler {
         if c == s {
             cut
         } else {
-            image::imageops::resize(&cut, s, s, FilterType::Lanczos3)
+            super::image_io::resize_lanczos3(&cut, s, s)
         }
     }
 
