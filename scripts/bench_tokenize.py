@@ -3,11 +3,16 @@ against the dataset size, and the time to resume.
 
     cargo build --release -p coda-cli && pip install .   # the CLI and the Python package
     python scripts/bench_tokenize.py throughput [--images data/photos/train] [--size 128]
+        [--tokenizer DIR --precision f32|bf16x3 --limit N --repeats R]
     python scripts/bench_tokenize.py memory [--counts 1000 10000 100000] [--size 16]
 
 `throughput`: images/s of `coda tokenize` (reading, resizing, model, writing) and of the model
 alone (the same pictures pre-decoded and prepared, encoded from uint8 arrays through the Python
-package, whose overhead over the CLI was measured below 1%), and their ratio.
+package, whose overhead over the CLI was measured below 1%), and their ratio. The embedded
+tokenizer by default; a FLUX-size one (random weights, V = 65536) for the 256-px row:
+    coda tokenizer new --random-vae --preset flux --codebook-size 65536 --lora-rank 8 \
+        --resolution 256 -o /tmp/flux-tok
+    python scripts/bench_tokenize.py throughput --tokenizer /tmp/flux-tok --size 256 --limit 32 --repeats 1
 `memory`: for each count, a flat folder of that many small PNGs (generated once under
 /tmp/coda-bench-N) and the same images in the ImageNet layout (class folders of 1,000 images,
 symbolic links under /tmp/coda-bench-N-classes), `coda tokenize` under GNU time: peak RSS (MiB)
@@ -52,21 +57,26 @@ def run_tokenize(data, out, size, extra=()):
 
 
 def throughput(a):
-    paths = sorted(p for p in Path(a.images).rglob("*.png"))
-    tok = coda.Tokenizer.from_pretrained("default")
+    paths = sorted(p for p in Path(a.images).rglob("*.png"))[: a.limit]
+    tok = coda.Tokenizer.from_pretrained(a.tokenizer, precision=a.precision)
     pixels = np.stack([coda.load_image(p, a.size) for p in paths])
-    tok.encode(pixels[:8])
-    best_model = 0.0
-    for _ in range(3):
+    tok.encode(pixels[:2], batch=16)
+    extra = ["--batch", "16", "--precision", a.precision]
+    if a.tokenizer != "default":
+        extra += ["--tokenizer", a.tokenizer]
+    if a.limit:
+        extra += ["--limit", str(a.limit)]
+    # Interleaved, best of each: this VM's speed drifts by up to 20% over minutes.
+    best_model = best_store = 0.0
+    for _ in range(a.repeats):
         t0 = time.perf_counter()
         tok.encode(pixels, batch=16)
         best_model = max(best_model, len(paths) / (time.perf_counter() - t0))
-    best_store = 0.0
-    for _ in range(3):
         with tempfile.TemporaryDirectory() as d:
-            _, rss, rate = run_tokenize(a.images, Path(d) / "s", a.size, ["--batch", "16"])
+            _, rss, rate = run_tokenize(a.images, Path(d) / "s", a.size, extra)
             best_store = max(best_store, rate)
-    print(f"{len(paths)} pictures of {a.images} at {a.size} px; CPU {cpu()}, {os.cpu_count()} threads")
+    print(f"{len(paths)} pictures of {a.images} at {a.size} px, tokenizer {a.tokenizer}, "
+          f"{a.precision}; CPU {cpu()}, {os.cpu_count()} threads; best of {a.repeats}")
     print(f"model only (uint8 arrays):  {best_model:7.2f} images/s")
     print(f"coda tokenize:              {best_store:7.2f} images/s ({best_store / best_model:.3f}x)")
 
@@ -107,6 +117,10 @@ def main():
     ap.add_argument("--images", default=str(ROOT / "data/photos/train"))
     ap.add_argument("--size", type=int, default=None)
     ap.add_argument("--counts", type=int, nargs="+", default=[1000, 10000, 100000])
+    ap.add_argument("--tokenizer", default="default")
+    ap.add_argument("--precision", default="f32")
+    ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--repeats", type=int, default=3)
     a = ap.parse_args()
     if a.what == "throughput":
         a.size = a.size or 128

@@ -158,21 +158,18 @@ fn generic_ops_give_the_kernels_tokens() {
     assert_eq!(differ, 0, "{differ} of {} ids differ", ids[0].len());
 }
 
-/// A FLUX-size VAE with random weights (diffusers folder) and a V = 65536 tokenizer on it.
+/// A V = 65536 tokenizer on a FLUX-size VAE with random weights (`tokenizer new --random-vae`).
 fn flux_tokenizer(dir: &Path, size: usize) -> PathBuf {
-    let cfg = coda::vae::Preset::Flux.config();
-    let weights = coda::vae::export::init_parameters(&cfg, 3).unwrap();
-    let vae = dir.join("vae");
-    coda::vae::export::write_diffusers(&vae, &cfg, &weights, size).unwrap();
     let tok = dir.join("tok");
     let o = coda(
         &[
             "tokenizer",
             "new",
-            "--vae",
-            vae.to_str().unwrap(),
+            "--random-vae",
             "--preset",
             "flux",
+            "--seed",
+            "3",
             "--codebook-size",
             "65536",
             "--lora-rank",
@@ -185,6 +182,9 @@ fn flux_tokenizer(dir: &Path, size: usize) -> PathBuf {
         &[],
     );
     ok(&o, "tokenizer new");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tok.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["vae"]["block_channels"], serde_json::json!([128, 256, 512, 512]));
     tok
 }
 

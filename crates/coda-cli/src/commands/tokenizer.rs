@@ -43,6 +43,10 @@ pub struct NewArgs {
     pub resolution: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// No --vae: a VAE of the --preset architecture with random weights (seeded by --seed), for
+    /// benchmarks and trying the pipeline without a checkpoint.
+    #[arg(long, requires = "preset", conflicts_with = "vae")]
+    pub random_vae: bool,
     /// The tokenizer folder to write.
     #[arg(short, long)]
     pub output: PathBuf,
@@ -50,11 +54,18 @@ pub struct NewArgs {
 
 pub fn run(cmd: Command) -> anyhow::Result<()> {
     let Command::New(args) = cmd;
-    let weights = VaeWeights::load(
-        args.vae.path()?,
-        &args.vae.options(),
-        &candle_core::Device::Cpu,
-    )?;
+    let random_dir = tempfile::tempdir()?;
+    let vae_path = if args.random_vae {
+        let preset = args.vae.preset.expect("clap requires --preset");
+        let cfg = preset.config();
+        let tensors = coda::vae::export::init_parameters(&cfg, args.seed)?;
+        let dir = random_dir.path().join("vae");
+        coda::vae::export::write_diffusers(&dir, &cfg, &tensors, args.resolution)?;
+        dir
+    } else {
+        args.vae.path()?.to_path_buf()
+    };
+    let weights = VaeWeights::load(&vae_path, &args.vae.options(), &candle_core::Device::Cpu)?;
     let scale_spec = match &args.scales {
         Some(s) => ScaleSpec::Fixed {
             sizes: scales::parse_list(s).map_err(anyhow::Error::msg)?,
