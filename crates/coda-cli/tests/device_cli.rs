@@ -184,7 +184,10 @@ fn flux_tokenizer(dir: &Path, size: usize) -> PathBuf {
     ok(&o, "tokenizer new");
     let config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(tok.join("config.json")).unwrap()).unwrap();
-    assert_eq!(config["vae"]["block_channels"], serde_json::json!([128, 256, 512, 512]));
+    assert_eq!(
+        config["vae"]["block_channels"],
+        serde_json::json!([128, 256, 512, 512])
+    );
     tok
 }
 

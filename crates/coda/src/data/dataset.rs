@@ -68,8 +68,14 @@ enum Source {
     /// The images of one folder (not its subfolders).
     Flat(PathBuf),
     /// Class folders, in label order, each searched recursively.
-    ImageFolder { root: PathBuf, class_dirs: Vec<PathBuf> },
-    List { path: PathBuf, ext: String },
+    ImageFolder {
+        root: PathBuf,
+        class_dirs: Vec<PathBuf>,
+    },
+    List {
+        path: PathBuf,
+        ext: String,
+    },
     WebDataset(Vec<PathBuf>),
 }
 
@@ -123,11 +129,9 @@ impl Dataset {
                     }))
                 }
             },
-            Source::WebDataset(tars) => Box::new(tars.iter().flat_map(|t| {
-                match tar_samples(t) {
-                    Ok(v) => v.into_iter().map(Ok).collect::<Vec<_>>(),
-                    Err(e) => vec![Err(e)],
-                }
+            Source::WebDataset(tars) => Box::new(tars.iter().flat_map(|t| match tar_samples(t) {
+                Ok(v) => v.into_iter().map(Ok).collect::<Vec<_>>(),
+                Err(e) => vec![Err(e)],
             })),
         }
     }
@@ -328,9 +332,10 @@ impl ListRows {
                 .next_line()?
                 .ok_or_else(|| rows.bad(1, "empty CSV (a header with `path` is needed)".into()))?;
             let cols: Vec<&str> = header.split(',').map(|c| c.trim()).collect();
-            let pi = cols.iter().position(|c| *c == "path").ok_or_else(|| {
-                rows.bad(hi + 1, format!("header {cols:?} has no `path` column"))
-            })?;
+            let pi = cols
+                .iter()
+                .position(|c| *c == "path")
+                .ok_or_else(|| rows.bad(hi + 1, format!("header {cols:?} has no `path` column")))?;
             let li = cols.iter().position(|c| *c == "label");
             rows.columns = Some((pi, li));
         }
@@ -488,10 +493,7 @@ mod tests {
         assert_eq!(ds.kind, "imagefolder");
         assert_eq!(ds.classes, ["n01", "n02"]);
         let samples = ds.collect_samples().unwrap();
-        let keys: Vec<(&str, i64)> = samples
-            .iter()
-            .map(|s| (s.key.as_str(), s.label))
-            .collect();
+        let keys: Vec<(&str, i64)> = samples.iter().map(|s| (s.key.as_str(), s.label)).collect();
         assert_eq!(
             keys,
             [("n01/sub/a.png", 0), ("n01/z.jpg", 0), ("n02/b.png", 1)]
@@ -521,8 +523,14 @@ mod tests {
         // Names whose string order differs from their path order ('-' < '/' < 'a'), nested.
         let d = tempfile::tempdir().unwrap();
         let root = d.path().join("data");
-        for name in ["c/a-b/1.png", "c/a/2.png", "c/a/b/3.PNG", "c/a.b.png", "c/0.jpg", "d/x.webp"]
-        {
+        for name in [
+            "c/a-b/1.png",
+            "c/a/2.png",
+            "c/a/b/3.PNG",
+            "c/a.b.png",
+            "c/0.jpg",
+            "d/x.webp",
+        ] {
             let p = root.join(name);
             std::fs::create_dir_all(p.parent().unwrap()).unwrap();
             std::fs::write(&p, b"x").unwrap();
@@ -530,7 +538,8 @@ mod tests {
         std::fs::write(root.join("c/notes.txt"), b"x").unwrap();
         let ds = open_dataset(&root).unwrap();
         let lazy: Vec<PathBuf> = ds.samples().map(|s| s.unwrap().path).collect();
-        let walked = crate::data::folder::collect_images(&[root.join("c"), root.join("d")]).unwrap();
+        let walked =
+            crate::data::folder::collect_images(&[root.join("c"), root.join("d")]).unwrap();
         assert_eq!(lazy, walked);
         assert_eq!(ds.len(), 6);
         // Listing twice gives the same samples; a file removed after opening shows in the listing.
@@ -575,10 +584,7 @@ mod tests {
         let ds = open_dataset(&tar_path).unwrap();
         assert_eq!(ds.kind, "webdataset");
         let samples = ds.collect_samples().unwrap();
-        let got: Vec<(&str, i64)> = samples
-            .iter()
-            .map(|s| (s.key.as_str(), s.label))
-            .collect();
+        let got: Vec<(&str, i64)> = samples.iter().map(|s| (s.key.as_str(), s.label)).collect();
         assert_eq!(got, [("s/000", 4), ("s/001", 1), ("s/002", -1)]);
         assert_eq!(samples[1].load().unwrap().get_pixel(0, 0).0, [20, 2, 3]);
         let e = samples[2].load().unwrap_err().to_string();

@@ -24,8 +24,8 @@ pub fn resize_lanczos3(img: &RgbImage, width: u32, height: u32) -> RgbImage {
     let src = fr::images::ImageRef::new(w, h, img.as_raw(), fr::PixelType::U8x3)
         .expect("an RgbImage's buffer is w*h*3 bytes");
     let mut dst = fr::images::Image::new(width, height, fr::PixelType::U8x3);
-    let opts = fr::ResizeOptions::new()
-        .resize_alg(fr::ResizeAlg::Convolution(fr::FilterType::Lanczos3));
+    let opts =
+        fr::ResizeOptions::new().resize_alg(fr::ResizeAlg::Convolution(fr::FilterType::Lanczos3));
     fr::Resizer::new()
         .resize(&src, &mut dst, &opts)
         .expect("same pixel type, non-empty sizes");
@@ -314,11 +314,15 @@ mod tests {
                     .collect();
                 d.iter().sum::<f64>() / d.len() as f64
             };
-            let lanczos = image::imageops::resize(&img, w, h, image::imageops::FilterType::Lanczos3);
+            let lanczos =
+                image::imageops::resize(&img, w, h, image::imageops::FilterType::Lanczos3);
             let bilinear =
                 image::imageops::resize(&img, w, h, image::imageops::FilterType::Triangle);
             let (dl, db) = (diff(&lanczos), diff(&bilinear));
-            assert!(dl < 0.5 && db > 4.0 * dl, "{w}x{h}: lanczos {dl}, bilinear {db}");
+            assert!(
+                dl < 0.5 && db > 4.0 * dl,
+                "{w}x{h}: lanczos {dl}, bilinear {db}"
+            );
         }
     }
 
@@ -356,11 +360,18 @@ mod tests {
         }
         for (name, size, out) in &outs {
             let reference = outs.iter().find(|o| o.1 == *size).unwrap();
-            assert!(out == &reference.2, "{name} differs from {} at {size:?}", reference.0);
+            assert!(
+                out == &reference.2,
+                "{name} differs from {} at {size:?}",
+                reference.0
+            );
         }
         // Our function takes the fastest path; it must give the same bytes.
         let ours = resize_lanczos3(&img, 200, 125);
-        assert_eq!(ours.as_raw(), &outs.iter().find(|o| o.1 == (200, 125)).unwrap().2);
+        assert_eq!(
+            ours.as_raw(),
+            &outs.iter().find(|o| o.1 == (200, 125)).unwrap().2
+        );
     }
 
     #[test]

@@ -574,7 +574,11 @@ mod tests {
             .to_string();
         assert!(e.contains("changed") && e.contains("3 samples"), "{e}");
         // The first shard (samples 0 and 1, still there) was finished before the error.
-        assert!(finished_shard(&d.path().join("store"), 0).unwrap().is_some());
-        assert!(finished_shard(&d.path().join("store"), 1).unwrap().is_none());
+        assert!(finished_shard(&d.path().join("store"), 0)
+            .unwrap()
+            .is_some());
+        assert!(finished_shard(&d.path().join("store"), 1)
+            .unwrap()
+            .is_none());
     }
 }
