@@ -134,12 +134,15 @@ fn run_tokenize(a: RunArgs) -> anyhow::Result<()> {
     let t0 = Instant::now();
     let mut images = 0usize;
     let manifest = store::tokenize(&tok, &dataset, &out, &opts, &mut |e| match e {
-        StoreEvent::Resumed { done, todo } => {
-            let per = a.shard_size.min(total);
+        StoreEvent::Resumed {
+            done,
+            todo,
+            samples_todo,
+        } => {
             if done > 0 {
                 pb.suspend(|| eprintln!("resuming: {done} shards done, {todo} to go"));
             }
-            pb.set_length((todo * per) as u64);
+            pb.set_length(samples_todo as u64);
         }
         StoreEvent::Images(n) => {
             images += n;

@@ -106,6 +106,8 @@ pub enum StoreEvent<'a> {
     Resumed {
         done: usize,
         todo: usize,
+        /// Samples in the shards to do (the progress bar's length).
+        samples_todo: usize,
     },
     /// `n` more images read (or skipped).
     Images(usize),
@@ -264,6 +266,10 @@ pub fn tokenize(
     events(StoreEvent::Resumed {
         done: selected.len() - todo.len(),
         todo: todo.len(),
+        samples_todo: todo
+            .iter()
+            .map(|i| ((i + 1) * opts.shard_size).min(n) - i * opts.shard_size)
+            .sum(),
     });
     // The dataset is listed as the shards go: only one shard's samples are in memory.
     let mut listing = dataset.samples();
