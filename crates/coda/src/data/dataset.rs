@@ -161,9 +161,11 @@ fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>> {
 }
 
 /// A depth-first walk of a folder, each folder's entries in sorted order (the order of
-/// `folder::collect_images`), holding only the names of the folders on the current path.
+/// `folder::collect_images`), holding only the names of the folders on the current path. Whether
+/// an entry is a folder comes from the directory listing itself (no `stat` per file, which counts
+/// on an ImageNet-size tree listed twice), except for symbolic links, which are followed.
 struct Walk {
-    stack: Vec<(PathBuf, std::vec::IntoIter<std::ffi::OsString>)>,
+    stack: Vec<(PathBuf, std::vec::IntoIter<(std::ffi::OsString, bool)>)>,
     recurse: bool,
     error: Option<Error>,
 }
@@ -181,8 +183,13 @@ impl Walk {
 
     fn enter(&mut self, dir: &Path) {
         let names = std::fs::read_dir(dir).and_then(|rd| {
-            rd.map(|e| e.map(|e| e.file_name()))
-                .collect::<std::io::Result<Vec<_>>>()
+            rd.map(|e| {
+                let e = e?;
+                let t = e.file_type()?;
+                let is_dir = t.is_dir() || (t.is_symlink() && e.path().is_dir());
+                Ok((e.file_name(), is_dir))
+            })
+            .collect::<std::io::Result<Vec<_>>>()
         });
         match names {
             Ok(mut names) => {
@@ -208,9 +215,9 @@ impl Iterator for Walk {
                 None => {
                     self.stack.pop();
                 }
-                Some(name) => {
+                Some((name, is_dir)) => {
                     let p = dir.join(name);
-                    if p.is_dir() {
+                    if is_dir {
                         if self.recurse {
                             self.enter(&p);
                         }
@@ -551,6 +558,19 @@ mod tests {
         assert_eq!(flat.kind, "imagefolder");
         let flat = open_dataset(&root.join("c/a/b")).unwrap();
         assert_eq!((flat.kind, flat.len()), ("folder", 1));
+        // Symbolic links to folders are followed, as torchvision's ImageFolder does.
+        #[cfg(unix)]
+        {
+            let linked = d.path().join("linked");
+            std::fs::create_dir_all(&linked).unwrap();
+            std::os::unix::fs::symlink(root.join("c/a"), linked.join("cls")).unwrap();
+            let keys: Vec<String> = open_dataset(&linked)
+                .unwrap()
+                .samples()
+                .map(|s| s.unwrap().key)
+                .collect();
+            assert_eq!(keys, ["cls/2.png", "cls/b/3.PNG"]);
+        }
     }
 
     #[test]
