@@ -263,13 +263,12 @@ pub fn tokenize(
             todo.push(i);
         }
     }
+    // Shard i holds samples i·S .. min((i+1)·S, n).
+    let shard_range = |i: usize| i * opts.shard_size..((i + 1) * opts.shard_size).min(n);
     events(StoreEvent::Resumed {
         done: selected.len() - todo.len(),
         todo: todo.len(),
-        samples_todo: todo
-            .iter()
-            .map(|i| ((i + 1) * opts.shard_size).min(n) - i * opts.shard_size)
-            .sum(),
+        samples_todo: todo.iter().map(|&i| shard_range(i).len()).sum(),
     });
     // The dataset is listed as the shards go: only one shard's samples are in memory.
     let mut listing = dataset.samples();
@@ -282,8 +281,7 @@ pub fn tokenize(
         ))
     };
     for i in todo {
-        let lo = i * opts.shard_size;
-        let hi = (lo + opts.shard_size).min(n);
+        let (lo, hi) = (shard_range(i).start, shard_range(i).end);
         for _ in position..lo {
             listing.next().ok_or_else(changed)??;
         }
