@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 /// Resize with the Lanczos3 filter (support scaled by the reduction when downscaling, as PIL's
 /// `Image.resize(LANCZOS)` and torchvision's `Resize` on PIL images do). `fast_image_resize`'s
 /// fixed-point u8 convolution: 7x faster than `image::imageops::resize` on 512-px photos (0.7
-/// instead of 6.8 ms each, against ~57 ms of model time per 128-px image); measured on the training
+/// instead of 6.8 ms each, against 60-80 ms of model CPU time per 128-px image); measured on the training
 /// photos to 144 px: 99.97% of values within one level of `image`'s, mean absolute difference
 /// 0.08-0.17 levels from PIL's (`image`'s: 0.08-0.12); byte-identical on every x86 SIMD path (plain
 /// Rust, SSE4.1, AVX2: `resize_is_the_same_on_every_simd_path`), so tokens do not depend on the CPU.
