@@ -29,6 +29,7 @@ CODEBOOK=${CODEBOOK:-1024}
 STEPS_128=${STEPS_128:-150}
 STEPS_LONG=${STEPS_LONG:-600}
 STEPS_XL=${STEPS_XL:-1000}
+STEPS_C4_128=${STEPS_C4_128:-800}
 STAGES=${STAGES:-"vae start coda coda-128 coda-long coda-xl vq-1x msvq vq-6x eval"}
 DATA=(--data data/photos/train --val data/photos/val --batch 8
   --set resize=144 --set resize_max=512 --set colour_aug=true --set chroma_weight=4)
@@ -94,8 +95,8 @@ fi
 # latent channels instead of 8, so that each 10-bit token describes 4 numbers instead of 8 (the
 # same 22400 bits per 128-px image). Trained on 64-px crops like the 8-channel parent it reached
 # 26.28 dB at 64 px but only 21.80 dB at 128 px, with a colour cast (the 8-channel parent: 27.08 /
-# 28.05), so `vae-c4-128` continues it for 800 updates on 128-px crops (a resume of a copy of
-# the run with --allow-changes), and `coda-c4` adapts that one directly at 128 px.
+# 28.05), so `vae-c4-128` continues it for STEPS_C4_128 (800) updates on 128-px crops (a resume
+# of a copy of the run with --allow-changes), and `coda-c4` adapts that one directly at 128 px.
 #   RAYON_NUM_THREADS=1 STAGES="vae-c4 vae-c4-128 coda-c4" bash scripts/reproduce_table.sh
 if want vae-c4 && [ ! -f "$RUNS/vae-c4/vae/config.json" ]; then
   train train-vae vae-c4 --preset tiny-cpu "${DATA[@]}" --size 64 "${ARCH[@]}" \
@@ -108,7 +109,7 @@ if want vae-c4-128 && [ ! -f "$RUNS/vae-c4-128/vae/config.json" ]; then
   fi
   t0=$(date +%s)
   "$CODA" train-vae --resume --out "$RUNS/vae-c4-128" --allow-changes --size 128 \
-    --steps $((STEPS_VAE + 800)) --set checkpoint_every=100 --set eval_every=200
+    --steps $((STEPS_VAE + STEPS_C4_128)) --set checkpoint_every=100 --set eval_every=200
   echo "{\"run\": \"vae-c4-128\", \"seconds\": $(($(date +%s) - t0)), \"threads\": ${RAYON_NUM_THREADS:-$(nproc)}}" >> "$RUNS/wall.jsonl"
 fi
 if want coda-c4 && [ ! -f "$RUNS/coda-c4/tokenizer/config.json" ]; then

@@ -7,6 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
+use super::folder::ImageWalk;
 use crate::error::{Error, Result};
 
 /// One image of a dataset.
@@ -95,7 +96,7 @@ impl Dataset {
     /// again, one folder / line / shard at a time).
     pub fn samples(&self) -> Samples<'_> {
         match &self.source {
-            Source::Flat(root) => Box::new(Walk::new(root, false).map(move |p| {
+            Source::Flat(root) => Box::new(ImageWalk::new(root, false).map(move |p| {
                 p.map(|p| Sample {
                     key: relative_key(root, &p),
                     path: p,
@@ -105,7 +106,7 @@ impl Dataset {
             })),
             Source::ImageFolder { root, class_dirs } => {
                 Box::new(class_dirs.iter().enumerate().flat_map(move |(label, dir)| {
-                    Walk::new(dir, true).map(move |p| {
+                    ImageWalk::new(dir, true).map(move |p| {
                         p.map(|p| Sample {
                             key: relative_key(root, &p),
                             path: p,
@@ -158,76 +159,6 @@ fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>> {
         .collect();
     v.sort();
     Ok(v)
-}
-
-/// A depth-first walk of a folder, each folder's entries in sorted order (the order of
-/// `folder::collect_images`), holding only the names of the folders on the current path. Whether
-/// an entry is a folder comes from the directory listing itself (no `stat` per file, which counts
-/// on an ImageNet-size tree listed twice), except for symbolic links, which are followed.
-struct Walk {
-    stack: Vec<(PathBuf, std::vec::IntoIter<(std::ffi::OsString, bool)>)>,
-    recurse: bool,
-    error: Option<Error>,
-}
-
-impl Walk {
-    fn new(dir: &Path, recurse: bool) -> Self {
-        let mut w = Walk {
-            stack: Vec::new(),
-            recurse,
-            error: None,
-        };
-        w.enter(dir);
-        w
-    }
-
-    fn enter(&mut self, dir: &Path) {
-        let names = std::fs::read_dir(dir).and_then(|rd| {
-            rd.map(|e| {
-                let e = e?;
-                let t = e.file_type()?;
-                let is_dir = t.is_dir() || (t.is_symlink() && e.path().is_dir());
-                Ok((e.file_name(), is_dir))
-            })
-            .collect::<std::io::Result<Vec<_>>>()
-        });
-        match names {
-            Ok(mut names) => {
-                names.sort();
-                self.stack.push((dir.to_path_buf(), names.into_iter()));
-            }
-            Err(e) => self.error = Some(Error::io(dir, e)),
-        }
-    }
-}
-
-impl Iterator for Walk {
-    type Item = Result<PathBuf>;
-
-    fn next(&mut self) -> Option<Result<PathBuf>> {
-        loop {
-            if let Some(e) = self.error.take() {
-                self.stack.clear();
-                return Some(Err(e));
-            }
-            let (dir, names) = self.stack.last_mut()?;
-            match names.next() {
-                None => {
-                    self.stack.pop();
-                }
-                Some((name, is_dir)) => {
-                    let p = dir.join(name);
-                    if is_dir {
-                        if self.recurse {
-                            self.enter(&p);
-                        }
-                    } else if super::folder::is_image_path(&p) {
-                        return Some(Ok(p));
-                    }
-                }
-            }
-        }
-    }
 }
 
 /// Open a dataset: a folder (ImageFolder when it holds subfolders, else a flat folder of images)
