@@ -81,117 +81,328 @@ pub fn conv3x3_forward(
     let blocks = tiles.div_ceil(tb);
     let mut out = vec![0f32; n * cout * oh * ow];
     let optr = OutPtr(out.as_mut_ptr());
+    let geo = Geometry {
+        cin,
+        cout,
+        h,
+        w,
+        up,
+        oh,
+        ow,
+        tw,
+        tb,
+    };
+    let isa = super::simd::isa();
     (0..n * blocks).into_par_iter().for_each_init(
-        || (vec![0f32; 16 * cin * tb], vec![0f32; 16 * cout * tb]),
-        |(v, m), task| {
+        || Scratch::new(cin, cout, tb, tw),
+        |scratch, task| {
             let (b, blk) = (task / blocks, task % blocks);
             let t0 = blk * tb;
             let nt = tb.min(tiles - t0);
             let xb = &x[b * cin * h * w..][..cin * h * w];
-            // Input transform: V[t][ci][j] = (Bᵀ d B)[t] of the 4x4 patch of tile t0 + j.
-            for ci in 0..cin {
-                let plane = &xb[ci * h * w..][..h * w];
-                for j in 0..nt {
-                    let tile = t0 + j;
-                    let (ty, tx) = (tile / tw, tile % tw);
-                    let mut d = [[0f32; 4]; 4];
-                    for (r, drow) in d.iter_mut().enumerate() {
-                        // virtual (upsampled, padded) row 2ty + r - 1
-                        let vy = (2 * ty + r) as isize - 1;
-                        if vy < 0 || vy >= oh as isize {
-                            continue;
-                        }
-                        let src = &plane[(vy as usize / up) * w..][..w];
-                        for (c, dv) in drow.iter_mut().enumerate() {
-                            let vx = (2 * tx + c) as isize - 1;
-                            if vx >= 0 && vx < ow as isize {
-                                *dv = src[vx as usize / up];
-                            }
-                        }
-                    }
-                    // tmp = Bᵀ d
-                    let mut t = [[0f32; 4]; 4];
-                    for c in 0..4 {
-                        t[0][c] = d[0][c] - d[2][c];
-                        t[1][c] = d[1][c] + d[2][c];
-                        t[2][c] = d[2][c] - d[1][c];
-                        t[3][c] = d[1][c] - d[3][c];
-                    }
-                    // V = tmp B
-                    for (r, row) in t.iter().enumerate() {
-                        let vals = [
-                            row[0] - row[2],
-                            row[1] + row[2],
-                            row[2] - row[1],
-                            row[1] - row[3],
-                        ];
-                        for (k, val) in vals.into_iter().enumerate() {
-                            v[((r * 4 + k) * cin + ci) * tb + j] = val;
-                        }
-                    }
-                }
-            }
-            // 16 GEMMs: M[t] (cout x nt) = U[t] (cout x cin) · V[t] (cin x nt)
-            for t in 0..16 {
-                // SAFETY: buffers of the stated shapes and strides.
-                unsafe {
-                    gemm::gemm(
-                        cout,
-                        nt,
-                        cin,
-                        m[t * cout * tb..].as_mut_ptr(),
-                        1,
-                        tb as isize,
-                        false,
-                        u[t * cout * cin..].as_ptr(),
-                        1,
-                        cin as isize,
-                        v[t * cin * tb..].as_ptr(),
-                        1,
-                        tb as isize,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
-                    );
-                }
-            }
-            // Output transform: Y = Aᵀ M A (2x2), plus bias and residual.
             let ob = b * cout * oh * ow;
-            for co in 0..cout {
-                for j in 0..nt {
-                    let tile = t0 + j;
-                    let (ty, tx) = (tile / tw, tile % tw);
-                    let mv = |r: usize, c: usize| m[((r * 4 + c) * cout + co) * tb + j];
-                    // tmp = Aᵀ M (2x4)
-                    let s: [[f32; 4]; 2] = [
-                        std::array::from_fn(|c| mv(0, c) + mv(1, c) + mv(2, c)),
-                        std::array::from_fn(|c| mv(1, c) - mv(2, c) - mv(3, c)),
-                    ];
-                    for (r, row) in s.iter().enumerate() {
-                        let y = 2 * ty + r;
-                        if y >= oh {
-                            continue;
-                        }
-                        let vals = [row[0] + row[1] + row[2], row[1] - row[2] - row[3]];
-                        for (c, val) in vals.into_iter().enumerate() {
-                            let xo = 2 * tx + c;
-                            if xo >= ow {
-                                continue;
-                            }
-                            let idx = ob + (co * oh + y) * ow + xo;
-                            let extra = residual.map(|r| r[idx]).unwrap_or(0.0);
-                            // SAFETY: each (image, tile) writes only its own output pixels.
-                            unsafe { *optr.get().add(idx) = val + bias[co] + extra };
-                        }
+            let res = residual.map(|r| &r[ob..][..cout * oh * ow]);
+            // SAFETY: the output holds n·cout·oh·ow values; this is image b's.
+            let out_b = OutPtr(unsafe { optr.get().add(ob) });
+            let job = Block {
+                geo: &geo,
+                t0,
+                nt,
+                x: xb,
+                u,
+                bias,
+                residual: res,
+            };
+            // SAFETY: the vector versions run only where the CPU has their features.
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                match isa {
+                    super::simd::Isa::Avx512 | super::simd::Isa::Amx => {
+                        return block_avx512(&job, scratch, out_b)
                     }
+                    super::simd::Isa::Avx2 => return block_avx2(&job, scratch, out_b),
+                    super::simd::Isa::Scalar => {}
                 }
             }
+            let _ = isa;
+            block(&job, scratch, out_b)
         },
     );
     out
+}
+
+/// Shapes shared by every block of one convolution.
+struct Geometry {
+    cin: usize,
+    cout: usize,
+    h: usize,
+    w: usize,
+    up: usize,
+    oh: usize,
+    ow: usize,
+    /// Tiles per output row.
+    tw: usize,
+    /// Tiles per block (the column stride of the transformed buffers).
+    tb: usize,
+}
+
+/// One image's block of `nt` tiles starting at tile `t0`.
+struct Block<'a> {
+    geo: &'a Geometry,
+    t0: usize,
+    nt: usize,
+    /// The image (cin, h, w).
+    x: &'a [f32],
+    u: &'a [f32],
+    bias: &'a [f32],
+    /// The image's residual (cout, oh, ow).
+    residual: Option<&'a [f32]>,
+}
+
+/// Per-thread buffers: the transformed input V (16 x cin x tb), the products M (16 x cout x tb),
+/// and one tile row's worth of the input rows split into even and odd columns and their
+/// horizontal transforms.
+struct Scratch {
+    v: Vec<f32>,
+    m: Vec<f32>,
+    even: Vec<f32>,
+    odd: Vec<f32>,
+    horizontal: Vec<f32>,
+}
+
+impl Scratch {
+    fn new(cin: usize, cout: usize, tb: usize, tw: usize) -> Self {
+        let seg = tw.min(tb);
+        Scratch {
+            v: vec![0f32; 16 * cin * tb],
+            m: vec![0f32; 16 * cout * tb],
+            even: vec![0f32; 4 * (seg + 1)],
+            odd: vec![0f32; 4 * (seg + 1)],
+            horizontal: vec![0f32; 16 * seg],
+        }
+    }
+}
+
+/// The block's tiles as runs within one tile row: (first column j in the block, ty, first tx,
+/// run length).
+fn runs(g: &Geometry, t0: usize, nt: usize) -> impl Iterator<Item = (usize, usize, usize, usize)> {
+    let tw = g.tw;
+    let mut j = 0;
+    std::iter::from_fn(move || {
+        if j >= nt {
+            return None;
+        }
+        let tile = t0 + j;
+        let (ty, tx) = (tile / tw, tile % tw);
+        let len = (tw - tx).min(nt - j);
+        let run = (j, ty, tx, len);
+        j += len;
+        Some(run)
+    })
+}
+
+/// #Safety: the CPU must support AVX2 and FMA; the body is the portable version.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn block_avx2(job: &Block, s: &mut Scratch, out: OutPtr) {
+    block(job, s, out)
+}
+
+/// #Safety: the CPU must support AVX-512F, AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn block_avx512(job: &Block, s: &mut Scratch, out: OutPtr) {
+    block(job, s, out)
+}
+
+/// Input transform, 16 GEMMs and output transform of one block. Both transforms are separable
+/// (Bᵀ d B = rows then columns) and run over a whole run of tiles of one tile row at a time, as
+/// elementwise operations on contiguous slices that the compiler vectorises.
+#[inline(always)]
+fn block(job: &Block, s: &mut Scratch, out: OutPtr) {
+    let g = job.geo;
+    let (cin, cout, tb) = (g.cin, g.cout, g.tb);
+    for (j0, ty, tx0, len) in runs(g, job.t0, job.nt) {
+        for ci in 0..cin {
+            input_run(job, s, ci, (j0, ty, tx0, len));
+        }
+    }
+    let nt = job.nt;
+    // 16 GEMMs: M[t] (cout x nt) = U[t] (cout x cin) · V[t] (cin x nt)
+    for t in 0..16 {
+        // SAFETY: buffers of the stated shapes and strides.
+        unsafe {
+            gemm::gemm(
+                cout,
+                nt,
+                cin,
+                s.m[t * cout * tb..].as_mut_ptr(),
+                1,
+                tb as isize,
+                false,
+                job.u[t * cout * cin..].as_ptr(),
+                1,
+                cin as isize,
+                s.v[t * cin * tb..].as_ptr(),
+                1,
+                tb as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
+    }
+    for (j0, ty, tx0, len) in runs(g, job.t0, job.nt) {
+        for co in 0..cout {
+            output_run(job, &s.m, out, co, (j0, ty, tx0, len));
+        }
+    }
+}
+
+/// V[t][ci][j0..j0+len] for a run of tiles (ty, tx0..tx0+len) of input channel `ci`.
+#[inline(always)]
+fn input_run(
+    job: &Block,
+    s: &mut Scratch,
+    ci: usize,
+    (j0, ty, tx0, len): (usize, usize, usize, usize),
+) {
+    let g = job.geo;
+    let (w, up, oh, ow) = (g.w, g.up, g.oh, g.ow);
+    let plane = &job.x[ci * g.h * w..][..g.h * w];
+    let n1 = len + 1;
+    // The 4 input rows of the run (virtual: upsampled and zero-padded), columns 2·tx0 - 1 + 2i
+    // (even) and 2·tx0 + 2i (odd), i = 0..=len.
+    for r in 0..4 {
+        let even = &mut s.even[r * n1..][..n1];
+        let odd = &mut s.odd[r * n1..][..n1];
+        let vy = (2 * ty + r) as isize - 1;
+        if vy < 0 || vy >= oh as isize {
+            even.fill(0.0);
+            odd.fill(0.0);
+            continue;
+        }
+        let src = &plane[(vy as usize / up) * w..][..w];
+        let at = |vx: isize| {
+            if vx >= 0 && vx < ow as isize {
+                src[vx as usize / up]
+            } else {
+                0.0
+            }
+        };
+        for (i, (e, o)) in even.iter_mut().zip(odd.iter_mut()).enumerate() {
+            let vx = 2 * (tx0 + i) as isize;
+            *e = at(vx - 1);
+            *o = at(vx);
+        }
+    }
+    // Horizontal: d B for every row, k = column of the 4x4 result. With d0..d3 = even[i],
+    // odd[i], even[i+1], odd[i+1]: (d0 - d2, d1 + d2, d2 - d1, d1 - d3).
+    for r in 0..4 {
+        let e0 = &s.even[r * n1..][..len];
+        let e1 = &s.even[r * n1 + 1..][..len];
+        let o0 = &s.odd[r * n1..][..len];
+        let o1 = &s.odd[r * n1 + 1..][..len];
+        let (h01, h23) = s.horizontal[r * 4 * len..][..4 * len].split_at_mut(2 * len);
+        let (h0, h1) = h01.split_at_mut(len);
+        let (h2, h3) = h23.split_at_mut(len);
+        for i in 0..len {
+            h0[i] = e0[i] - e1[i];
+            h1[i] = o0[i] + e1[i];
+            h2[i] = e1[i] - o0[i];
+            h3[i] = o0[i] - o1[i];
+        }
+    }
+    // Vertical: Bᵀ (d B), rows (h0 - h2, h1 + h2, h2 - h1, h1 - h3).
+    let (cin, tb) = (g.cin, g.tb);
+    let hz = &s.horizontal;
+    for k in 0..4 {
+        let row = |r: usize| &hz[(r * 4 + k) * len..][..len];
+        let (d0, d1, d2, d3) = (row(0), row(1), row(2), row(3));
+        let col = |r: usize| ((r * 4 + k) * cin + ci) * tb + j0;
+        let (c0, c1, c2, c3) = (col(0), col(1), col(2), col(3));
+        for i in 0..len {
+            s.v[c0 + i] = d0[i] - d2[i];
+        }
+        for i in 0..len {
+            s.v[c1 + i] = d1[i] + d2[i];
+        }
+        for i in 0..len {
+            s.v[c2 + i] = d2[i] - d1[i];
+        }
+        for i in 0..len {
+            s.v[c3 + i] = d1[i] - d3[i];
+        }
+    }
+}
+
+/// Y = Aᵀ M A (2x2 per tile) plus bias and residual, for a run of tiles of output channel `co`.
+#[inline(always)]
+fn output_run(
+    job: &Block,
+    m: &[f32],
+    out: OutPtr,
+    co: usize,
+    (j0, ty, tx0, len): (usize, usize, usize, usize),
+) {
+    let g = job.geo;
+    let (cout, tb, oh, ow) = (g.cout, g.tb, g.oh, g.ow);
+    let mrow = |r: usize, c: usize| &m[((r * 4 + c) * cout + co) * tb + j0..][..len];
+    let bias = job.bias[co];
+    // Output columns 2·tx0 .. 2·(tx0 + len), cut at ow (an odd width's last tile has one column).
+    let x0 = 2 * tx0;
+    let width = (2 * len).min(ow - x0);
+    let pairs = width / 2;
+    for r in 0..2 {
+        let y = 2 * ty + r;
+        if y >= oh {
+            continue;
+        }
+        // Aᵀ rows: (M0 + M1 + M2, M1 - M2 - M3).
+        let (a, b, c) = if r == 0 { (0, 1, 2) } else { (1, 2, 3) };
+        let [ma0, ma1, ma2, ma3] = [0, 1, 2, 3].map(|col| mrow(a, col));
+        let [mb0, mb1, mb2, mb3] = [0, 1, 2, 3].map(|col| mrow(b, col));
+        let [mc0, mc1, mc2, mc3] = [0, 1, 2, 3].map(|col| mrow(c, col));
+        let base = (co * oh + y) * ow + x0;
+        // SAFETY: the image's output holds cout·oh·ow values, and these `width` pixels belong
+        // to this run's tiles, which no other task writes.
+        let o = unsafe { std::slice::from_raw_parts_mut(out.get().add(base), width) };
+        let res = job.residual.map(|rs| &rs[base..][..width]);
+        let vals = |i: usize| {
+            // s[col] = Aᵀ row r applied to column col; then A: (s0 + s1 + s2, s1 - s2 - s3).
+            let s = |p: f32, q: f32, t: f32| if r == 0 { p + q + t } else { p - q - t };
+            let s0 = s(ma0[i], mb0[i], mc0[i]);
+            let s1 = s(ma1[i], mb1[i], mc1[i]);
+            let s2 = s(ma2[i], mb2[i], mc2[i]);
+            let s3 = s(ma3[i], mb3[i], mc3[i]);
+            (s0 + s1 + s2 + bias, s1 - s2 - s3 + bias)
+        };
+        match res {
+            Some(res) => {
+                for i in 0..pairs {
+                    let (v0, v1) = vals(i);
+                    o[2 * i] = v0 + res[2 * i];
+                    o[2 * i + 1] = v1 + res[2 * i + 1];
+                }
+                if width % 2 == 1 {
+                    o[width - 1] = vals(pairs).0 + res[width - 1];
+                }
+            }
+            None => {
+                for i in 0..pairs {
+                    let (v0, v1) = vals(i);
+                    o[2 * i] = v0;
+                    o[2 * i + 1] = v1;
+                }
+                if width % 2 == 1 {
+                    o[width - 1] = vals(pairs).0;
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]
