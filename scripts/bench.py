@@ -2,7 +2,8 @@
 """Benchmark: coda-rs against PyTorch on the same machine, in the same run.
 
     python scripts/bench.py [--arch mar,flux] [--batch 1,8] [--size 256] [--iters 3]
-                            [--precision f32,bf16x3,bf16] [--threads 2]
+                            [--precision f32,bf16x3,bf16] [--threads 2] [--isa avx2]
+                            [--torch-modes nchw,channels_last,bf16]
 
 Two architectures, random seeded weights, saved under .bench/ (diffusers AutoencoderKL folders):
   mar:  MAR KL-16 size, ch 128, mult 1,1,2,2,4 (f16), 16 latent channels, and a V=16384
@@ -13,7 +14,16 @@ and PyTorch (eager fp32, one process) time, each with the same thread count: VAE
 (posterior mean), the quantizer assignment over all scales, VAE decode, full tokenizer encode
 (image -> ids) and full tokenizer decode (ids -> image). The PyTorch tokenizer is the
 straightforward implementation (full (N, V) logits, argmax, gather) on the very same weights.
-Printed: both times, the ratio (ours / PyTorch: below 1 = coda-rs faster), and each process's
+
+PyTorch runs in each of --torch-modes, one process each: `nchw` (its default layout, f32),
+`channels_last` (f32, model and input in channels_last, often faster on CPU) and `bf16`
+(channels_last under torch.autocast("cpu", dtype=torch.bfloat16)). Ratios are taken against the
+best f32 mode per stage ("PyTorch f32 at its best") and, for our bf16 modes, against the best of
+all its modes. --isa avx2 restricts both sides to the same instruction set: CODA_CPU_ISA for
+coda-rs, ATEN_CPU_CAPABILITY and ONEDNN_MAX_CPU_ISA for PyTorch (so an AVX-512 machine measures
+the AVX2 paths). The first printed line names the CPU and both sides' kernel paths.
+
+Printed: the times, the ratios (ours / PyTorch: below 1 = coda-rs faster), and each process's
 peak RSS; for the bf16 precisions also their effect against f32 (identical tokens, decoded image
 max |diff| and PSNR on a real photo). A benchmark, not a test: nothing asserts timings.
 """
@@ -122,7 +132,8 @@ class TorchTokenizer:
         return self.vae.decode(f_hat / self.scale + self.shift).sample
 
 
-def torch_worker(arch, size, batch, iters, threads, device="cpu"):
+def torch_worker(arch, size, batch, iters, threads, device="cpu", mode="nchw"):
+    import contextlib
     import functools
 
     import torch
@@ -140,11 +151,15 @@ def torch_worker(arch, size, batch, iters, threads, device="cpu"):
     a = ARCHS[arch]
     scales = a["scales"]
     vae = AutoencoderKL.from_pretrained(model_dir(arch)).eval().to(device)
-    with torch.inference_mode():
+    layout = torch.channels_last if mode in ("channels_last", "bf16") else torch.contiguous_format
+    vae = vae.to(memory_format=layout)
+    autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16) if mode == "bf16" \
+        else contextlib.nullcontext()
+    with torch.inference_mode(), autocast:
         w = load_file(os.path.join(tokenizer_dir(arch), "model.safetensors"), device=device)
         q = {k[len("quantizer."):]: v for k, v in w.items() if k.startswith("quantizer.")}
         tok = TorchTokenizer(vae, q, a["scale"], a["shift"])
-        x = torch.rand(batch, 3, size, size, device=device) * 2 - 1
+        x = (torch.rand(batch, 3, size, size, device=device) * 2 - 1).contiguous(memory_format=layout)
         f = (vae.encode(x).latent_dist.mean - a["shift"]) * a["scale"]
         ids = tok.encode(x, scales)
         hw = tuple(f.shape[-2:])
@@ -157,7 +172,8 @@ def torch_worker(arch, size, batch, iters, threads, device="cpu"):
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if cuda:
         rec["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
-    print(json.dumps(dict(impl="pytorch", size=size, batch=batch, peak_rss_mib=peak, **rec)))
+    print(json.dumps(dict(impl="pytorch", mode=mode, size=size, batch=batch, peak_rss_mib=peak,
+                          cpu_capability=torch.backends.cpu.get_cpu_capability(), **rec)))
 
 
 STAGES = ("vae_encode", "assign", "vae_decode", "tok_encode", "tok_decode")
@@ -172,11 +188,28 @@ def run_ours(arch, batch, precision, a, env):
     return json.loads(open(jsonl).read().strip().splitlines()[-1])
 
 
-def run_torch(arch, batch, a, env):
+def run_torch(arch, batch, a, env, mode):
     res = subprocess.run([sys.executable, __file__, "--torch-worker", arch, "--size", str(a.size), "--batch",
-                          str(batch), "--iters", str(a.iters), "--threads", str(a.threads), "--device", a.device],
+                          str(batch), "--iters", str(a.iters), "--threads", str(a.threads), "--device", a.device,
+                          "--torch-mode", mode],
                          env=env, check=True, capture_output=True, text=True)
     return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def best_of(refs, stage_ms):
+    """Per stage, the fastest of the given PyTorch runs: {stage_key: (ms, mode)}."""
+    out = {}
+    for key in stage_ms:
+        ms, mode = min((r[key], r["mode"]) for r in refs)
+        out[key] = (ms, mode)
+    return out
+
+
+def cpu_name():
+    for line in open("/proc/cpuinfo"):
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown CPU"
 
 
 def markdown(files):
@@ -185,13 +218,21 @@ def markdown(files):
                  tok_encode="tokenizer encode", tok_decode="tokenizer decode")
     for f in files:
         for r in json.load(open(f)):
-            ref, ours = r["pytorch"], r["coda"]
+            refs, ours = r["pytorch"], r["coda"]
+            refs = refs if isinstance(refs, list) else [dict(refs, mode="nchw")]
+            f32 = [x for x in refs if x["mode"] != "bf16"]
             for stage in STAGES + ("encode+decode",):
                 get = (lambda x: x["tok_encode_ms"] + x["tok_decode_ms"]) if stage == "encode+decode" \
                     else (lambda x, s=stage: x[f"{s}_ms"])
-                cells = [f"{get(o):.0f} ({get(o) / get(ref):.2f}x)" for o in ours.values()]
+                best32 = min(f32, key=get)
+                bestall = min(refs, key=get)
+                cells = []
+                for p, o in ours.items():
+                    ref = best32 if p == "f32" else bestall
+                    cells.append(f"{get(o):.0f} ({get(o) / get(ref):.2f}x)")
                 label = f"**{stage}**" if stage == "encode+decode" else names[stage]
-                print(f"| {r['arch'].upper()} | {r['batch']} | {label} | {get(ref):.0f} | " + " | ".join(cells) + " |")
+                torch_cells = " | ".join(f"{get(x):.0f}" for x in refs)
+                print(f"| {r['arch'].upper()} | {r['batch']} | {label} | {torch_cells} | " + " | ".join(cells) + " |")
 
 
 def main():
@@ -207,26 +248,41 @@ def main():
     ap.add_argument("--table", help="print saved results (comma-separated --json files) as a Markdown table, and exit")
     ap.add_argument("--device", default="cpu", help="cpu, or cuda for both sides on the GPU (a `cuda` build of coda)")
     ap.add_argument("--no-build", action="store_true", help="use the coda binary as it is (CODA=path overrides it)")
+    ap.add_argument("--isa", choices=["best", "avx2", "avx512"], default="best",
+                    help="restrict both sides to one instruction set (CODA_CPU_ISA; ATEN_CPU_CAPABILITY + "
+                         "ONEDNN_MAX_CPU_ISA)")
+    ap.add_argument("--torch-modes", default="nchw,channels_last,bf16",
+                    help="PyTorch runs: nchw and channels_last (f32), bf16 (autocast, channels_last)")
     ap.add_argument("--torch-worker", help=argparse.SUPPRESS)
+    ap.add_argument("--torch-mode", default="nchw", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.table:
         return markdown(a.table.split(","))
     batches = [int(b) for b in a.batch.split(",")]
     if a.torch_worker:
-        return torch_worker(a.torch_worker, a.size, batches[0], a.iters, a.threads, a.device)
+        return torch_worker(a.torch_worker, a.size, batches[0], a.iters, a.threads, a.device, a.torch_mode)
 
     import torch
 
     if not a.no_build:
         subprocess.run(["cargo", "build", "--release", "-q", "-p", "coda-cli"], cwd=ROOT, check=True)
     env = dict(os.environ, RAYON_NUM_THREADS=str(a.threads), OMP_NUM_THREADS=str(a.threads))
+    if a.isa != "best":
+        env.update(CODA_CPU_ISA=a.isa, ATEN_CPU_CAPABILITY=a.isa, ONEDNN_MAX_CPU_ISA=a.isa.upper().replace(
+            "AVX512", "AVX512_CORE"))
     precisions = a.precision.split(",")
-    amx = "amx_bf16" in open("/proc/cpuinfo").read()
+    amx = "amx_bf16" in open("/proc/cpuinfo").read() and a.isa == "best"
     if not amx or a.device != "cpu":
         precisions = ["f32"]
+    modes = a.torch_modes.split(",")
+    ours_path = subprocess.run([CODA, "bench", "--print-isa"], env=env, capture_output=True, text=True).stdout.strip()
+    print(f"{cpu_name()}; coda-rs kernel path: {ours_path or 'unknown'}; PyTorch {torch.__version__} "
+          f"(ATEN_CPU_CAPABILITY={env.get('ATEN_CPU_CAPABILITY', 'default')}, "
+          f"ONEDNN_MAX_CPU_ISA={env.get('ONEDNN_MAX_CPU_ISA', 'default')})")
     print(f"random weights, {a.size}x{a.size}, {a.threads} threads each, median of {a.iters} after a warm-up; "
-          f"torch {torch.__version__}, {os.cpu_count()} CPUs. ratio = coda-rs / PyTorch time (< 1: coda-rs faster)")
-    head = f"{'arch':<5} {'batch':>5} {'stage':<11} {'pytorch ms':>10}"
+          f"PyTorch modes {', '.join(modes)}. ratio = coda-rs / PyTorch time (< 1: coda-rs faster), against "
+          f"PyTorch's best f32 mode for our f32 and its best mode of all for our bf16 modes")
+    head = f"{'arch':<5} {'batch':>5} {'stage':<11}" + "".join(f" {'pt ' + m:>16}" for m in modes)
     for p in precisions:
         head += f" {p + ' ms':>11} {'ratio':>6}"
     print(head)
@@ -239,25 +295,27 @@ def main():
                             "--scales", ",".join(map(str, c["scales"])), "-o", tokenizer_dir(arch)],
                            check=True, stdout=subprocess.DEVNULL)
         for b in batches:
-            ref = run_torch(arch, b, a, env)
+            refs = [run_torch(arch, b, a, env, m) for m in modes]
             ours = {p: run_ours(arch, b, p, a, env) for p in precisions}
-            results.append(dict(arch=arch, batch=b, pytorch=ref, coda=ours))
+            results.append(dict(arch=arch, batch=b, pytorch=refs, coda=ours, cpu=cpu_name(), isa=a.isa))
+            f32_refs = [r for r in refs if r["mode"] != "bf16"] or refs
             for stage in STAGES + ("encode+decode",):
                 get = (lambda r: r["tok_encode_ms"] + r["tok_decode_ms"]) if stage == "encode+decode" \
                     else (lambda r, s=stage: r[f"{s}_ms"])
-                line = f"{arch:<5} {b:>5} {stage:<11} {get(ref):>10.1f}"
+                line = f"{arch:<5} {b:>5} {stage:<11}" + "".join(f" {get(r):>16.1f}" for r in refs)
                 for p in precisions:
-                    line += f" {get(ours[p]):>11.1f} {get(ours[p]) / get(ref):>5.2f}x"
+                    ref = min(map(get, f32_refs if p == "f32" else refs))
+                    line += f" {get(ours[p]):>11.1f} {get(ours[p]) / ref:>5.2f}x"
                 print(line)
-            line = f"{arch:<5} {b:>5} {'peak RSS':<11} {ref['peak_rss_mib']:>7.0f} MiB"
+            line = f"{arch:<5} {b:>5} {'peak RSS':<11}" + "".join(f" {r['peak_rss_mib']:>12.0f} MiB" for r in refs)
             for p in precisions:
                 line += f" {ours[p]['peak_rss_mib']:>7.0f} MiB {'':>6}"
             print(line)
             if "bf16x3" in ours and "bf16" in ours:
                 mixed = ours["bf16x3"]["tok_encode_ms"] + ours["bf16"]["tok_decode_ms"]
-                both = ref["tok_encode_ms"] + ref["tok_decode_ms"]
-                print(f"{arch:<5} {b:>5} encode bf16x3 + decode bf16 (tokens as f32): {mixed:.1f} ms vs PyTorch "
-                      f"{both:.1f} ms, {mixed / both:.2f}x")
+                both = min(r["tok_encode_ms"] + r["tok_decode_ms"] for r in refs)
+                print(f"{arch:<5} {b:>5} encode bf16x3 + decode bf16 (tokens as f32): {mixed:.1f} ms vs PyTorch's "
+                      f"fastest {both:.1f} ms, {mixed / both:.2f}x")
             for p in precisions[1:]:
                 o = ours[p]
                 print(f"{arch:<5} {b:>5} {p} vs f32 on {os.path.basename(PHOTO)}: tokens {100 * o['token_agreement']:.2f}% "

@@ -40,6 +40,9 @@ pub struct Args {
     /// Write one JSON object per measurement to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Print the kernel path that would be measured (e.g. `avx512`) and exit.
+    #[arg(long)]
+    pub print_isa: bool,
 }
 
 fn median_ms<T>(
@@ -159,6 +162,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 }
 
 fn run_in_precision(args: Args) -> anyhow::Result<()> {
+    if args.print_isa {
+        println!("{}", coda::kernel_isa().name());
+        return Ok(());
+    }
     // Every number is only meaningful with the path that made it.
     println!(
         "kernel path {} (this CPU's best: {}; CODA_CPU_ISA caps it; the convolutions' GEMM dispatches on its own)",
