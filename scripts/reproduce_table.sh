@@ -30,6 +30,7 @@ STEPS_128=${STEPS_128:-150}
 STEPS_LONG=${STEPS_LONG:-600}
 STEPS_XL=${STEPS_XL:-1000}
 STEPS_C4_128=${STEPS_C4_128:-800}
+STEPS_C4=${STEPS_C4:-1500}
 STAGES=${STAGES:-"vae start coda coda-128 coda-long coda-xl vq-1x msvq vq-6x eval"}
 DATA=(--data data/photos/train --val data/photos/val --batch 8
   --set resize=144 --set resize_max=512 --set colour_aug=true --set chroma_weight=4)
@@ -116,7 +117,7 @@ if want coda-c4 && [ ! -f "$RUNS/coda-c4/tokenizer/config.json" ]; then
   [ -f "$RUNS/start-c4/config.json" ] || "$CODA" tokenizer new --vae "$RUNS/vae-c4-128/vae" \
     --codebook-size "$CODEBOOK" --num-scales 10 --lora-rank 8 --resolution 128 -o "$RUNS/start-c4"
   train adapt coda-c4 --preset tiny-cpu "${DATA[@]}" --size 128 --tokenizer "$RUNS/start-c4" \
-    --steps 1500 --set lr=5e-4 --set eval_every=100 --set checkpoint_every=100
+    --steps "$STEPS_C4" --set lr=5e-4 --set eval_every=100 --set checkpoint_every=100
 fi
 if want vq-1x && [ ! -f "$RUNS/vq-1x/tokenizer/config.json" ]; then
   train train-vq vq-1x --preset tiny-cpu "${DATA[@]}" "${ARCH[@]}" --steps "$STEPS" \

@@ -5,13 +5,31 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 use coda::kernels::{conv2d, group_norm, group_norm_composite, ConvGeometry};
 
+/// Seconds per call: wall time, or with CPU_TIME=1 the process's CPU time (with
+/// RAYON_NUM_THREADS=1, a measure that another job on the machine disturbs much less).
 fn time<F: FnMut()>(mut f: F, iters: usize) -> f64 {
     f();
+    let cpu = std::env::var("CPU_TIME").is_ok();
     let t = Instant::now();
+    let c = process_cpu_seconds();
     for _ in 0..iters {
         f();
     }
-    t.elapsed().as_secs_f64() / iters as f64
+    if cpu {
+        (process_cpu_seconds() - c) / iters as f64
+    } else {
+        t.elapsed().as_secs_f64() / iters as f64
+    }
+}
+
+fn process_cpu_seconds() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
 }
 
 fn main() -> candle_core::Result<()> {
