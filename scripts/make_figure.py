@@ -4,6 +4,7 @@ model, and CODA's coarse-to-fine strip (decoded from the first 1, 2, ..., K scal
 the solid-colour probe of `coda eval --colours`: each colour's patch over what CODA returns.
 
     python3 scripts/make_figure.py [--size 128] [--runs runs] [--out assets/readme/results.png]
+                                   [--models VAE=vae/vae,CODA=coda-xl/tokenizer,...]
 
 Needs the runs of scripts/reproduce_table.sh (models whose run is missing are left out) and
 Pillow; calls `coda reconstruct`."""
@@ -45,9 +46,15 @@ def main():
     ap.add_argument("--scale", type=int, default=1, help="pixel upscaling of the figure")
     ap.add_argument("--runs", default="runs")
     ap.add_argument("--out", default="assets/readme/results.png")
+    ap.add_argument("--models", help="LABEL=RUN_PATH,... (a path ending in /vae is a VAE; the one "
+                    "labelled CODA gets the coarse-to-fine strip and the colour probe)")
     a = ap.parse_args()
     s, z = a.size, a.scale
-    models = [(label, [flag, os.path.join(a.runs, path)]) for label, flag, path in MODELS
+    chosen = MODELS
+    if a.models:
+        chosen = [(label, "--vae" if path.rstrip("/").endswith("vae") else "--tokenizer", path)
+                  for label, path in (m.split("=", 1) for m in a.models.split(","))]
+    models = [(label, [flag, os.path.join(a.runs, path)]) for label, flag, path in chosen
               if os.path.exists(os.path.join(a.runs, path, "config.json"))]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
