@@ -24,7 +24,10 @@ import os
 import re
 import sys
 
-from PIL import Image
+try:
+    from PIL import Image
+except ImportError:
+    sys.exit("prepare_photos.py needs Pillow: pip install pillow")
 
 ROOT = "data/debian/root"
 
