@@ -361,8 +361,12 @@ fn output_run(
         if y >= oh {
             continue;
         }
-        // Aᵀ rows: (M0 + M1 + M2, M1 - M2 - M3).
-        let (a, b, c) = if r == 0 { (0, 1, 2) } else { (1, 2, 3) };
+        // Aᵀ rows: (M0 + M1 + M2, M1 - (M2 + M3)): rows a + sign·(b + c).
+        let (a, b, c, sign) = if r == 0 {
+            (0, 1, 2, 1.0)
+        } else {
+            (1, 2, 3, -1.0)
+        };
         let [ma0, ma1, ma2, ma3] = [0, 1, 2, 3].map(|col| mrow(a, col));
         let [mb0, mb1, mb2, mb3] = [0, 1, 2, 3].map(|col| mrow(b, col));
         let [mc0, mc1, mc2, mc3] = [0, 1, 2, 3].map(|col| mrow(c, col));
@@ -373,7 +377,7 @@ fn output_run(
         let res = job.residual.map(|rs| &rs[base..][..width]);
         let vals = |i: usize| {
             // s[col] = Aᵀ row r applied to column col; then A: (s0 + s1 + s2, s1 - s2 - s3).
-            let s = |p: f32, q: f32, t: f32| if r == 0 { p + q + t } else { p - q - t };
+            let s = |p: f32, q: f32, t: f32| p + sign * (q + t);
             let s0 = s(ma0[i], mb0[i], mc0[i]);
             let s1 = s(ma1[i], mb1[i], mc1[i]);
             let s2 = s(ma2[i], mb2[i], mc2[i]);
