@@ -14,11 +14,17 @@ if grep -qw avx512f /proc/cpuinfo 2>/dev/null; then
 elif grep -qw avx2 /proc/cpuinfo 2>/dev/null; then
   export CODA_REQUIRE_ISA=avx2
 fi
-# The bf16 (AMX) tests skip on CPUs without AMX; where the CPU has it they are mandatory.
+# The bf16 tests skip on CPUs without the instructions; where the CPU has them they are
+# mandatory: bf16x3 needs AMX, bf16 AMX or AVX512_BF16.
 if grep -qw amx_bf16 /proc/cpuinfo 2>/dev/null; then
   export CODA_REQUIRE_AMX=1
 else
-  echo "NOTE: this CPU has no AMX bf16: the bf16-precision tests print SKIP and check only the refusal"
+  echo "NOTE: this CPU has no AMX bf16: the bf16x3 tests print SKIP and check only the refusal"
+fi
+if grep -qwE "avx512_bf16|amx_bf16" /proc/cpuinfo 2>/dev/null; then
+  export CODA_REQUIRE_BF16=1
+else
+  echo "NOTE: this CPU has neither AVX512_BF16 nor AMX: the bf16 tests print SKIP"
 fi
 cargo test --workspace
 CODA_GENERIC_OPS=1 cargo test -p coda-tokenizer --test vae_parity --test quantizer_parity \

@@ -93,7 +93,8 @@ class Tokenizer:
         default tokenizer with ``"default"``.
 
         ``precision``: the arithmetic of the convolutions, ``"f32"`` (exact), ``"bf16x3"`` or
-        ``"bf16"`` (the bf16 modes need an Intel CPU with AMX). ``threads``: run on a pool of
+        ``"bf16"`` (bf16x3 needs an Intel CPU with AMX; bf16 AMX or AVX512_BF16, as on AMD
+        Zen 4). ``threads``: run on a pool of
         this many threads of its own (default: the process-wide pool of all cores).
         """
         _check_precision(precision)

@@ -177,6 +177,60 @@ fn main() -> candle_core::Result<()> {
         }
         return Ok(());
     }
+    if std::env::var("DPBF16").is_ok() {
+        // f32 (im2col) against the AVX512_BF16 bf16 kernel, weights packed once.
+        use coda::kernels::{conv2d::conv2d_forward, dpbf16};
+        assert!(dpbf16::available(), "this CPU has no AVX512_BF16");
+        for &(c, hw, up, k) in &[
+            (128usize, 256usize, 1usize, 3usize),
+            (256, 128, 1, 3),
+            (512, 64, 1, 3),
+            (512, 32, 1, 3),
+            (512, 16, 1, 3),
+            (256, 128, 2, 3),
+            (128, 256, 1, 1),
+        ] {
+            let x: Vec<f32> = (0..c * hw * hw)
+                .map(|i| ((i * 7919) % 1009) as f32 / 1009.0 - 0.5)
+                .collect();
+            let w: Vec<f32> = (0..c * c * k * k)
+                .map(|i| ((i * 104729) % 1013) as f32 / 10130.0 - 0.05)
+                .collect();
+            let b = vec![0f32; c];
+            let g = ConvGeometry {
+                stride: 1,
+                pad: (k / 2, k / 2, k / 2, k / 2),
+                upsample: up,
+            };
+            let flops = 2.0 * (c * c * k * k * hw * hw * up * up) as f64;
+            let dims = (1, c, hw, hw);
+            let packed = dpbf16::pack_weights(&w, (c, c, k, k));
+            let t32 = time(
+                || drop(conv2d_forward(&x, dims, &w, (c, k, k), &b, None, g)),
+                3,
+            );
+            let t16 = time(
+                || {
+                    drop(dpbf16::conv2d_forward(
+                        &x,
+                        dims,
+                        &w,
+                        (c, k, k),
+                        &b,
+                        None,
+                        g,
+                        Some(&packed),
+                    ))
+                },
+                5,
+            );
+            println!(
+                "c {c} {hw}x{hw} up {up} k{k}: f32 im2col {:.1} ms ({:.0} GFLOP/s), dpbf16 {:.1} ms ({:.0} GFLOP/s, {:.2}x)",
+                t32 * 1e3, flops / t32 / 1e9, t16 * 1e3, flops / t16 / 1e9, t32 / t16
+            );
+        }
+        return Ok(());
+    }
     if std::env::var("AMX").is_ok() {
         // f32 (im2col, Winograd where it is used) against the AMX bf16 and 3xbf16 kernels.
         use coda::kernels::{amx, conv2d::conv2d_forward};

@@ -122,13 +122,25 @@ fn precision_is_scoped_never_process_wide() {
             std::env::var("CODA_REQUIRE_AMX").is_err(),
             "CODA_REQUIRE_AMX is set but this CPU/OS gives no AMX"
         );
-        println!("SKIP bf16 tokenizer: this CPU has no AMX; checking the refusal instead");
+        println!("SKIP bf16x3 tokenizer: this CPU has no AMX; checking the refusal instead");
         let err = tok
-            .with_precision(Precision::Bf16)
+            .with_precision(Precision::Bf16x3)
             .err()
             .unwrap()
             .to_string();
         assert!(err.contains("AMX"), "{err}");
+    }
+    let tok = Tokenizer::default_tokenizer(&Device::Cpu).unwrap();
+    match tok.with_precision(Precision::Bf16) {
+        Ok(fast) => assert_eq!(fast.precision(), Precision::Bf16),
+        Err(e) => {
+            assert!(
+                std::env::var("CODA_REQUIRE_BF16").is_err(),
+                "CODA_REQUIRE_BF16 is set but bf16 is refused: {e}"
+            );
+            println!("SKIP bf16 tokenizer: this CPU has neither AMX nor AVX512_BF16");
+            assert!(e.to_string().contains("AVX512_BF16"), "{e}");
+        }
     }
 }
 

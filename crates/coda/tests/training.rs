@@ -457,14 +457,14 @@ fn ema_follows_the_official_decay_sequence() {
 
 #[test]
 fn training_runs_in_f32_inside_a_bf16_scope() {
-    if !coda::amx_available() {
+    if coda::Precision::Bf16.check_supported().is_err() {
         assert!(
-            std::env::var("CODA_REQUIRE_AMX").is_err(),
-            "CODA_REQUIRE_AMX is set but this CPU/OS gives no AMX"
+            std::env::var("CODA_REQUIRE_BF16").is_err(),
+            "CODA_REQUIRE_BF16 is set but this CPU runs no bf16 kernel"
         );
         println!(
-            "SKIP training_runs_in_f32_inside_a_bf16_scope: this CPU has no AMX, so no bf16 \
-             convolution can leak into training here (CI machines with AMX run it)"
+            "SKIP training_runs_in_f32_inside_a_bf16_scope: this CPU has neither AMX nor \
+             AVX512_BF16, so no bf16 convolution can leak into training here"
         );
         return;
     }

@@ -21,7 +21,8 @@ pub struct PrecisionArgs {
     /// Convolution arithmetic: f32 (default, exact to the parity tests), bf16x3 (three bf16
     /// products per f32 one, ~16-bit mantissa: same tokens as f32 in our measurements) or bf16
     /// (fastest, 8-bit mantissa: fine for decoding, but it changes many token ids when
-    /// encoding). The bf16 modes need an Intel CPU with AMX (Sapphire Rapids or later).
+    /// encoding). bf16x3 needs an Intel CPU with AMX (Sapphire Rapids or later); bf16 runs on
+    /// AMX or AVX512_BF16 (also AMD Zen 4 or later).
     #[arg(long, default_value = "f32")]
     pub precision: coda::Precision,
 }

@@ -85,13 +85,13 @@ fn split(x: f32) -> (u16, u16) {
 /// multiple of 32. A B tile (32 channels x 16 output pixels of one row, one tap) is then 16
 /// rows of 64 contiguous bytes at a fixed stride: no im2col at all. Strided convs read one
 /// column phase (x mod stride) per tap, so their pixels are contiguous too.
-struct PackedInput {
-    hi: Vec<u32>,
+pub(super) struct PackedInput {
+    pub(super) hi: Vec<u32>,
     lo: Vec<u32>,
     /// Channel pairs (cp / 2).
     pairs: usize,
     /// Columns per phase.
-    wq: usize,
+    pub(super) wq: usize,
 }
 
 impl PackedInput {
@@ -103,7 +103,7 @@ impl PackedInput {
 
 /// Geometry of one AMX conv call.
 #[derive(Clone, Copy, Debug)]
-struct Plan {
+pub(super) struct Plan {
     cin: usize,
     h: usize,
     w: usize,
@@ -111,22 +111,22 @@ struct Plan {
     kh: usize,
     kw: usize,
     g: ConvGeometry,
-    oh: usize,
-    ow: usize,
+    pub(super) oh: usize,
+    pub(super) ow: usize,
     /// Output columns rounded up to the 32 of a pair of tiles.
     owp: usize,
     /// Input channels rounded up to the 32 of a tile.
-    cp: usize,
+    pub(super) cp: usize,
     /// Output channels rounded up to 32.
     mp: usize,
     /// Virtual (padded) rows the conv reads.
     hv: usize,
     /// Columns per phase.
-    wq: usize,
+    pub(super) wq: usize,
 }
 
 impl Plan {
-    fn new(
+    pub(super) fn new(
         (cin, h, w): (usize, usize, usize),
         (cout, kh, kw): (usize, usize, usize),
         g: ConvGeometry,
@@ -183,7 +183,7 @@ fn pair(v0: f32, v1: f32) -> u32 {
 /// Pack image `x` (cin, h, w) for [`Plan`] `p`: virtual pixel (y', x') holds the (upsampled)
 /// input at (y' - pad_top, x' - pad_left), zero outside.
 #[inline(never)]
-fn pack_input(x: &[f32], p: &Plan, three: bool) -> PackedInput {
+pub(super) fn pack_input(x: &[f32], p: &Plan, three: bool) -> PackedInput {
     let s = p.g.stride;
     let up = p.g.upsample;
     let (pt, _, pl, _) = p.g.pad;
@@ -290,34 +290,55 @@ impl PackedWeights {
     }
 }
 
+/// A conv's weights in the layout of the kernel that runs them.
+#[derive(Debug)]
+pub enum Packed {
+    /// AMX A tiles (bf16 or bf16x3).
+    Tiles(PackedWeights),
+    /// bf16 channel pairs for [`super::dpbf16`].
+    Pairs(Vec<u32>),
+}
+
 /// The packed weights of one conv, kept beside its (immutable, inference) weight tensor: packed
-/// at the first AMX call, again only if the precision mode or the tensor changes.
+/// at the first reduced-precision call, again only if the kernel or the tensor changes.
 #[derive(Debug, Default)]
 pub struct WeightCache(
-    std::sync::Mutex<Option<(candle_core::TensorId, std::sync::Arc<PackedWeights>)>>,
+    std::sync::Mutex<
+        Option<(
+            candle_core::TensorId,
+            super::ConvBackend,
+            std::sync::Arc<Packed>,
+        )>,
+    >,
 );
 
 impl WeightCache {
-    /// The packed form of `weight` for the current precision, or None where there is nothing
-    /// to cache: f32 precision, a weight that is a training variable (updated in place), or one
-    /// that is not f32 on the CPU.
+    /// The packed form of `weight` for this thread's precision and the kernel that runs it, or
+    /// None where there is nothing to cache: f32, a weight that is a training variable (updated
+    /// in place), or one that is not f32 on the CPU.
     pub fn get(
         &self,
         weight: &candle_core::Tensor,
-    ) -> candle_core::Result<Option<std::sync::Arc<PackedWeights>>> {
-        match super::effective_precision().amx_three_pass() {
-            Some(three) => self.get_for(weight, three),
-            None => Ok(None),
-        }
+    ) -> candle_core::Result<Option<std::sync::Arc<Packed>>> {
+        self.get_for_backend(weight, super::conv_backend())
     }
 
-    /// As [`get`](Self::get) for an explicit mode (`three`: bf16x3).
+    /// As [`get`](Self::get) for the AMX kernel in an explicit mode (`three`: bf16x3).
     pub fn get_for(
         &self,
         weight: &candle_core::Tensor,
         three: bool,
-    ) -> candle_core::Result<Option<std::sync::Arc<PackedWeights>>> {
-        if weight.is_variable()
+    ) -> candle_core::Result<Option<std::sync::Arc<Packed>>> {
+        self.get_for_backend(weight, super::ConvBackend::Amx(three))
+    }
+
+    pub(crate) fn get_for_backend(
+        &self,
+        weight: &candle_core::Tensor,
+        backend: super::ConvBackend,
+    ) -> candle_core::Result<Option<std::sync::Arc<Packed>>> {
+        if backend == super::ConvBackend::F32
+            || weight.is_variable()
             || !super::custom_ops(weight.device())
             || weight.dtype() != candle_core::DType::F32
         {
@@ -327,15 +348,18 @@ impl WeightCache {
             .0
             .lock()
             .map_err(|_| candle_core::Error::Msg("weight cache poisoned".into()))?;
-        if let Some((id, p)) = slot.as_ref() {
-            if *id == weight.id() && p.three == three {
+        if let Some((id, b, p)) = slot.as_ref() {
+            if *id == weight.id() && *b == backend {
                 return Ok(Some(p.clone()));
             }
         }
         let dims = weight.dims4()?;
         let w = weight.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let p = std::sync::Arc::new(PackedWeights::new(&w, dims, three));
-        *slot = Some((weight.id(), p.clone()));
+        let p = std::sync::Arc::new(match backend {
+            super::ConvBackend::Amx(three) => Packed::Tiles(PackedWeights::new(&w, dims, three)),
+            _ => Packed::Pairs(super::dpbf16::pack_weights(&w, dims)),
+        });
+        *slot = Some((weight.id(), backend, p.clone()));
         Ok(Some(p))
     }
 }
@@ -720,7 +744,7 @@ pub fn conv2d_forward(
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     #[test]
@@ -734,7 +758,7 @@ mod tests {
         assert!(err < 1e-4 * std::f32::consts::PI / 256.0, "{err}");
     }
 
-    fn values(len: usize, seed: usize, exact: bool) -> Vec<f32> {
+    pub(in crate::kernels) fn values(len: usize, seed: usize, exact: bool) -> Vec<f32> {
         (0..len)
             .map(|i| {
                 let v = ((i * 7919 + seed * 104729) % 1013) as f32 / 1013.0 - 0.5;
@@ -751,7 +775,7 @@ mod tests {
     /// Odd shapes: non-square, channel counts that are not multiples of 16 or 32, several K
     /// chunks, every geometry of the VAE, batch 1 and 3, outputs not divisible by the tile.
     /// (n, cin, h, w, cout, kh, kw, geometry)
-    type Case = (
+    pub(in crate::kernels) type Case = (
         usize,
         usize,
         usize,
@@ -761,7 +785,7 @@ mod tests {
         usize,
         ConvGeometry,
     );
-    const CASES: &[Case] = &[
+    pub(in crate::kernels) const CASES: &[Case] = &[
         // (n, cin, h, w, cout, kh, kw, geometry)
         (
             1,
@@ -910,7 +934,7 @@ mod tests {
         assert!(Arc::ptr_eq(&a, &b), "second call: the same packed weights");
         let c = cache.get_for(&w, true)?.unwrap();
         assert!(
-            c.three() && !Arc::ptr_eq(&a, &c),
+            matches!(&*c, Packed::Tiles(t) if t.three()) && !Arc::ptr_eq(&a, &c),
             "another mode: packed again"
         );
         let other = (&w + 1.0)?;

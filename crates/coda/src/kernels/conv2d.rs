@@ -468,8 +468,8 @@ struct Conv2dOp {
     /// Which of (x, weight) need a gradient: frozen weights and input images do not, and
     /// skipping their GEMMs is most of a frozen VAE's backward cost.
     need: (bool, bool),
-    /// The weights already converted for the AMX kernel (inference in a bf16 mode).
-    packed: Option<std::sync::Arc<super::amx::PackedWeights>>,
+    /// The weights already converted for the reduced-precision kernel (inference in a bf16 mode).
+    packed: Option<std::sync::Arc<super::amx::Packed>>,
 }
 
 impl CustomOp3 for Conv2dOp {
@@ -520,19 +520,43 @@ impl CustomOp3 for Conv2dOp {
                 Some(super::f32_slice("coda-conv2d", cpu, layout)?)
             }
         };
-        if let Some(three) = super::effective_precision().amx_three_pass() {
-            let (out, oh, ow) = super::amx::conv2d_forward(
-                x,
-                (n, cin, h, w),
-                wt,
-                (cout, kh, kw),
-                b,
-                residual,
-                self.geometry,
-                three,
-                self.packed.as_deref(),
-            );
-            return Ok((CpuStorage::F32(out), Shape::from((n, cout, oh, ow))));
+        match super::conv_backend() {
+            super::ConvBackend::Amx(three) => {
+                let packed = match self.packed.as_deref() {
+                    Some(super::amx::Packed::Tiles(t)) => Some(t),
+                    _ => None,
+                };
+                let (out, oh, ow) = super::amx::conv2d_forward(
+                    x,
+                    (n, cin, h, w),
+                    wt,
+                    (cout, kh, kw),
+                    b,
+                    residual,
+                    self.geometry,
+                    three,
+                    packed,
+                );
+                return Ok((CpuStorage::F32(out), Shape::from((n, cout, oh, ow))));
+            }
+            super::ConvBackend::DotBf16 => {
+                let packed = match self.packed.as_deref() {
+                    Some(super::amx::Packed::Pairs(p)) => Some(p.as_slice()),
+                    _ => None,
+                };
+                let (out, oh, ow) = super::dpbf16::conv2d_forward(
+                    x,
+                    (n, cin, h, w),
+                    wt,
+                    (cout, kh, kw),
+                    b,
+                    residual,
+                    self.geometry,
+                    packed,
+                );
+                return Ok((CpuStorage::F32(out), Shape::from((n, cout, oh, ow))));
+            }
+            super::ConvBackend::F32 => {}
         }
         // Winograd F(2x2, 3x3) where it measured faster than im2col (wide layers; at 128
         // channels its transforms cost more than the GEMM FLOPs it saves).

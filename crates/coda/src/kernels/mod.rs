@@ -7,6 +7,7 @@
 pub mod amx;
 pub mod assign;
 pub mod conv2d;
+pub mod dpbf16;
 pub mod group_norm;
 pub mod recompute;
 pub mod simd;
@@ -82,7 +83,7 @@ pub enum Precision {
     /// Each f32 operand split into two bf16 parts, three bf16 products per f32 one, f32 sums, on
     /// AMX: ~16 mantissa bits per product instead of 24.
     Bf16x3,
-    /// bf16 operands (8 mantissa bits), f32 sums, on AMX.
+    /// bf16 operands (8 mantissa bits), f32 sums, on AMX or with AVX512_BF16's `vdpbf16ps`.
     Bf16,
 }
 
@@ -120,16 +121,24 @@ impl std::str::FromStr for Precision {
 }
 
 impl Precision {
-    /// Refuse a mode this CPU cannot run: the bf16 modes need AMX (Intel Sapphire Rapids or
-    /// later) and are refused elsewhere rather than emulated slowly.
+    /// Refuse a mode this CPU cannot run, rather than emulate it slowly: bf16x3 needs AMX
+    /// (Intel Sapphire Rapids or later), bf16 AMX or AVX512_BF16 (also AMD Zen 4 and later).
     pub fn check_supported(self) -> Result<Self, crate::Error> {
-        if self != Precision::F32 && !amx::available() {
-            return Err(crate::Error::Invalid(format!(
-                "precision {} needs a CPU with AMX bf16 (Intel Sapphire Rapids or later)",
+        let refuse = |needs: &str| {
+            Err(crate::Error::Invalid(format!(
+                "precision {} needs a CPU with {needs}",
                 self.name()
-            )));
+            )))
+        };
+        match self {
+            Precision::Bf16x3 if !amx::available() => {
+                refuse("AMX bf16 (Intel Sapphire Rapids or later)")
+            }
+            Precision::Bf16 if !amx::available() && !dpbf16::available() => refuse(
+                "AMX bf16 or AVX512_BF16 (Intel Sapphire Rapids or Cooper Lake, AMD Zen 4 or later)",
+            ),
+            _ => Ok(self),
         }
-        Ok(self)
     }
 }
 
@@ -159,13 +168,25 @@ pub fn precision() -> Precision {
     PRECISION.with(|c| c.get())
 }
 
-/// What the convolutions run: this thread's precision, or f32 on a CPU without AMX (a bf16 scope
-/// there computes in f32 rather than executing tile instructions the CPU lacks; the public entry
-/// points refuse such a precision before it gets here).
-pub(crate) fn effective_precision() -> Precision {
+/// The kernel that runs an inference convolution.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ConvBackend {
+    F32,
+    /// AMX tiles; `true`: three passes (bf16x3).
+    Amx(bool),
+    /// AVX512_BF16 dot products (bf16).
+    DotBf16,
+}
+
+/// What the convolutions run: this thread's precision on the best kernel the CPU (and the
+/// `CODA_CPU_ISA` cap) allows, or f32 where it has none for that precision (a bf16 scope there
+/// computes in f32 rather than executing instructions the CPU lacks; the public entry points
+/// refuse such a precision before it gets here).
+pub(crate) fn conv_backend() -> ConvBackend {
     match precision() {
-        Precision::F32 => Precision::F32,
-        _ if !amx::available() => Precision::F32,
-        p => p,
+        Precision::Bf16x3 if amx::available() => ConvBackend::Amx(true),
+        Precision::Bf16 if amx::available() => ConvBackend::Amx(false),
+        Precision::Bf16 if dpbf16::available() => ConvBackend::DotBf16,
+        _ => ConvBackend::F32,
     }
 }

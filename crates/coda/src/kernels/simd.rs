@@ -41,24 +41,35 @@ pub enum Isa {
     Avx2,
     /// AVX-512F copies.
     Avx512,
+    /// AVX-512 with bf16 dot products (`vdpbf16ps`: AMD Zen 4 and later, Intel Cooper Lake
+    /// and Sapphire Rapids): the bf16 precision's convolutions.
+    Avx512Bf16,
     /// AMX bf16 tiles (the bf16 and bf16x3 precisions only).
     Amx,
 }
 
 impl Isa {
-    pub const ALL: [Isa; 4] = [Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Amx];
+    pub const ALL: [Isa; 5] = [
+        Isa::Scalar,
+        Isa::Avx2,
+        Isa::Avx512,
+        Isa::Avx512Bf16,
+        Isa::Amx,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Isa::Scalar => "scalar",
             Isa::Avx2 => "avx2",
             Isa::Avx512 => "avx512",
+            Isa::Avx512Bf16 => "avx512bf16",
             Isa::Amx => "amx",
         }
     }
 }
 
-/// The environment variable that caps the kernel paths (`scalar`, `avx2`, `avx512`, `amx`), so
+/// The environment variable that caps the kernel paths (`scalar`, `avx2`, `avx512`,
+/// `avx512bf16`, `amx`), so
 /// that a machine can measure and test the paths below its best one.
 pub const ISA_ENV: &str = "CODA_CPU_ISA";
 
@@ -78,8 +89,12 @@ fn detect() -> Isa {
         let avx2 = std::arch::is_x86_feature_detected!("avx2")
             && std::arch::is_x86_feature_detected!("fma");
         let avx512 = avx2 && std::arch::is_x86_feature_detected!("avx512f");
-        if avx512 && super::amx::detected() {
+        // The levels are cumulative: every AMX CPU also has AVX512_BF16.
+        let bf16 = avx512 && std::arch::is_x86_feature_detected!("avx512bf16");
+        if bf16 && super::amx::detected() {
             Isa::Amx
+        } else if bf16 {
+            Isa::Avx512Bf16
         } else if avx512 {
             Isa::Avx512
         } else if avx2 {
@@ -105,7 +120,7 @@ fn cap() -> Isa {
             .find(|i| i.name() == v.trim().to_ascii_lowercase())
             .unwrap_or_else(|| {
                 eprintln!(
-                    "warning: {ISA_ENV}={v} is not one of scalar, avx2, avx512, amx; ignored"
+                    "warning: {ISA_ENV}={v} is not one of scalar, avx2, avx512, avx512bf16, amx; ignored"
                 );
                 Isa::Amx
             })

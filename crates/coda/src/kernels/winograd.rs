@@ -117,9 +117,9 @@ pub fn conv3x3_forward(
             #[cfg(target_arch = "x86_64")]
             unsafe {
                 match isa {
-                    super::simd::Isa::Avx512 | super::simd::Isa::Amx => {
-                        return block_avx512(&job, scratch, out_b)
-                    }
+                    super::simd::Isa::Avx512
+                    | super::simd::Isa::Avx512Bf16
+                    | super::simd::Isa::Amx => return block_avx512(&job, scratch, out_b),
                     super::simd::Isa::Avx2 => return block_avx2(&job, scratch, out_b),
                     super::simd::Isa::Scalar => {}
                 }
