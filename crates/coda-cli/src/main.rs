@@ -56,7 +56,22 @@ enum Command {
     Bench(commands::bench::Args),
 }
 
+/// Inference allocates and frees activation and im2col buffers of megabytes on every layer. glibc
+/// returns each one above its mmap threshold (or at the top of the heap) to the kernel at once,
+/// and faulting the pages of the next one in cost ~15% of the CPU time of a VAE encode+decode
+/// (measured with `perf stat`: 1.69 M page faults -> 0.15 M). This process keeps them instead;
+/// peak RSS is unchanged within 3%.
+fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator parameters; called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, i32::MAX);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+    }
+}
+
 fn main() {
+    keep_freed_memory();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_writer(std::io::stderr)
