@@ -179,7 +179,7 @@ fn main() -> candle_core::Result<()> {
     }
     if std::env::var("DPBF16").is_ok() {
         // f32 (im2col) against the AVX512_BF16 bf16 kernel, weights packed once.
-        use coda::kernels::{conv2d::conv2d_forward, dpbf16};
+        use coda::kernels::{conv2d::conv2d_forward, direct, dpbf16};
         assert!(dpbf16::available(), "this CPU has no AVX512_BF16");
         for &(c, hw, up, k) in &[
             (128usize, 256usize, 1usize, 3usize),
@@ -205,8 +205,24 @@ fn main() -> candle_core::Result<()> {
             let flops = 2.0 * (c * c * k * k * hw * hw * up * up) as f64;
             let dims = (1, c, hw, hw);
             let packed = dpbf16::pack_weights(&w, (c, c, k, k));
+            let packed32 = direct::pack_weights(&w, (c, c, k, k));
             let t32 = time(
                 || drop(conv2d_forward(&x, dims, &w, (c, k, k), &b, None, g)),
+                3,
+            );
+            let td = time(
+                || {
+                    drop(direct::conv2d_forward(
+                        &x,
+                        dims,
+                        &w,
+                        (c, k, k),
+                        &b,
+                        None,
+                        g,
+                        Some(&packed32),
+                    ))
+                },
                 3,
             );
             let t16 = time(
@@ -225,8 +241,8 @@ fn main() -> candle_core::Result<()> {
                 5,
             );
             println!(
-                "c {c} {hw}x{hw} up {up} k{k}: f32 im2col {:.1} ms ({:.0} GFLOP/s), dpbf16 {:.1} ms ({:.0} GFLOP/s, {:.2}x)",
-                t32 * 1e3, flops / t32 / 1e9, t16 * 1e3, flops / t16 / 1e9, t32 / t16
+                "c {c} {hw}x{hw} up {up} k{k}: f32 im2col {:.1} ms ({:.0} GFLOP/s), f32 direct {:.1} ms ({:.0}), dpbf16 {:.1} ms ({:.0} GFLOP/s, {:.2}x)",
+                t32 * 1e3, flops / t32 / 1e9, td * 1e3, flops / td / 1e9, t16 * 1e3, flops / t16 / 1e9, t32 / t16
             );
         }
         return Ok(());

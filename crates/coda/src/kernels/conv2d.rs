@@ -576,15 +576,30 @@ impl CustomOp3 for Conv2dOp {
             );
             return Ok((CpuStorage::F32(out), Shape::from((n, cout, oh, ow))));
         }
-        let (out, oh, ow) = conv2d_forward(
-            x,
-            (n, cin, h, w),
-            wt,
-            (cout, kh, kw),
-            b,
-            residual,
-            self.geometry,
-        );
+        // The implicit GEMM without im2col on AVX-512, measured 1.15-1.33x faster on the VAE's
+        // 3x3 convs (slower on 1x1 ones, which need no gather, and on maps below 32x32).
+        let (out, oh, ow) = if kh * kw > 1 && oh * ow >= 1024 && super::direct::available() {
+            super::direct::conv2d_forward(
+                x,
+                (n, cin, h, w),
+                wt,
+                (cout, kh, kw),
+                b,
+                residual,
+                self.geometry,
+                None,
+            )
+        } else {
+            conv2d_forward(
+                x,
+                (n, cin, h, w),
+                wt,
+                (cout, kh, kw),
+                b,
+                residual,
+                self.geometry,
+            )
+        };
         Ok((CpuStorage::F32(out), Shape::from((n, cout, oh, ow))))
     }
 

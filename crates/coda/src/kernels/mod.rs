@@ -7,6 +7,7 @@
 pub mod amx;
 pub mod assign;
 pub mod conv2d;
+pub mod direct;
 pub mod dpbf16;
 pub mod group_norm;
 pub mod recompute;
