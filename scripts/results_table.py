@@ -15,6 +15,9 @@ rows = [
     ("CODA, then 150 updates at 128 px", "coda-128"),
     ("CODA, then 600 more at 128 px", "coda-long"),
     ("CODA, then 1000 more at 128 px (lr 3e-4)", "coda-xl"),
+    ("CODA, LoRA in the decoder only (1x: 600 updates at 64 px)", "coda-dec"),
+    ("CODA, decoder-only LoRA, then 600 more at 128 px (lr 5e-4)", "coda-dec-128"),
+    ("CODA, decoder-only LoRA, then 800 more at 128 px (lr 3e-4)", "coda-dec-xl"),
     ("VQ from scratch, 1x", "vq-1x"),
     ("VQ from scratch, 6x", "vq-6x"),
     ("Multi-scale VQ from scratch, 1x", "msvq"),
@@ -71,7 +74,9 @@ def main():
         else:
             extra = {"coda": " + parent", "coda-128": " + 1x + parent",
                      "coda-long": " + 150 + 1x + parent",
-                     "coda-xl": " + 600 + 150 + 1x + parent"}.get(run, "")
+                     "coda-xl": " + 600 + 150 + 1x + parent",
+                     "coda-dec": " + parent", "coda-dec-128": " + 1x + parent",
+                     "coda-dec-xl": " + 600 + 1x + parent"}.get(run, "")
             sec, cpu = wall.get(run, (None, None))
             wt = f"{sec / 60:.0f} min{extra}" if sec else "?"
             hours = f"{cpu / 3600:.2f}{extra}" if sec else "?"

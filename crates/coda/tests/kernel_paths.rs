@@ -91,6 +91,61 @@ fn winograd_error() -> f32 {
     worst
 }
 
+/// The direct (implicit-GEMM) f32 conv against im2col on this path, relative to Σ|w||x| of each
+/// output: every geometry the VAE uses (3x3 same, stride-2 downsampling with its asymmetric pad,
+/// nearest-2x upsampling, 1x1), ragged rows, batch 2, a residual. None where the path has no
+/// direct kernel (scalar).
+fn direct_error() -> Option<f32> {
+    use coda::kernels::conv2d::{conv2d_forward, ConvGeometry};
+    use coda::kernels::direct;
+    use rand::{Rng, SeedableRng};
+    if !direct::available() {
+        return None;
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(13);
+    let mut worst = 0f32;
+    let same = ConvGeometry::same(1, 1);
+    let down = ConvGeometry {
+        stride: 2,
+        pad: (0, 1, 0, 1),
+        upsample: 1,
+    };
+    let up = ConvGeometry {
+        stride: 1,
+        pad: (1, 1, 1, 1),
+        upsample: 2,
+    };
+    for (n, cin, h, w, cout, k, g) in [
+        (2, 9, 37, 45, 11, 3, same),
+        (1, 12, 21, 34, 5, 3, down),
+        (1, 7, 13, 9, 6, 3, up),
+        (1, 10, 19, 23, 9, 1, ConvGeometry::same(1, 0)),
+    ] {
+        let x: Vec<f32> = (0..n * cin * h * w)
+            .map(|_| rng.gen_range(-1.0..1.0))
+            .collect();
+        let wt: Vec<f32> = (0..cout * cin * k * k)
+            .map(|_| rng.gen_range(-0.3..0.3))
+            .collect();
+        let b: Vec<f32> = (0..cout).map(|_| rng.gen_range(-0.3..0.3)).collect();
+        let (oh, ow) = g.output_size(h, w, k, k);
+        let res: Vec<f32> = (0..n * cout * oh * ow)
+            .map(|_| rng.gen_range(-1.0..1.0))
+            .collect();
+        let dims = (n, cin, h, w);
+        let (want, _, _) = conv2d_forward(&x, dims, &wt, (cout, k, k), &b, Some(&res), g);
+        let (got, _, _) =
+            direct::conv2d_forward(&x, dims, &wt, (cout, k, k), &b, Some(&res), g, None);
+        let ax: Vec<f32> = x.iter().map(|v| v.abs()).collect();
+        let aw: Vec<f32> = wt.iter().map(|v| v.abs()).collect();
+        let (mag, _, _) = conv2d_forward(&ax, dims, &aw, (cout, k, k), &vec![0.0; cout], None, g);
+        for ((a, b), m) in want.iter().zip(&got).zip(&mag) {
+            worst = worst.max((a - b).abs() / (m + 1.0));
+        }
+    }
+    Some(worst)
+}
+
 #[test]
 fn every_available_kernel_path_matches_the_references() {
     let best = detected();
@@ -118,14 +173,19 @@ fn every_available_kernel_path_matches_the_references() {
         let (out, e) = vae_run();
         let m = assignment_mismatches();
         let wino = winograd_error();
+        let direct = direct_error();
         // How far this path's arithmetic is from the portable one (0 where the loops compute the
         // same operations in the same order).
         let vs_scalar = scalar_out.get_or_insert_with(|| out.clone());
         let diff = common::max_abs(&out, vs_scalar);
         println!(
-            "kernel path {}: VAE max abs error {e:.2e} (vs the scalar path {diff:.2e}), Winograd vs direct {wino:.2e}, assignment mismatches {m}",
-            path.name()
+            "kernel path {}: VAE max abs error {e:.2e} (vs the scalar path {diff:.2e}), Winograd vs direct {wino:.2e}, implicit-GEMM conv vs im2col {}, assignment mismatches {m}",
+            path.name(),
+            direct.map_or("(none on this path)".into(), |d| format!("{d:.2e}"))
         );
+        if let Some(d) = direct {
+            assert!(d <= 3e-6, "{}: implicit-GEMM conv error {d}", path.name());
+        }
         assert!(e <= 1e-4, "{}: VAE max abs error {e}", path.name());
         // Measured 1.2e-6 (rounding of the transforms; f32 sums of ~80 products).
         assert!(

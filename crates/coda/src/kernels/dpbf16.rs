@@ -191,9 +191,9 @@ unsafe fn micro(
     use std::arch::x86_64::*;
     let masks: [__mmask16; NR] = std::array::from_fn(|j| ((1u32 << seg[j].1) - 1) as __mmask16);
     let mut acc = [[_mm512_setzero_ps(); NR]; MR];
-    for m in 0..rows {
-        for j in 0..NR {
-            acc[m][j] = _mm512_maskz_loadu_ps(masks[j], out.add(m * pixels + seg[j].0));
+    for (m, row) in acc.iter_mut().enumerate().take(rows) {
+        for (j, a) in row.iter_mut().enumerate() {
+            *a = _mm512_maskz_loadu_ps(masks[j], out.add(m * pixels + seg[j].0));
         }
     }
     let base = input.as_ptr();
@@ -203,10 +203,10 @@ unsafe fn micro(
         for _ in 0..kp {
             let bv: [__m512bh; NR] =
                 std::array::from_fn(|j| std::mem::transmute(_mm512_loadu_si512(bp[j] as *const _)));
-            for m in 0..MR {
+            for (m, row) in acc.iter_mut().enumerate() {
                 let wv: __m512bh = std::mem::transmute(_mm512_set1_epi32(*ap.add(m) as i32));
-                for j in 0..NR {
-                    acc[m][j] = _mm512_dpbf16_ps(acc[m][j], wv, bv[j]);
+                for (a, b) in row.iter_mut().zip(&bv) {
+                    *a = _mm512_dpbf16_ps(*a, wv, *b);
                 }
             }
             ap = ap.add(MR);
@@ -215,9 +215,9 @@ unsafe fn micro(
             }
         }
     }
-    for m in 0..rows {
-        for j in 0..NR {
-            _mm512_mask_storeu_ps(out.add(m * pixels + seg[j].0), masks[j], acc[m][j]);
+    for (m, row) in acc.iter().enumerate().take(rows) {
+        for (j, a) in row.iter().enumerate() {
+            _mm512_mask_storeu_ps(out.add(m * pixels + seg[j].0), masks[j], *a);
         }
     }
 }
