@@ -2,12 +2,12 @@
 //! colours spread over the RGB cube (its 27-point grid, corners and centre included, plus green,
 //! purple and teal), at 64 and 128 px.
 //!
-//! The target (issue #12) is every colour within 8/255 mean absolute error per channel. The parent
-//! VAE meets it (worst 5.2/255 at 128 px); the tokenizer meets it on average at 128 px but not
-//! for every colour (measured: mean 6.35, worst 14.8 at 128 px, cyan; mean 8.78, worst 17.1 at
-//! 64 px), so this test holds the measured level as a floor against regressions: every colour
-//! within 19/255, the mean within 9.5/255. The first default tokenizer failed even that by far
-//! (mean 51.9, worst 111.4: green (0,255,0) came back as (71,74,82)).
+//! The target (issue #12) is every colour within 8/255 mean absolute error per channel at 128 px,
+//! the tokenizer's resolution. The default tokenizer meets it (measured: mean 3.04, worst 7.89 at
+//! 128 px, blue (0,0,255) -> (6,11,248)); at 64 px, below its training size, it is held to the
+//! measured level as a floor against regressions (mean 4.52, worst 11.43, blue): every colour within
+//! 13/255, the mean within 5.5/255. The first default tokenizer failed even that by far (mean 51.9,
+//! worst 111.4: green (0,255,0) came back as (71,74,82)).
 
 use candle_core::Device;
 use coda::evaluation::colour_probe;
@@ -32,9 +32,11 @@ fn solid_colours_come_back_within_8_of_255() {
             "{size} px: mean abs error {mean:.2}/255, worst {:.2} at {:?} -> {:?}",
             worst.mae, worst.rgb, worst.reconstructed
         );
+        // (worst colour, mean) bounds: the target at 128 px, the measured floor at 64.
+        let (worst_max, mean_max) = if size == 128 { (8.0, 3.5) } else { (13.0, 5.5) };
         let bad: Vec<String> = results
             .iter()
-            .filter(|r| r.mae > 19.0)
+            .filter(|r| r.mae > worst_max)
             .map(|r| {
                 format!(
                     "{:?} -> {:?} ({:.1})",
@@ -46,11 +48,11 @@ fn solid_colours_come_back_within_8_of_255() {
             .collect();
         assert!(
             bad.is_empty(),
-            "{size} px: colours off by more than 19/255: {bad:?}"
+            "{size} px: colours off by more than {worst_max}/255: {bad:?}"
         );
         assert!(
-            mean <= 9.5,
-            "{size} px: mean colour error {mean:.2}/255 above 9.5"
+            mean <= mean_max,
+            "{size} px: mean colour error {mean:.2}/255 above {mean_max}"
         );
     }
 }
