@@ -12,9 +12,9 @@ use super::conv2d::{init_accumulator, ConvGeometry, OutPtr};
 use rayon::prelude::*;
 
 /// Output channels per micro-tile (the weights are packed in blocks of this many).
-const MR: usize = 8;
+pub(super) const MR: usize = 8;
 /// Segments of 16 output pixels per micro-tile: MR x NR = 24 accumulators of the 32 registers.
-const NR: usize = 3;
+pub(super) const NR: usize = 3;
 
 /// Whether this path runs: the CPU has AVX-512F and the `CODA_CPU_ISA` cap allows it. (An AVX2
 /// version, 4 channels x 3 segments of 8 pixels in 16 registers, ran at 47-52 GFLOP/s per core
@@ -142,20 +142,13 @@ pub fn conv2d_forward(
         }
     };
     let mut out = vec![0f32; n * cout * pixels];
-    let out_ptr = OutPtr(out.as_mut_ptr());
     let tap_off: Vec<usize> = (0..taps)
         .map(|t| {
             let (ky, kx) = (t / kw, t % kw);
             (ky * cin * s + kx % s) * p.wq + kx / s
         })
         .collect();
-    let cstride = s * p.wq;
-    let row_stride = s * cin * s * p.wq;
-    let spr = ow.div_ceil(lanes);
-    let segments = oh * spr;
-    let groups = segments.div_ceil(NR);
-    let threads = rayon::current_num_threads().max(1);
-    let per_task = groups.div_ceil(4 * threads).clamp(1, 16);
+    let k = (&tap_off[..], cin, s * p.wq);
     for b in 0..n {
         let input = pack_input(
             &x[b * cin * h * w..(b + 1) * cin * h * w],
@@ -164,56 +157,103 @@ pub fn conv2d_forward(
             g,
         );
         let img = b * cout * pixels;
-        let segment = |sg: usize| -> (usize, usize, usize) {
-            // (first output pixel, valid pixels, packed-input offset of tap 0 / channel 0)
-            let (y, x0) = (sg / spr, (sg % spr) * lanes);
-            (y * ow + x0, lanes.min(ow - x0), y * row_stride + x0)
-        };
-        (0..groups.div_ceil(per_task))
-            .into_par_iter()
-            .for_each(|task| {
-                let g0 = task * per_task;
-                let g1 = (g0 + per_task).min(groups);
-                let dst = out_ptr.at(img);
-                // SAFETY: this task owns the output pixels of its segments in image b.
-                for sg in (g0 * NR)..(g1 * NR).min(segments) {
-                    let (o, len, _) = segment(sg);
-                    for (co, &bc) in bias.iter().enumerate() {
-                        let row = unsafe {
-                            std::slice::from_raw_parts_mut(dst.add(co * pixels + o), len)
-                        };
-                        init_accumulator(
-                            row,
-                            bc,
-                            residual.map(|r| &r[img + co * pixels + o..][..len]),
-                        );
-                    }
-                }
-                for cb in 0..cout.div_ceil(mr) {
-                    let rows = mr.min(cout - cb * mr);
-                    let wblock = &a[cb * taps * cin * mr..][..taps * cin * mr];
-                    for gi in g0..g1 {
-                        let seg: [(usize, usize, usize); NR] = std::array::from_fn(|j| {
-                            let sg = gi * NR + j;
-                            // Past the last segment: segment 0's input, no pixels.
-                            if sg < segments {
-                                segment(sg)
-                            } else {
-                                (0, 0, 0)
-                            }
-                        });
-                        // SAFETY: input offsets stay inside the packed buffer (Plan pads its
-                        // rows to whole segments plus the taps' reach); stores are masked.
-                        let (wp, k) = (wblock.as_ptr(), (&tap_off[..], cin, cstride));
-                        unsafe {
-                            let o = dst.add(cb * mr * pixels);
-                            micro(wp, &input, &seg, k, o, pixels, rows)
-                        };
-                    }
-                }
-            });
+        let res = residual.map(|r| &r[img..img + cout * pixels]);
+        let dst = &mut out[img..img + cout * pixels];
+        run_image(
+            dst,
+            (oh, ow),
+            &input,
+            s * cin * s * p.wq,
+            a,
+            bias,
+            res,
+            k,
+            micro,
+        );
     }
     (out, oh, ow)
+}
+
+/// A micro-kernel over one micro-tile: (weights of MR output channels, packed input, NR
+/// segments as (first output pixel, valid pixels, input offset), (tap offsets, K groups per tap,
+/// input stride of a K group), output rows, their stride, valid rows).
+pub(super) type Micro<T> = unsafe fn(
+    *const T,
+    &[T],
+    &[(usize, usize, usize); NR],
+    (&[usize], usize, usize),
+    *mut f32,
+    usize,
+    usize,
+);
+
+/// The tiling both implicit GEMMs share (f32 here, bf16 channel pairs in [`super::dpbf16`]): one
+/// image's output (cout, oh, ow), cut into segments of 16 pixels of a row, NR segments per
+/// micro-tile, a few micro-tiles per task; each task starts its pixels at bias + residual, then
+/// runs `micro` over every block of MR output channels (its weights, `a`, stay in cache across
+/// the task's micro-tiles). `row_stride`: the packed input's offset from one output row to the
+/// next; `k`: as [`Micro`].
+#[allow(clippy::too_many_arguments)]
+pub(super) fn run_image<T: Sync>(
+    out: &mut [f32],
+    (oh, ow): (usize, usize),
+    input: &[T],
+    row_stride: usize,
+    a: &[T],
+    bias: &[f32],
+    residual: Option<&[f32]>,
+    k: (&[usize], usize, usize),
+    micro: Micro<T>,
+) {
+    let (cout, pixels) = (bias.len(), oh * ow);
+    let block = k.0.len() * k.1 * MR;
+    let spr = ow.div_ceil(16);
+    let segments = oh * spr;
+    let groups = segments.div_ceil(NR);
+    let threads = rayon::current_num_threads().max(1);
+    let per_task = groups.div_ceil(4 * threads).clamp(1, 16);
+    let segment = |sg: usize| -> (usize, usize, usize) {
+        let (y, x0) = (sg / spr, (sg % spr) * 16);
+        (y * ow + x0, 16.min(ow - x0), y * row_stride + x0)
+    };
+    let out_ptr = OutPtr(out.as_mut_ptr());
+    (0..groups.div_ceil(per_task))
+        .into_par_iter()
+        .for_each(|task| {
+            let g0 = task * per_task;
+            let g1 = (g0 + per_task).min(groups);
+            let dst = out_ptr.at(0);
+            // SAFETY: this task owns the output pixels of its segments.
+            for sg in (g0 * NR)..(g1 * NR).min(segments) {
+                let (o, len, _) = segment(sg);
+                for (co, &bc) in bias.iter().enumerate() {
+                    let row =
+                        unsafe { std::slice::from_raw_parts_mut(dst.add(co * pixels + o), len) };
+                    init_accumulator(row, bc, residual.map(|r| &r[co * pixels + o..][..len]));
+                }
+            }
+            for cb in 0..cout.div_ceil(MR) {
+                let rows = MR.min(cout - cb * MR);
+                let wblock = &a[cb * block..][..block];
+                for gi in g0..g1 {
+                    let seg: [(usize, usize, usize); NR] = std::array::from_fn(|j| {
+                        let sg = gi * NR + j;
+                        // Past the last segment: segment 0's input, no pixels.
+                        if sg < segments {
+                            segment(sg)
+                        } else {
+                            (0, 0, 0)
+                        }
+                    });
+                    // SAFETY: input offsets stay inside the packed buffer (its rows are padded
+                    // to whole segments plus the taps' reach); stores are masked.
+                    unsafe {
+                        let o = dst.add(cb * MR * pixels);
+                        micro(wblock.as_ptr(), input, &seg, k, o, pixels, rows)
+                    };
+                }
+            }
+        });
 }
 
 /// One micro-tile: out[m][segment pixels] += Σ_tap Σ_ci w[m] · x, for `rows` <= MR channels.

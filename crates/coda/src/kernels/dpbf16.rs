@@ -10,15 +10,9 @@
 //! into registers. Outputs are f32, as on AMX: only the operands are rounded to bf16.
 
 use super::amx::{pack_input, to_bf16, Plan};
-use super::conv2d::{init_accumulator, ConvGeometry, OutPtr};
+use super::conv2d::ConvGeometry;
+use super::direct::{run_image, MR, NR};
 use rayon::prelude::*;
-
-/// Output channels per micro-tile (the weights are packed in blocks of this many).
-const MR: usize = 8;
-/// 16-pixel segments per micro-tile: MR x NR = 24 accumulators of the 32 vector registers.
-const NR: usize = 3;
-/// Output pixels per vector.
-const LANES: usize = 16;
 
 /// Whether this path runs: the CPU has AVX512_BF16 and the `CODA_CPU_ISA` cap allows it.
 pub fn available() -> bool {
@@ -86,7 +80,6 @@ pub fn conv2d_forward(
         }
     };
     let mut out = vec![0f32; n * cout * pixels];
-    let out_ptr = OutPtr(out.as_mut_ptr());
     // Offsets into the packed input (u32 units): a tap relative to its output pixel's row and
     // column, and the next channel pair.
     let pairs = p.cp / 2;
@@ -96,74 +89,14 @@ pub fn conv2d_forward(
             (ky * pairs * s + kx % s) * p.wq + kx / s
         })
         .collect();
-    let pstride = s * p.wq;
-    let row_stride = s * pairs * s * p.wq;
-    let spr = ow.div_ceil(LANES); // segments per output row
-    let groups = (oh * spr).div_ceil(NR);
-    let threads = rayon::current_num_threads().max(1);
-    // ~4 tasks per thread, each several groups so that a weight block is reused across them.
-    let per_task = groups.div_ceil(4 * threads).clamp(1, 16);
+    let k = (&tap_off[..], kp, s * p.wq);
     for b in 0..n {
         let input = pack_input(&x[b * cin * h * w..(b + 1) * cin * h * w], &p, false);
         let img = b * cout * pixels;
-        let segment = |sg: usize| -> (usize, usize, usize) {
-            // (first output pixel, valid pixels, packed-input offset of tap 0 / pair 0)
-            let (y, x0) = (sg / spr, (sg % spr) * LANES);
-            (y * ow + x0, LANES.min(ow - x0), y * row_stride + x0)
-        };
-        (0..groups.div_ceil(per_task))
-            .into_par_iter()
-            .for_each(|task| {
-                let g0 = task * per_task;
-                let g1 = (g0 + per_task).min(groups);
-                let segs = (g0 * NR)..(g1 * NR).min(oh * spr);
-                let dst = out_ptr.at(img);
-                // SAFETY: this task owns the output pixels of its segments in image b.
-                for sg in segs.clone() {
-                    let (o, len, _) = segment(sg);
-                    for (co, &bc) in bias.iter().enumerate() {
-                        let row = unsafe {
-                            std::slice::from_raw_parts_mut(dst.add(co * pixels + o), len)
-                        };
-                        init_accumulator(
-                            row,
-                            bc,
-                            residual.map(|r| &r[img + co * pixels + o..][..len]),
-                        );
-                    }
-                }
-                for cb in 0..cout.div_ceil(MR) {
-                    let rows = MR.min(cout - cb * MR);
-                    let wblock = &a[cb * taps * kp * MR..][..taps * kp * MR];
-                    for gi in g0..g1 {
-                        let mut seg = [(0usize, 0usize, 0usize); NR];
-                        for (j, sj) in seg.iter_mut().enumerate() {
-                            let sg = gi * NR + j;
-                            // A group past the last segment repeats segment 0 with no pixels.
-                            *sj = if sg < oh * spr {
-                                segment(sg)
-                            } else {
-                                (0, 0, 0)
-                            };
-                        }
-                        // SAFETY: the input offsets stay inside the packed buffer (Plan pads
-                        // its rows for whole 32-column tiles); stores are masked to `len`.
-                        unsafe {
-                            micro(
-                                wblock.as_ptr(),
-                                &input.hi,
-                                &seg,
-                                &tap_off,
-                                kp,
-                                pstride,
-                                dst.add(cb * MR * pixels),
-                                pixels,
-                                rows,
-                            )
-                        };
-                    }
-                }
-            });
+        let res = residual.map(|r| &r[img..img + cout * pixels]);
+        let dst = &mut out[img..img + cout * pixels];
+        let row_stride = s * pairs * s * p.wq;
+        run_image(dst, (oh, ow), &input.hi, row_stride, a, bias, res, k, micro);
     }
     (out, oh, ow)
 }
@@ -176,14 +109,11 @@ pub fn conv2d_forward(
 /// hold the segments' pixels.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
-#[allow(clippy::too_many_arguments)]
 unsafe fn micro(
     a: *const u32,
     input: &[u32],
     seg: &[(usize, usize, usize); NR],
-    tap_off: &[usize],
-    kp: usize,
-    pstride: usize,
+    (tap_off, kp, pstride): (&[usize], usize, usize),
     out: *mut f32,
     pixels: usize,
     rows: usize,
@@ -223,14 +153,11 @@ unsafe fn micro(
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-#[allow(clippy::too_many_arguments)]
 unsafe fn micro(
     _: *const u32,
     _: &[u32],
     _: &[(usize, usize, usize); NR],
-    _: &[usize],
-    _: usize,
-    _: usize,
+    _: (&[usize], usize, usize),
     _: *mut f32,
     _: usize,
     _: usize,
