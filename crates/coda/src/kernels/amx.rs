@@ -91,7 +91,7 @@ pub(super) struct PackedInput {
     /// Channel pairs (cp / 2).
     pairs: usize,
     /// Columns per phase.
-    pub(super) wq: usize,
+    wq: usize,
 }
 
 impl PackedInput {

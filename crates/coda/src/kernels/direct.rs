@@ -13,8 +13,10 @@ use rayon::prelude::*;
 
 /// Output channels per micro-tile (the weights are packed in blocks of this many).
 pub(super) const MR: usize = 8;
-/// Segments of 16 output pixels per micro-tile: MR x NR = 24 accumulators of the 32 registers.
+/// Segments of LANES output pixels per micro-tile: MR x NR = 24 accumulators of the 32 registers.
 pub(super) const NR: usize = 3;
+/// Output pixels per segment (one AVX-512 vector).
+const LANES: usize = 16;
 
 /// Whether this path runs: the CPU has AVX-512F and the `CODA_CPU_ISA` cap allows it. (An AVX2
 /// version, 4 channels x 3 segments of 8 pixels in 16 registers, ran at 47-52 GFLOP/s per core
@@ -23,24 +25,18 @@ pub fn available() -> bool {
     super::simd::has_avx512()
 }
 
-/// (output channels per micro-tile, pixels per vector).
-fn tile() -> (usize, usize) {
-    (MR, 16)
-}
-
 /// The weights (cout, cin, kh, kw) per block of `MR` output channels, per tap, per input
 /// channel: `MR` values (zero beyond cout).
 pub fn pack_weights(w: &[f32], (cout, cin, kh, kw): (usize, usize, usize, usize)) -> Vec<f32> {
-    let (mr, _) = tile();
     let taps = kh * kw;
-    let block = taps * cin * mr;
-    let mut out = vec![0f32; cout.div_ceil(mr) * block];
+    let block = taps * cin * MR;
+    let mut out = vec![0f32; cout.div_ceil(MR) * block];
     out.par_chunks_mut(block).enumerate().for_each(|(b, dst)| {
-        for r in 0..mr.min(cout - b * mr) {
-            let co = b * mr + r;
+        for r in 0..MR.min(cout - b * MR) {
+            let co = b * MR + r;
             for ci in 0..cin {
                 for tap in 0..taps {
-                    dst[(tap * cin + ci) * mr + r] = w[(co * cin + ci) * taps + tap];
+                    dst[(tap * cin + ci) * MR + r] = w[(co * cin + ci) * taps + tap];
                 }
             }
         }
@@ -59,14 +55,14 @@ struct Plan {
 }
 
 impl Plan {
-    fn new(h: usize, w: usize, kh: usize, kw: usize, g: ConvGeometry, lanes: usize) -> Plan {
+    fn new(h: usize, w: usize, kh: usize, kw: usize, g: ConvGeometry) -> Plan {
         let (oh, ow) = g.output_size(h, w, kh, kw);
         let s = g.stride;
         Plan {
             oh,
             ow,
             hv: (oh - 1) * s + kh,
-            wq: ow.div_ceil(lanes) * lanes + (kw - 1) / s + 1,
+            wq: ow.div_ceil(LANES) * LANES + (kw - 1) / s + 1,
         }
     }
 }
@@ -127,28 +123,22 @@ pub fn conv2d_forward(
     packed: Option<&[f32]>,
 ) -> (Vec<f32>, usize, usize) {
     assert!(available(), "direct conv called on a CPU without AVX-512F");
-    let (mr, lanes) = tile();
-    let p = Plan::new(h, w, kh, kw, g, lanes);
+    let p = Plan::new(h, w, kh, kw, g);
     let (oh, ow) = (p.oh, p.ow);
     let pixels = oh * ow;
     let s = g.stride;
     let taps = kh * kw;
     let fresh;
     let a: &[f32] = match packed {
-        Some(pw) if pw.len() == cout.div_ceil(mr) * taps * cin * mr => pw,
+        Some(pw) if pw.len() == cout.div_ceil(MR) * taps * cin * MR => pw,
         _ => {
             fresh = pack_weights(weight, (cout, cin, kh, kw));
             &fresh
         }
     };
     let mut out = vec![0f32; n * cout * pixels];
-    let tap_off: Vec<usize> = (0..taps)
-        .map(|t| {
-            let (ky, kx) = (t / kw, t % kw);
-            (ky * cin * s + kx % s) * p.wq + kx / s
-        })
-        .collect();
-    let k = (&tap_off[..], cin, s * p.wq);
+    let (tap_off, row_stride, cstride) = walk((kh, kw), cin, s, p.wq);
+    let k = (&tap_off[..], cin, cstride);
     for b in 0..n {
         let input = pack_input(
             &x[b * cin * h * w..(b + 1) * cin * h * w],
@@ -159,19 +149,28 @@ pub fn conv2d_forward(
         let img = b * cout * pixels;
         let res = residual.map(|r| &r[img..img + cout * pixels]);
         let dst = &mut out[img..img + cout * pixels];
-        run_image(
-            dst,
-            (oh, ow),
-            &input,
-            s * cin * s * p.wq,
-            a,
-            bias,
-            res,
-            k,
-            micro,
-        );
+        run_image(dst, (oh, ow), &input, row_stride, a, bias, res, k, micro);
     }
     (out, oh, ow)
+}
+
+/// How an implicit GEMM walks a packed input laid out as (row, channel group, column phase,
+/// column) with `groups` channel groups (channels, or bf16 channel pairs) and `wq` columns per
+/// phase: each tap's offset from its output pixel, the offset from one output row to the next,
+/// and from one channel group to the next.
+pub(super) fn walk(
+    (kh, kw): (usize, usize),
+    groups: usize,
+    s: usize,
+    wq: usize,
+) -> (Vec<usize>, usize, usize) {
+    let tap_off = (0..kh * kw)
+        .map(|t| {
+            let (ky, kx) = (t / kw, t % kw);
+            (ky * groups * s + kx % s) * wq + kx / s
+        })
+        .collect();
+    (tap_off, s * groups * s * wq, s * wq)
 }
 
 /// A micro-kernel over one micro-tile: (weights of MR output channels, packed input, NR
@@ -188,7 +187,7 @@ pub(super) type Micro<T> = unsafe fn(
 );
 
 /// The tiling both implicit GEMMs share (f32 here, bf16 channel pairs in [`super::dpbf16`]): one
-/// image's output (cout, oh, ow), cut into segments of 16 pixels of a row, NR segments per
+/// image's output (cout, oh, ow), cut into segments of LANES pixels of a row, NR segments per
 /// micro-tile, a few micro-tiles per task; each task starts its pixels at bias + residual, then
 /// runs `micro` over every block of MR output channels (its weights, `a`, stay in cache across
 /// the task's micro-tiles). `row_stride`: the packed input's offset from one output row to the
@@ -207,14 +206,14 @@ pub(super) fn run_image<T: Sync>(
 ) {
     let (cout, pixels) = (bias.len(), oh * ow);
     let block = k.0.len() * k.1 * MR;
-    let spr = ow.div_ceil(16);
+    let spr = ow.div_ceil(LANES);
     let segments = oh * spr;
     let groups = segments.div_ceil(NR);
     let threads = rayon::current_num_threads().max(1);
     let per_task = groups.div_ceil(4 * threads).clamp(1, 16);
     let segment = |sg: usize| -> (usize, usize, usize) {
-        let (y, x0) = (sg / spr, (sg % spr) * 16);
-        (y * ow + x0, 16.min(ow - x0), y * row_stride + x0)
+        let (y, x0) = (sg / spr, (sg % spr) * LANES);
+        (y * ow + x0, LANES.min(ow - x0), y * row_stride + x0)
     };
     let out_ptr = OutPtr(out.as_mut_ptr());
     (0..groups.div_ceil(per_task))

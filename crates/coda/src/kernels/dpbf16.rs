@@ -11,7 +11,7 @@
 
 use super::amx::{pack_input, to_bf16, Plan};
 use super::conv2d::ConvGeometry;
-use super::direct::{run_image, MR, NR};
+use super::direct::{run_image, walk, MR, NR};
 use rayon::prelude::*;
 
 /// Whether this path runs: the CPU has AVX512_BF16 and the `CODA_CPU_ISA` cap allows it.
@@ -80,22 +80,14 @@ pub fn conv2d_forward(
         }
     };
     let mut out = vec![0f32; n * cout * pixels];
-    // Offsets into the packed input (u32 units): a tap relative to its output pixel's row and
-    // column, and the next channel pair.
-    let pairs = p.cp / 2;
-    let tap_off: Vec<usize> = (0..taps)
-        .map(|t| {
-            let (ky, kx) = (t / kw, t % kw);
-            (ky * pairs * s + kx % s) * p.wq + kx / s
-        })
-        .collect();
-    let k = (&tap_off[..], kp, s * p.wq);
+    // The packed input stores cp / 2 channel pairs per row; the products run over the kp real ones.
+    let (tap_off, row_stride, pstride) = walk((kh, kw), p.cp / 2, s, p.wq);
+    let k = (&tap_off[..], kp, pstride);
     for b in 0..n {
         let input = pack_input(&x[b * cin * h * w..(b + 1) * cin * h * w], &p, false);
         let img = b * cout * pixels;
         let res = residual.map(|r| &r[img..img + cout * pixels]);
         let dst = &mut out[img..img + cout * pixels];
-        let row_stride = s * pairs * s * p.wq;
         run_image(dst, (oh, ow), &input.hi, row_stride, a, bias, res, k, micro);
     }
     (out, oh, ow)

@@ -89,15 +89,6 @@ pub enum Precision {
 }
 
 impl Precision {
-    /// For the AMX modes, whether products take three passes.
-    pub fn amx_three_pass(self) -> Option<bool> {
-        match self {
-            Precision::F32 => None,
-            Precision::Bf16x3 => Some(true),
-            Precision::Bf16 => Some(false),
-        }
-    }
-
     pub fn name(self) -> &'static str {
         match self {
             Precision::F32 => "f32",
