@@ -549,3 +549,125 @@ fn non_finite_weights_are_never_saved() {
     assert!(err.contains("not finite"), "{err}");
     assert!(!dir.path().join("run/tokenizer").exists());
 }
+
+fn weights_of(dir: &Path) -> VaeWeights {
+    VaeWeights::load(dir, &Default::default(), &Device::Cpu).unwrap()
+}
+
+fn bits(t: &Tensor) -> Vec<u32> {
+    flat(t).iter().map(|v| v.to_bits()).collect()
+}
+
+/// `train-vae --set init_vae=... --set freeze_encoder=true --set latent_noise=...` (a decoder
+/// made tolerant of latent errors): the encoder and the latent normalisation come out bit for
+/// bit as they went in, the decoder changes, the noise changes what it learns, and a tokenizer's
+/// quantizer moves onto the new decoder only when the encoders are the same.
+#[test]
+fn decoder_fine_tune_keeps_the_encoder_and_its_quantizer() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = images(dir.path(), 4);
+    let cfg = config(dir.path(), &data, "parent", &["steps=3", "lr=0.005"]);
+    run(&mut Trainer::new(Role::Vae, cfg, false).unwrap(), None);
+    let parent_dir = dir.path().join("parent/vae");
+    let parent = weights_of(&parent_dir);
+
+    let init = format!("init_vae='{}'", parent_dir.display());
+    let tuned = |name: &str, noise: &str| {
+        let sets = [
+            "steps=3",
+            "lr=0.005",
+            init.as_str(),
+            "freeze_encoder=true",
+            noise,
+        ];
+        let cfg = config(dir.path(), &data, name, &sets);
+        let mut t = Trainer::new(Role::Vae, cfg, false).unwrap();
+        assert!(t
+            .param_names()
+            .iter()
+            .all(|n| n.starts_with("decoder.") || n.starts_with("post_quant_conv.")));
+        run(&mut t, None);
+        weights_of(&dir.path().join(name).join("vae"))
+    };
+    let noisy = tuned("noisy", "latent_noise=0.5");
+    let clean = tuned("clean", "latent_noise=0");
+    assert_eq!(noisy.config.scaling_factor, parent.config.scaling_factor);
+    assert_eq!(noisy.config.shift_factor, parent.config.shift_factor);
+    let mut decoder_moved = false;
+    let mut noise_mattered = false;
+    for (k, t) in &parent.tensors {
+        let (a, b, c) = (bits(t), bits(&noisy.tensors[k]), bits(&clean.tensors[k]));
+        if k.starts_with("encoder.") || k.starts_with("quant_conv.") {
+            assert_eq!(a, b, "{k} changed although the encoder is frozen");
+        } else {
+            decoder_moved |= a != b;
+            noise_mattered |= b != c;
+        }
+    }
+    assert!(decoder_moved, "no decoder weight changed");
+    assert!(noise_mattered, "latent_noise made no difference");
+
+    // The parent's tokenizer gives its quantizer to one on the tuned VAE...
+    let from = tokenizer_on(dir.path(), parent);
+    let q = QuantizerConfig::new(16, 4);
+    let (mut cfg, mut t) = new_tokenizer(
+        &noisy,
+        q,
+        ScaleSpec::Derived { num_scales: 2 },
+        None,
+        Some(16),
+        9,
+    )
+    .unwrap();
+    coda::tokenizer::create::take_quantizer(&mut cfg, &mut t, &from).unwrap();
+    let (from_cfg, from_t) = coda::tokenizer::create::read_folder(&from).unwrap();
+    assert_eq!(cfg.quantizer, from_cfg.quantizer);
+    assert_eq!(cfg.scales, from_cfg.scales);
+    for (k, v) in &from_t {
+        if k.starts_with("quantizer.") {
+            assert_eq!(bits(v), bits(&t[k]), "{k}");
+        }
+    }
+    // ...but not to one on another encoder: other weights, or another latent normalisation.
+    let mut changed = weights_of(&parent_dir);
+    let key = "encoder.conv_in.weight";
+    changed
+        .tensors
+        .insert(key.into(), (&changed.tensors[key] * 1.001).unwrap());
+    let other_weights = tokenizer_on(&dir.path().join("w"), changed);
+    let other_norm = start_tokenizer(&dir.path().join("n"));
+    for (from, expected) in [(other_weights, key), (other_norm, "scaling")] {
+        let q = QuantizerConfig::new(16, 4);
+        let spec = ScaleSpec::Derived { num_scales: 2 };
+        let (mut cfg, mut t) = new_tokenizer(&noisy, q, spec, None, Some(16), 9).unwrap();
+        let err = coda::tokenizer::create::take_quantizer(&mut cfg, &mut t, &from)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(expected) && err.contains("only fits"), "{err}");
+    }
+}
+
+#[test]
+fn decoder_fine_tune_settings_are_refused_where_they_mean_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = images(dir.path(), 2);
+    let cfg = config(dir.path(), &data, "a", &["steps=1", "freeze_encoder=true"]);
+    let err = Trainer::new(Role::Vae, cfg, false)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("init_vae"), "{err}");
+    let start = start_tokenizer(dir.path());
+    let tok = format!("tokenizer='{}'", start.display());
+    let cfg = config(
+        dir.path(),
+        &data,
+        "b",
+        &["steps=1", &tok, "latent_noise=0.1"],
+    );
+    let err = Trainer::new(Role::Adapt, cfg, false)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("train-vae"), "{err}");
+}

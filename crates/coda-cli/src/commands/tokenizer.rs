@@ -19,8 +19,13 @@ pub struct NewArgs {
     #[command(flatten)]
     pub vae: VaeArgs,
     /// V: the number of codes.
-    #[arg(long)]
-    pub codebook_size: usize,
+    #[arg(long, required_unless_present = "quantizer_from")]
+    pub codebook_size: Option<usize>,
+    /// Take the quantizer (codebook, attention weights, scales) of this tokenizer, made on the
+    /// same encoder, instead of a random one: a warm start for a VAE whose decoder was retrained
+    /// (`train-vae --set freeze_encoder=true`). Refused if the encoders differ.
+    #[arg(long, conflicts_with_all = ["codebook_size", "scales", "attn_dim"])]
+    pub quantizer_from: Option<PathBuf>,
     /// A fixed scale list for the training resolution, e.g. 1,2,3,4,5,6,8,10,13,16; other sizes
     /// use the derived rule with as many scales. Default: derived for any size.
     #[arg(long)]
@@ -84,13 +89,15 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
             m
         }),
     });
+    // With --quantizer-from the random quantizer made here is replaced below.
+    let codebook_size = args.codebook_size.unwrap_or(1);
     let qcfg = QuantizerConfig {
         kind: coda::quantizer::QuantizerKind::Attention,
         attn_dim: args.attn_dim,
-        ..QuantizerConfig::new(args.codebook_size, weights.config.latent_channels)
+        ..QuantizerConfig::new(codebook_size, weights.config.latent_channels)
     };
-    anyhow::ensure!(args.codebook_size > 0, "--codebook-size must be positive");
-    let (config, tensors) = new_tokenizer(
+    anyhow::ensure!(codebook_size > 0, "--codebook-size must be positive");
+    let (mut config, mut tensors) = new_tokenizer(
         &weights,
         qcfg,
         scale_spec,
@@ -98,6 +105,9 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
         Some(args.resolution),
         args.seed,
     )?;
+    if let Some(from) = &args.quantizer_from {
+        coda::tokenizer::create::take_quantizer(&mut config, &mut tensors, from)?;
+    }
     Tokenizer::save(&args.output, &config, &tensors)?;
     let f = config.vae.downsample_factor();
     let latent = args.resolution / f;
@@ -105,7 +115,7 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
     let n: usize = sc.iter().map(|(h, w)| h * w).sum();
     println!(
         "new tokenizer: V = {}, {} latent channels, LoRA {}",
-        args.codebook_size,
+        config.quantizer.codebook_size,
         config.vae.latent_channels,
         config
             .lora

@@ -132,6 +132,16 @@ pub struct TrainConfig {
     pub kl_weight: f64,
     /// Quantize a posterior sample (the reference) rather than the mean.
     pub sample_posterior: bool,
+    /// `train-vae`: start from this VAE (a diffusers folder or a single file) instead of random
+    /// weights; its architecture replaces `[model]`.
+    pub init_vae: Option<PathBuf>,
+    /// `train-vae`: train the decoder (and `post_quant_conv`) only; the encoder, and so the
+    /// latent and its normalisation, stay as `init_vae` made them.
+    pub freeze_encoder: bool,
+    /// `train-vae`: Gaussian noise added to the normalised latent before decoding, its standard
+    /// deviation drawn per image uniformly in [0, latent_noise]: a decoder that tolerates the
+    /// small latent errors a quantizer makes (0 = off).
+    pub latent_noise: f64,
 
     pub disc: Discriminator,
     pub patchgan: PatchGanConfig,
@@ -204,6 +214,9 @@ impl Default for TrainConfig {
             entropy_weight: 0.05,
             kl_weight: 1e-6,
             sample_posterior: true,
+            init_vae: None,
+            freeze_encoder: false,
+            latent_noise: 0.0,
             disc: Discriminator::None,
             patchgan: PatchGanConfig { ndf: 64, layers: 3 },
             dino: None,
@@ -393,6 +406,7 @@ impl TrainConfig {
             ("vq_weight", self.vq_weight),
             ("entropy_weight", self.entropy_weight),
             ("kl_weight", self.kl_weight),
+            ("latent_noise", self.latent_noise),
             ("disc_weight", self.disc_weight),
         ] {
             finite_in(name, v, 0.0, inf, false, true)?;

@@ -27,10 +27,14 @@ pub enum Role {
 }
 
 impl Role {
-    /// Whether a weight of the model is trained in this role.
-    pub fn is_trainable(self, name: &str) -> bool {
+    /// Whether a weight of the model is trained in this role (`freeze_encoder`: a VAE's decoder
+    /// side only).
+    pub fn is_trainable(self, name: &str, freeze_encoder: bool) -> bool {
         match self {
             Role::Adapt => name.contains(".lora_layer.") || name.starts_with("quantizer."),
+            Role::Vae if freeze_encoder => {
+                name.starts_with("decoder.") || name.starts_with("post_quant_conv.")
+            }
             Role::Vae | Role::Vq => true,
         }
     }
@@ -58,6 +62,25 @@ pub struct Forward {
     pub mean: Tensor,
     pub logvar: Tensor,
     pub quant: Option<TrainOutput>,
+}
+
+/// Gaussian noise shaped as `f` (N, C, H, W), each image's standard deviation uniform in
+/// [0, max_std]; seeded per image, so a batch's noise does not depend on the thread count.
+fn noise_like(f: &Tensor, max_std: f64, seed: u64) -> Result<Tensor> {
+    use rand::{Rng, SeedableRng};
+    use rand_distr::Distribution;
+    let b = f.dim(0)?;
+    let per_image = f.elem_count() / b.max(1);
+    let mut eps: Vec<f32> = Vec::with_capacity(f.elem_count());
+    for i in 0..b {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed.wrapping_add(i as u64));
+        let std: f64 = rng.gen::<f64>() * max_std;
+        eps.extend((0..per_image).map(|_| {
+            let e: f64 = rand_distr::StandardNormal.sample(&mut rng);
+            (e * std) as f32
+        }));
+    }
+    Ok(Tensor::from_vec(eps, f.shape(), f.device())?.to_dtype(f.dtype())?)
 }
 
 impl TrainModel {
@@ -96,8 +119,14 @@ impl TrainModel {
 
     /// Encode, (quantize), decode. The VAE and CODA roles take a posterior sample seeded by
     /// `seed` when `sample` is set; the VQ baselines quantize the mean, as VQGAN's encoder has no
-    /// variance.
-    pub fn forward(&self, x: &Tensor, sample: bool, seed: u64) -> Result<Forward> {
+    /// variance. `latent_noise` (VAE role): see [`crate::training::TrainConfig::latent_noise`].
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        sample: bool,
+        latent_noise: f64,
+        seed: u64,
+    ) -> Result<Forward> {
         let post = self.vae.encode(x)?;
         let z = if sample && self.role != Role::Vq {
             post.sample(seed)?
@@ -105,6 +134,11 @@ impl TrainModel {
             post.mean.clone()
         };
         let (z_dec, quant) = match &self.quantizer {
+            None if latent_noise > 0.0 => {
+                let f = self.vae.normalize(&z)?;
+                let noisy = (&f + noise_like(&f, latent_noise, seed ^ 0x5EED_0F_1A7E)?)?;
+                (self.vae.denormalize(&noisy)?, None)
+            }
             None => (z, None),
             Some(q) => {
                 let f = self.vae.normalize(&z)?;

@@ -25,9 +25,7 @@ use crate::error::{Error, Result};
 use crate::evaluation::lpips::Lpips;
 use crate::evaluation::{CodebookStats, Protocol};
 use crate::quantizer::{attention::init_parameters, QuantizerConfig, ScaleSpec};
-use crate::tokenizer::{
-    Tokenizer, TokenizerConfig, Tokens, CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE,
-};
+use crate::tokenizer::{Tokenizer, TokenizerConfig, Tokens, FORMAT_VERSION};
 use crate::vae::VaeConfig;
 
 /// Consecutive non-finite updates that stop a run.
@@ -210,6 +208,7 @@ const CADENCE_KEYS: &[&str] = &[
     "data",
     "val",
     "tokenizer",
+    "init_vae",
     "eval_every",
     "eval_images",
     "checkpoint_every",
@@ -306,17 +305,29 @@ pub fn initial_model(
             let dir = cfg.tokenizer.as_ref().ok_or_else(|| {
                 Error::Invalid("adapt needs a starting tokenizer (--tokenizer DIR, made by `coda tokenizer new`)".into())
             })?;
-            let cfg_path = dir.join(CONFIG_FILE);
-            let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
-            let config: TokenizerConfig =
-                serde_json::from_str(&text).map_err(|e| Error::Config {
-                    path: cfg_path.clone(),
-                    reason: e.to_string(),
-                })?;
-            let path = dir.join(WEIGHTS_FILE);
-            let tensors = crate::io::read_tensors(&path, &Device::Cpu)?;
-            crate::io::check_tensor_shapes(&config.parameter_shapes(), &tensors, &path)?;
+            let (config, tensors) = crate::tokenizer::create::read_folder(dir)?;
             Ok((config, tensors))
+        }
+        Role::Vae if cfg.init_vae.is_some() => {
+            let path = cfg.init_vae.as_ref().expect("checked by the match guard");
+            let vae = crate::vae::VaeWeights::load(
+                path,
+                &crate::vae::LoadOptions::default(),
+                &Device::Cpu,
+            )?;
+            let quantizer =
+                QuantizerConfig::new(cfg.model.codebook_size, vae.config.latent_channels);
+            Ok((
+                TokenizerConfig {
+                    format_version: FORMAT_VERSION,
+                    vae: vae.config,
+                    quantizer,
+                    scales: ScaleSpec::Derived { num_scales: 1 },
+                    lora: None,
+                    resolution: Some(cfg.size as usize),
+                },
+                vae.tensors,
+            ))
         }
         Role::Vae | Role::Vq => {
             let m = &cfg.model;
@@ -399,8 +410,21 @@ impl Trainer {
             .ok_or_else(|| Error::Invalid("give the training images (--data DIR)".into()))?;
         let device = device.clone();
         let (arch, tensors) = initial_model(role, &cfg)?;
+        if role != Role::Vae
+            && (cfg.init_vae.is_some() || cfg.freeze_encoder || cfg.latent_noise > 0.0)
+        {
+            return Err(Error::Invalid(
+                "init_vae, freeze_encoder and latent_noise are train-vae settings".into(),
+            ));
+        }
+        if cfg.freeze_encoder && cfg.init_vae.is_none() {
+            return Err(Error::Invalid(
+                "freeze_encoder keeps a trained encoder: give it with --set init_vae=DIR".into(),
+            ));
+        }
         let start_hash = match role {
             Role::Adapt => crate::tokenizer::weights_hash(&tensors)?,
+            Role::Vae if cfg.init_vae.is_some() => crate::tokenizer::weights_hash(&tensors)?,
             Role::Vae | Role::Vq => String::new(),
         };
         crate::limits::check(
@@ -435,7 +459,7 @@ impl Trainer {
         let mut frozen = HashMap::new();
         for n in names {
             let t = tensors[n].to_dtype(DType::F32)?.to_device(&device)?;
-            if role.is_trainable(n) {
+            if role.is_trainable(n, cfg.freeze_encoder) {
                 params.push(Param {
                     name: n.clone(),
                     var: Var::from_tensor(&t)?,
@@ -834,7 +858,7 @@ impl Trainer {
         for b in batches {
             let x = Tensor::from_slice(&b.data, (b.batch, 3, b.size, b.size), &self.device)?;
             let seed = self.cfg.seed ^ (b.index.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-            let fwd = model.forward(&x, self.cfg.sample_posterior, seed)?;
+            let fwd = model.forward(&x, self.cfg.sample_posterior, self.cfg.latent_noise, seed)?;
             let l1 = losses::l1(&x, &fwd.recon)?;
             let mse = losses::mse(&x, &fwd.recon)?;
             let mut nll = ((&l1 * self.cfg.l1_weight)? + (&mse * self.cfg.mse_weight)?)?;
@@ -1244,9 +1268,13 @@ impl Trainer {
             Role::Vae => {
                 let dir = self.out.join("vae");
                 let mut vae = self.arch.vae.clone();
-                let (shift, scale) = self.latent_statistics(&tensors)?;
-                vae.shift_factor = shift;
-                vae.scaling_factor = scale;
+                // A frozen encoder keeps its latent, so the starting VAE's normalisation stays
+                // (a tokenizer made on it keeps working on the new decoder).
+                if !self.cfg.freeze_encoder {
+                    let (shift, scale) = self.latent_statistics(&tensors)?;
+                    vae.shift_factor = shift;
+                    vae.scaling_factor = scale;
+                }
                 let only_vae: HashMap<String, Tensor> = tensors
                     .into_iter()
                     .filter(|(k, _)| !k.starts_with("quantizer."))
