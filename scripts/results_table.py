@@ -18,6 +18,9 @@ rows = [
     ("CODA, LoRA in the decoder only (1x: 600 updates at 64 px)", "coda-dec"),
     ("CODA, decoder-only LoRA, then 600 more at 128 px (lr 5e-4)", "coda-dec-128"),
     ("CODA, decoder-only LoRA, then 800 more at 128 px (lr 3e-4)", "coda-dec-xl"),
+    ("Robust parent: the parent's decoder fine-tuned with latent noise", "vae-robust"),
+    ("CODA on the robust parent (1x: 600 updates at 64 px)", "coda-robust-1x"),
+    ("CODA on the robust parent, 128 px, quantizer warm-started from coda-dec-xl (the default)", "coda-robust"),
     ("VQ from scratch, 1x", "vq-1x"),
     ("VQ from scratch, 6x", "vq-6x"),
     ("Multi-scale VQ from scratch, 1x", "msvq"),
@@ -76,7 +79,10 @@ def main():
                      "coda-long": " + 150 + 1x + parent",
                      "coda-xl": " + 600 + 150 + 1x + parent",
                      "coda-dec": " + parent", "coda-dec-128": " + 1x + parent",
-                     "coda-dec-xl": " + 600 + 1x + parent"}.get(run, "")
+                     "coda-dec-xl": " + 600 + 1x + parent",
+                     "vae-robust": " + parent",
+                     "coda-robust-1x": " + robust parent",
+                     "coda-robust": " + 800 + 600 + 1x (coda-dec-xl) + robust parent"}.get(run, "")
             sec, cpu = wall.get(run, (None, None))
             wt = f"{sec / 60:.0f} min{extra}" if sec else "?"
             hours = f"{cpu / 3600:.2f}{extra}" if sec else "?"

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use candle_core::{DType, Tensor, Var};
 use candle_nn::VarBuilder;
 use coda::quantizer::resample::{Mode, Resize2d};
-use coda::quantizer::{CodaQuantizer, QuantizerConfig};
+use coda::quantizer::{AssignRule, CodaQuantizer, QuantizerConfig};
 
 fn fixtures() -> PathBuf {
     common::fixtures("quantizer")
@@ -137,10 +137,15 @@ fn resampling_gradient_matches_finite_differences() {
 }
 
 fn small_quantizer(vars: bool) -> (CodaQuantizer, Vec<(String, Var)>) {
+    small_quantizer_with(vars, AssignRule::Attention)
+}
+
+fn small_quantizer_with(vars: bool, assign: AssignRule) -> (CodaQuantizer, Vec<(String, Var)>) {
     let ts = coda::io::read_tensors(&fixtures().join("quantizer.pth"), &common::device()).unwrap();
     let cfg = QuantizerConfig {
         kind: coda::quantizer::QuantizerKind::Attention,
         attn_dim: 8,
+        assign,
         ..QuantizerConfig::new(64, 4)
     };
     let mut var_list = Vec::new();
@@ -257,4 +262,136 @@ fn inference_encode_and_decode_match_training_forward_for_any_chunk_size() {
         let decoded = q.decode(&tables, &ids, (8, 8)).unwrap();
         assert!(max_abs(&decoded, &f_hat) <= 1e-6);
     }
+}
+
+/// The nearest-value rule (not the reference's; no PyTorch fixture exists for it): every id is
+/// the code whose vector is nearest the scale's residual, checked against a brute-force search
+/// in f64 over the same residual loop; the fused and candle-ops training paths agree on ids,
+/// f̂, losses and every gradient; and the rule does change ids on these random weights.
+#[test]
+fn nearest_value_rule_picks_the_nearest_code_vector() {
+    let io = load("quantizer_io.safetensors");
+    let (q, _) = small_quantizer_with(false, AssignRule::NearestValue);
+    let tables = q.tables().unwrap();
+    let (ids, f_hat) = q.encode(&tables, &io["f"], &SCALES).unwrap();
+    let values = tables.values.to_vec2::<f32>().unwrap();
+    let dev = common::device();
+    let mut residual = io["f"].clone();
+    let mut differs = 0;
+    let (att_ids, _) = {
+        let (qa, _) = small_quantizer(false);
+        let t = qa.tables().unwrap();
+        qa.encode(&t, &io["f"], &SCALES).unwrap()
+    };
+    for (k, &s) in SCALES.iter().enumerate() {
+        let qm = Resize2d::new(Mode::Area, (8, 8), s, &dev)
+            .unwrap()
+            .apply(&residual)
+            .unwrap();
+        let rows = qm
+            .permute((0, 2, 3, 1))
+            .unwrap()
+            .reshape(((), 4))
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        let got: Vec<u32> = ids[k].flatten_all().unwrap().to_vec1().unwrap();
+        for (row, &id) in rows.iter().zip(&got) {
+            let dist = |v: &Vec<f32>| -> f64 {
+                row.iter()
+                    .zip(v)
+                    .map(|(a, b)| (*a as f64 - *b as f64).powi(2))
+                    .sum()
+            };
+            let best = values.iter().map(dist).fold(f64::INFINITY, f64::min);
+            // Ties within float rounding may go either way.
+            assert!(
+                dist(&values[id as usize]) <= best + 1e-5,
+                "scale {k}: id {id} is not nearest"
+            );
+        }
+        let att: Vec<u32> = att_ids[k].flatten_all().unwrap().to_vec1().unwrap();
+        differs += got.iter().zip(&att).filter(|(a, b)| a != b).count();
+        let z = q.lookup(&tables, &ids[k]).unwrap();
+        let up = Resize2d::new(Mode::Bicubic, s, (8, 8), &dev)
+            .unwrap()
+            .apply(&z)
+            .unwrap();
+        residual = (residual - up).unwrap();
+    }
+    assert!(
+        differs > 0,
+        "the rule picked the attention's ids everywhere"
+    );
+    let direct = (&io["f"] - &residual).unwrap();
+    assert!(max_abs(&direct, &f_hat) <= 1e-5);
+
+    // Training: fused and composite paths agree.
+    let run = |fused: bool| {
+        let (q, vars) = small_quantizer_with(true, AssignRule::NearestValue);
+        let f = Var::from_tensor(&io["f"]).unwrap();
+        let out = if fused {
+            q.forward_train_fused(f.as_tensor(), &SCALES).unwrap()
+        } else {
+            q.forward_train_composite(f.as_tensor(), &SCALES).unwrap()
+        };
+        let total = ((&out.f_hat * &io["g"]).unwrap().sum_all().unwrap() + &out.loss_q).unwrap();
+        let total = (total + (&out.loss_entropy * 0.05).unwrap()).unwrap();
+        let grads = total.backward().unwrap();
+        let mut g: Vec<(String, Tensor)> = vars
+            .iter()
+            .map(|(n, v)| {
+                (
+                    n.clone(),
+                    grads
+                        .get(v)
+                        .unwrap_or_else(|| panic!("no gradient for {n}"))
+                        .clone(),
+                )
+            })
+            .collect();
+        g.sort_by(|a, b| a.0.cmp(&b.0));
+        (out, g)
+    };
+    let (a, ga) = run(true);
+    let (b, gb) = run(false);
+    for (k, (x, y)) in a.ids.iter().zip(&b.ids).enumerate() {
+        assert_eq!(
+            x.to_vec3::<u32>().unwrap(),
+            y.to_vec3::<u32>().unwrap(),
+            "scale {k}"
+        );
+    }
+    for (k, x) in a.ids.iter().enumerate() {
+        assert_eq!(
+            x.to_vec3::<u32>().unwrap(),
+            ids[k].to_vec3::<u32>().unwrap(),
+            "scale {k}"
+        );
+    }
+    assert!(max_abs(&a.f_hat, &b.f_hat) <= 1e-5);
+    let scalar = |t: &Tensor| t.to_scalar::<f32>().unwrap();
+    assert!((scalar(&a.loss_q) - scalar(&b.loss_q)).abs() <= 1e-5);
+    let (ea, eb) = (scalar(&a.loss_entropy), scalar(&b.loss_entropy));
+    assert!(
+        (ea - eb).abs() <= 1e-4 * ea.abs().max(1.0),
+        "entropy {ea} vs {eb}"
+    );
+    let mut worst = 0f32;
+    for ((name, x), (_, y)) in ga.iter().zip(&gb) {
+        let scale = y
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            .max(1e-3);
+        let e = max_abs(x, y) / scale;
+        assert!(e <= 1e-3, "gradient of {name}: relative error {e}");
+        worst = worst.max(e);
+    }
+    println!(
+        "nearest-value: {differs} ids differ from the attention rule; worst gradient {worst:.2e}"
+    );
 }

@@ -36,6 +36,11 @@ pub struct NewArgs {
     /// d_a: attention dimension of queries and keys.
     #[arg(long, default_value_t = 32)]
     pub attn_dim: usize,
+    /// How codes are picked: `attention` (argmax of the attention logits, the reference's rule)
+    /// or `nearest-value` (the code whose vector is nearest the residual). With
+    /// --quantizer-from, overrides that tokenizer's rule.
+    #[arg(long, value_parser = ["attention", "nearest-value"])]
+    pub assign: Option<String>,
     /// LoRA rank (0: no adapters).
     #[arg(long, default_value_t = 32)]
     pub lora_rank: usize,
@@ -107,6 +112,13 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
     )?;
     if let Some(from) = &args.quantizer_from {
         coda::tokenizer::create::take_quantizer(&mut config, &mut tensors, from)?;
+    }
+    match args.assign.as_deref() {
+        Some("nearest-value") => {
+            config.quantizer.assign = coda::quantizer::AssignRule::NearestValue
+        }
+        Some(_) => config.quantizer.assign = coda::quantizer::AssignRule::Attention,
+        None => {}
     }
     Tokenizer::save(&args.output, &config, &tensors)?;
     let f = config.vae.downsample_factor();

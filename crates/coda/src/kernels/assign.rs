@@ -329,7 +329,7 @@ pub fn argmax_dot_gemm(
                     let cols = chunk.min(end - c0);
                     // SAFETY: buf holds rows x cols; q rows q0.. and key rows c0.. are in bounds.
                     unsafe {
-                        gemm::gemm(
+                        super::sgemm::gemm(
                             rows,
                             cols,
                             d,
@@ -345,9 +345,6 @@ pub fn argmax_dot_gemm(
                             1,
                             0.0,
                             1.0,
-                            false,
-                            false,
-                            false,
                             gemm::Parallelism::None,
                         );
                     }

@@ -112,7 +112,7 @@ pub fn conv2d_forward(
                 (col.as_ptr(), tw as isize)
             };
             unsafe {
-                gemm::gemm(
+                super::sgemm::gemm(
                     cout,
                     tw,
                     k,
@@ -128,9 +128,6 @@ pub fn conv2d_forward(
                     rhs_rs,
                     1.0,
                     1.0,
-                    false,
-                    false,
-                    false,
                     gemm::Parallelism::None,
                 );
             }
@@ -338,7 +335,7 @@ pub fn conv2d_backward_some(
                     gather(&mut col, xb, (cin, h, w), (kh, kw), (ow, p0, tw), g);
                     // dW (cout x K) += dy_tile (cout x tw) · colᵀ (tw x K)
                     unsafe {
-                        gemm::gemm(
+                        super::sgemm::gemm(
                             cout,
                             k,
                             tw,
@@ -354,9 +351,6 @@ pub fn conv2d_backward_some(
                             1,
                             1.0,
                             1.0,
-                            false,
-                            false,
-                            false,
                             par,
                         )
                     };
@@ -364,7 +358,7 @@ pub fn conv2d_backward_some(
                 if need_dx {
                     // dcol (K x tw) = Wᵀ (K x cout) · dy_tile (cout x tw)
                     unsafe {
-                        gemm::gemm(
+                        super::sgemm::gemm(
                             k,
                             tw,
                             cout,
@@ -380,9 +374,6 @@ pub fn conv2d_backward_some(
                             pixels as isize,
                             0.0,
                             1.0,
-                            false,
-                            false,
-                            false,
                             par,
                         )
                     };

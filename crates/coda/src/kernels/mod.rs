@@ -11,6 +11,7 @@ pub mod direct;
 pub mod dpbf16;
 pub mod group_norm;
 pub mod recompute;
+pub mod sgemm;
 pub mod simd;
 pub mod winograd;
 

@@ -232,7 +232,7 @@ fn block(job: &Block, s: &mut Scratch, out: OutPtr) {
     for t in 0..16 {
         // SAFETY: buffers of the stated shapes and strides.
         unsafe {
-            gemm::gemm(
+            super::sgemm::gemm(
                 cout,
                 nt,
                 cin,
@@ -248,9 +248,6 @@ fn block(job: &Block, s: &mut Scratch, out: OutPtr) {
                 tb as isize,
                 0.0,
                 1.0,
-                false,
-                false,
-                false,
                 gemm::Parallelism::None,
             );
         }

@@ -31,11 +31,29 @@ pub enum QuantizerKind {
     NearestL2,
 }
 
+/// How the attention quantizer picks a code for a residual (the tokens it writes); the code
+/// vectors, the residual loop and decoding are the same either way.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AssignRule {
+    /// The reference's rule: argmax of the attention logits (LeapLabTHU/CODA,
+    /// `tokenizer/coda/models/quantizer`: the hard one-hot of the softmax).
+    #[default]
+    Attention,
+    /// The code whose vector `to_v(E[n])` is nearest the residual in Euclidean distance: what
+    /// the decoder actually receives is then as close to the latent as the codebook allows. Not
+    /// the reference's; an option of this implementation (README, Results).
+    NearestValue,
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct QuantizerConfig {
     /// Attention (CODA) or nearest-neighbour (the baselines); absent in older configs = attention.
     #[serde(default)]
     pub kind: QuantizerKind,
+    /// The attention kind's assignment rule; absent in older configs = the reference's.
+    #[serde(default, skip_serializing_if = "is_attention_rule")]
+    pub assign: AssignRule,
     /// V: the number of codes.
     pub codebook_size: usize,
     /// C: the latent channels.
@@ -51,10 +69,15 @@ pub struct QuantizerConfig {
     pub entropy_temperature: f64,
 }
 
+fn is_attention_rule(r: &AssignRule) -> bool {
+    *r == AssignRule::Attention
+}
+
 impl QuantizerConfig {
     pub fn new(codebook_size: usize, dim: usize) -> Self {
         Self {
             kind: QuantizerKind::Attention,
+            assign: AssignRule::Attention,
             codebook_size,
             dim,
             attn_dim: 32,
@@ -185,6 +208,9 @@ pub struct TrainOutput {
     pub loss_q: Tensor,
     /// Entropy loss (sample minus batch-mean entropy), mean over scales.
     pub loss_entropy: Tensor,
+    /// What each scale quantized: the residual resampled to the scale, (B, C, h_k, w_k),
+    /// detached (for dead-code restarts).
+    pub residuals: Vec<Tensor>,
 }
 
 /// What one scale of the residual loop produces.
@@ -221,6 +247,7 @@ impl ScaleStep {
 #[derive(Default)]
 struct LoopOutput {
     ids: Vec<Tensor>,
+    residuals: Vec<Tensor>,
     f_hat: Option<Tensor>,
     loss_q: Vec<Tensor>,
     loss_entropy: Vec<Tensor>,
@@ -293,7 +320,8 @@ impl CodaQuantizer {
     /// As [`tables`](Self::tables), comparing codes `chunk` at a time.
     pub fn tables_chunked(&self, chunk: usize) -> Result<CodeTables> {
         let (keys, values) = self.keys_values()?;
-        let (keys, values) = (keys.contiguous()?, values.contiguous()?);
+        let keys = self.assignment_keys(keys, &values)?.detach();
+        let (keys, values) = (keys.contiguous()?, values.detach().contiguous()?);
         Ok(CodeTables {
             keys,
             chunk: chunk.max(1),
@@ -329,6 +357,34 @@ impl CodaQuantizer {
         }
     }
 
+    fn nearest_value(&self) -> bool {
+        self.config.kind == QuantizerKind::Attention
+            && self.config.assign == AssignRule::NearestValue
+    }
+
+    /// The keys the hard assignment compares queries with: the attention keys, or under
+    /// [`AssignRule::NearestValue`] `[v, -|v|²/2]` per code vector v (with queries `[r, 1]`, the
+    /// largest dot product is the nearest code vector, as for the `Nearest` kind).
+    /// Differentiable in `values` (the entropy loss of this rule moves the code vectors).
+    fn assignment_keys(&self, keys: Tensor, values: &Tensor) -> Result<Tensor> {
+        if !self.nearest_value() {
+            return Ok(keys);
+        }
+        let half_sq = (values.sqr()?.sum_keepdim(1)? * -0.5)?;
+        Ok(Tensor::cat(&[values, &half_sq], 1)?)
+    }
+
+    /// Queries (N, ·) for the hard assignment of a (B, C, h, w) residual map (see
+    /// [`assignment_keys`](Self::assignment_keys)).
+    fn assignment_queries(&self, q: &Tensor) -> Result<Tensor> {
+        if !self.nearest_value() {
+            return self.queries(q);
+        }
+        let tokens = Self::tokens(&q.detach())?;
+        let ones = Tensor::ones((tokens.dim(0)?, 1), tokens.dtype(), tokens.device())?;
+        Ok(Tensor::cat(&[&tokens, &ones], 1)?)
+    }
+
     /// (N, C) tokens of a (B, C, h, w) feature map, in (b, y, x) order.
     fn tokens(q: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = q.dims4()?;
@@ -358,7 +414,7 @@ impl CodaQuantizer {
     /// the lowest index, as `torch.argmax`.
     pub fn assign(&self, tables: &CodeTables, q: &Tensor) -> Result<Tensor> {
         let (b, _, h, w) = q.dims4()?;
-        self.assign_queries(tables, &self.queries(q)?, (b, h, w))
+        self.assign_queries(tables, &self.assignment_queries(q)?, (b, h, w))
     }
 
     /// [`assign`](Self::assign) from queries already computed, (B·h·w, ·) -> (B, h, w) ids.
@@ -396,7 +452,7 @@ impl CodaQuantizer {
     /// the kernel is tested against).
     pub fn assign_composite(&self, tables: &CodeTables, q: &Tensor) -> Result<Tensor> {
         let (b, _, h, w) = q.dims4()?;
-        let queries = self.queries(q)?.contiguous()?;
+        let queries = self.assignment_queries(q)?.contiguous()?;
         self.argmax_chunked(tables, &queries)?.reshape((b, h, w))
     }
 
@@ -458,6 +514,7 @@ impl CodaQuantizer {
             f_hat = (f_hat + &up)?;
             residual = (residual - up)?;
             out.ids.push(ids);
+            out.residuals.push(q.detach());
             out.loss_q.extend(loss_q);
             out.loss_entropy.extend(loss_entropy);
         }
@@ -556,19 +613,34 @@ impl CodaQuantizer {
             use super::soft_assign::{entropy, soft_codes};
             let (keys, values) = (keys.contiguous()?, values.contiguous()?);
             let tables = CodeTables {
-                keys: keys.detach(),
+                keys: self
+                    .assignment_keys(keys.detach(), &values)?
+                    .detach()
+                    .contiguous()?,
                 chunk: ASSIGN_CHUNK,
                 values: values.detach(),
                 codebook: Default::default(),
             };
             self.residual_loop(f, scales, |q, (h, w)| {
                 let queries = self.queries(q)?.contiguous()?;
-                let idx = self.assign_queries(&tables, &queries, (b, h, w))?;
+                let idx = if self.nearest_value() {
+                    self.assign(&tables, q)?
+                } else {
+                    self.assign_queries(&tables, &queries, (b, h, w))?
+                };
                 let hard = values.index_select(&idx.flatten_all()?, 0)?; // (N, C): grads to E_v
                 let soft = soft_codes(&queries, &keys, &values)?; // 0, grads to q and k
                 let z = to_map((&hard + soft)?, (h, w))?;
                 let z_hat = to_map(hard, (h, w))?;
-                let entropy = entropy(&queries, &keys, self.config.entropy_temperature)?;
+                // Under the nearest-value rule the entropy acts on softmax(-|r - v|²/2τ), the
+                // soft version of the rule itself, so that it spreads the codes that rule uses.
+                let entropy = if self.nearest_value() {
+                    let a_keys = self.assignment_keys(keys.clone(), &values)?.contiguous()?;
+                    let a_queries = self.assignment_queries(q)?.contiguous()?;
+                    entropy(&a_queries, &a_keys, self.config.entropy_temperature)?
+                } else {
+                    entropy(&queries, &keys, self.config.entropy_temperature)?
+                };
                 let loss_q = self.quantization_loss(&z, &z_hat, q)?;
                 Ok(ScaleStep::training(idx, z, loss_q, Some(entropy)))
             })?
@@ -578,12 +650,18 @@ impl CodaQuantizer {
             self.residual_loop(f, scales, |q, (h, w)| {
                 let logits = self.queries(q)?.matmul(&keys.t()?)?; // (N, V), keys pre-scaled
                 let p = softmax(&logits, 1)?;
-                let idx = logits.argmax_keepdim(1)?.to_dtype(DType::U32)?; // (N, 1)
+                let rule_logits = if self.nearest_value() {
+                    let a_keys = self.assignment_keys(keys.clone(), &values)?;
+                    self.assignment_queries(q)?.matmul(&a_keys.t()?)?
+                } else {
+                    logits.clone()
+                };
+                let idx = rule_logits.argmax_keepdim(1)?.to_dtype(DType::U32)?; // (N, 1)
                 let hard = idx.broadcast_eq(&codes)?.to_dtype(DType::F32)?;
                 let st = ((&hard - p.detach())? + &p)?;
                 let z = to_map(st.matmul(&values)?, (h, w))?;
                 let z_hat = to_map(hard.matmul(&values)?, (h, w))?;
-                let entropy = self.entropy_loss(&logits)?;
+                let entropy = self.entropy_loss(&rule_logits)?;
                 let loss_q = self.quantization_loss(&z, &z_hat, q)?;
                 Ok(ScaleStep::training(
                     idx.reshape((b, h, w))?,
@@ -606,6 +684,7 @@ impl CodaQuantizer {
             f_hat: out.f_hat.expect("the loop sets f_hat"),
             loss_q: mean(out.loss_q)?,
             loss_entropy: mean(out.loss_entropy)?,
+            residuals: out.residuals,
         })
     }
 

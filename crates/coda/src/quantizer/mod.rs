@@ -7,6 +7,6 @@ pub mod scales;
 pub mod soft_assign;
 
 pub use attention::{
-    CodaQuantizer, CodeTables, NormKind, QuantizerConfig, QuantizerKind, TrainOutput,
+    AssignRule, CodaQuantizer, CodeTables, NormKind, QuantizerConfig, QuantizerKind, TrainOutput,
 };
 pub use scales::ScaleSpec;

@@ -44,6 +44,11 @@ impl TokenizerConfig {
             }
             ScaleSpec::Derived { .. } => {}
         }
+        if self.quantizer.assign != crate::quantizer::AssignRule::Attention
+            && self.quantizer.kind != crate::quantizer::QuantizerKind::Attention
+        {
+            return bad("quantizer.assign applies to the attention quantizer only".into());
+        }
         if self.quantizer.codebook_size == 0 {
             return bad("quantizer.codebook_size must be at least 1".into());
         }

@@ -176,7 +176,14 @@ impl Tokenizer {
             });
         }
         crate::io::check_tensor_shapes(&config.parameter_shapes(), &tensors, origin)?;
-        let hash = weights_hash(&tensors)?;
+        let mut hash = weights_hash(&tensors)?;
+        if config.quantizer.assign != crate::quantizer::AssignRule::Attention {
+            // Another rule writes other tokens from the same weights: a store or token file
+            // made with one must not be resumed or checked against the other.
+            use sha2::Digest;
+            let h = sha2::Sha256::digest(format!("{hash} assign={:?}", config.quantizer.assign));
+            hash = h.iter().take(8).map(|b| format!("{b:02x}")).collect();
+        }
         if fuse_lora {
             crate::vae::lora::fuse(&mut tensors)?;
         }

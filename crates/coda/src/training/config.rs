@@ -132,6 +132,9 @@ pub struct TrainConfig {
     pub kl_weight: f64,
     /// Quantize a posterior sample (the reference) rather than the mean.
     pub sample_posterior: bool,
+    /// `adapt`: every this many updates, move the codes no token of the batch used onto
+    /// residuals their codes served worst (`training::restart`; 0 = off, the reference).
+    pub restart_dead_codes: u64,
     /// `train-vae`: start from this VAE (a diffusers folder or a single file) instead of random
     /// weights; its architecture replaces `[model]`.
     pub init_vae: Option<PathBuf>,
@@ -214,6 +217,7 @@ impl Default for TrainConfig {
             entropy_weight: 0.05,
             kl_weight: 1e-6,
             sample_posterior: true,
+            restart_dead_codes: 0,
             init_vae: None,
             freeze_encoder: false,
             latent_noise: 0.0,

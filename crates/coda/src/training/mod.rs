@@ -5,7 +5,8 @@
 //! - `model`: what is trained in each role ([`Role`]).
 //! - `losses`, `patchgan`, `dino`: objectives and the two discriminators.
 //! - `optim`, `ema`: AdamW with groups, cosine schedule, clipping; the EMA weights.
-//!   (These five are crate-internal; the `internals` feature makes them public for tests.)
+//! - `restart`: dead-code restart (an `adapt` option).
+//!   (These six are crate-internal; the `internals` feature makes them public for tests.)
 //! - [`trainer`]: the loop, evaluation, checkpoints (exact resume) and export.
 
 pub mod config;
@@ -22,7 +23,7 @@ macro_rules! internal_modules {
         pub(crate) mod $m;
     )*};
 }
-internal_modules!(dino, ema, losses, model, optim, patchgan);
+internal_modules!(dino, ema, losses, model, optim, patchgan, restart);
 
 pub use config::TrainConfig;
 pub use model::Role;

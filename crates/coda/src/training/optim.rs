@@ -52,6 +52,27 @@ impl AdamW {
         })
     }
 
+    #[cfg(test)]
+    pub fn m_of(&self, index: usize) -> &Tensor {
+        &self.m[index]
+    }
+
+    /// Zero the AdamW moments of some rows of parameter `index` (restarted codes start fresh).
+    pub fn reset_moments(&mut self, index: usize, rows: &[usize]) -> Result<()> {
+        let t = &self.m[index];
+        let n = t.dim(0)?;
+        let mut keep = vec![1f32; n];
+        for &r in rows {
+            keep[r] = 0.0;
+        }
+        let mut shape = vec![1usize; t.rank()];
+        shape[0] = n;
+        let keep = Tensor::from_vec(keep, shape, t.device())?.to_dtype(t.dtype())?;
+        self.m[index] = self.m[index].broadcast_mul(&keep)?;
+        self.v[index] = self.v[index].broadcast_mul(&keep)?;
+        Ok(())
+    }
+
     /// One update from `grads` (one per parameter, in order), every group's learning rate
     /// multiplied by `lr_factor` (the schedule). PyTorch's non-fused AdamW, operation for
     /// operation: decay, moments, bias corrections, `p -= lr/bc1 · m / (sqrt(v)/sqrt(bc2) + eps)`.

@@ -47,6 +47,9 @@ pub struct StepLog {
     pub d_loss: Option<f64>,
     /// w_gan · λ: the weight the adversarial term had.
     pub gan_weight: Option<f64>,
+    /// Codes moved by the dead-code restart at this update (`restart_dead_codes`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restarted_codes: Option<usize>,
     pub grad_norm: f64,
     pub lr: f64,
     pub seconds: f64,
@@ -410,6 +413,11 @@ impl Trainer {
             .ok_or_else(|| Error::Invalid("give the training images (--data DIR)".into()))?;
         let device = device.clone();
         let (arch, tensors) = initial_model(role, &cfg)?;
+        if role != Role::Adapt && cfg.restart_dead_codes > 0 {
+            return Err(Error::Invalid(
+                "restart_dead_codes is an adapt setting (the attention quantizer)".into(),
+            ));
+        }
         if role != Role::Vae
             && (cfg.init_vae.is_some() || cfg.freeze_encoder || cfg.latent_noise > 0.0)
         {
@@ -855,6 +863,9 @@ impl Trainer {
             ..Default::default()
         };
         let add = |slot: &mut Option<f64>, v: f64| *slot = Some(slot.unwrap_or(0.0) + v / k);
+        let restart_due =
+            self.cfg.restart_dead_codes > 0 && (step + 1) % self.cfg.restart_dead_codes == 0;
+        let mut seen: (Vec<Tensor>, Vec<Tensor>) = Default::default();
         for b in batches {
             let x = Tensor::from_slice(&b.data, (b.batch, 3, b.size, b.size), &self.device)?;
             let seed = self.cfg.seed ^ (b.index.wrapping_mul(0x9E37_79B9_7F4A_7C15));
@@ -878,6 +889,10 @@ impl Trainer {
             }
             let mut other = nll.zeros_like()?;
             if let Some(q) = &fwd.quant {
+                if restart_due {
+                    seen.0.extend(q.ids.iter().cloned());
+                    seen.1.extend(q.residuals.iter().cloned());
+                }
                 add(&mut log.vq, scalar(&q.loss_q)?);
                 other = (other + (&q.loss_q * self.cfg.vq_weight)?)?;
                 if self.role == Role::Adapt {
@@ -963,6 +978,16 @@ impl Trainer {
             // The official rule counts the updates before this one (`global_step` is
             // incremented after the EMA call); `opt.t` already includes this update.
             e.update(&self.opt.params, self.opt.t - 1, copy)?;
+        }
+        if restart_due {
+            let n = super::restart::restart_dead_codes(
+                &mut self.opt,
+                self.ema.as_mut(),
+                &seen.0,
+                &seen.1,
+                self.cfg.seed ^ (step + 1).wrapping_mul(0xA24B_AED4_963E_E407),
+            )?;
+            log.restarted_codes = Some(n);
         }
         if gan_on {
             self.disc
