@@ -19,10 +19,11 @@ PyTorch runs in each of --torch-modes, one process each: `nchw` (its default lay
 `channels_last` (f32, model and input in channels_last, often faster on CPU) and `bf16`
 (channels_last under torch.autocast("cpu", dtype=torch.bfloat16)). Ratios are taken against the
 best f32 mode per stage ("PyTorch f32 at its best") and, for our bf16 modes, against the best of
-all its modes. --isa avx2 caps the instruction set: CODA_CPU_ISA for coda-rs (our own loops only:
-the `gemm` crate under our convolutions still dispatches on the CPU by itself), ATEN_CPU_CAPABILITY
-and ONEDNN_MAX_CPU_ISA for PyTorch (all of it), so on an AVX-512 machine it is not yet a fair
-AVX2-only comparison. The first printed line names the CPU and both sides' kernel paths.
+all its modes. --isa avx2 caps the instruction set: CODA_CPU_ISA for coda-rs (our loops and the
+GEMMs of our convolutions and code assignment, which then run the `gemm` crate's FMA kernels;
+only candle's own matmuls, the VAE's mid-block attention, still pick AVX-512 by themselves),
+ATEN_CPU_CAPABILITY and ONEDNN_MAX_CPU_ISA for PyTorch. The first printed line names the CPU and
+both sides' kernel paths.
 
 Printed: the times, the ratios (ours / PyTorch: below 1 = coda-rs faster), and each process's
 peak RSS; for the bf16 precisions also their effect against f32 (identical tokens, decoded image

@@ -34,8 +34,9 @@ def colour_rows(tmp, size, coda_args):
         out = path[:-4] + "_recon.png"
         subprocess.run([CODA, "reconstruct", *coda_args, "-o", out, path], check=True,
                        stdout=subprocess.DEVNULL)
-        top.append(Image.open(path).convert("RGB"))
-        bottom.append(Image.open(out).convert("RGB"))
+        # Shown at 64 px, whatever size they were tokenized at.
+        top.append(Image.open(path).convert("RGB").resize((64, 64), Image.BOX))
+        bottom.append(Image.open(out).convert("RGB").resize((64, 64), Image.BOX))
     return top, bottom
 
 
@@ -58,7 +59,7 @@ def main():
               if os.path.exists(os.path.join(a.runs, path, "config.json"))]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        colours = colour_rows(tmp, 64, dict(models)["CODA"])  # the size of the colour test
+        colours = colour_rows(tmp, 128, dict(models)["CODA"])  # the colour target's size
         swatch = 40  # shown smaller: a flat patch loses nothing
         for name in PHOTOS:
             src = Image.open(os.path.join("data/photos/val", name)).convert("RGB")
@@ -103,7 +104,7 @@ def main():
             x += s * z + gap
         fig.paste(strip.resize((strip.size[0] * z, s * z), Image.NEAREST), (x, y))
     y = label_h + len(rows) * (s * z + gap)
-    d.text((2, y + 1), "solid 64x64 colours (top) and CODA's reconstruction (bottom)", fill="black")
+    d.text((2, y + 1), "solid colours at 128x128 (top) and CODA's reconstruction (bottom), shown at 64", fill="black")
     for i, (t, b) in enumerate(zip(*colours)):
         x = i * (swatch + 2)
         fig.paste(t.resize((swatch, swatch)), (x, y + label_h))

@@ -66,7 +66,11 @@ fn main() -> anyhow::Result<()> {
         f.dims()
     );
     println!("continuous (no quantizer) PSNR {:.2}", psnr(&x, &cont));
-    println!("tokenizer (attention)     PSNR {:.2}", psnr(&x, &quant));
+    println!(
+        "tokenizer ({:?} rule)  PSNR {:.2}",
+        tok.config().quantizer.assign,
+        psnr(&x, &quant)
+    );
 
     // The residual loop with each assignment rule.
     let q = tok.quantizer();
@@ -74,11 +78,18 @@ fn main() -> anyhow::Result<()> {
     let values = &tables.values; // (V, C)
     let vnorm = values.sqr()?.sum_keepdim(1)?.t()?; // (1, V)
     for rule in ["attention", "nearest"] {
+        if rule == "attention"
+            && tok.config().quantizer.assign != coda::quantizer::AssignRule::Attention
+        {
+            continue;
+        }
         let mut r = f.clone();
         let mut fh = f.zeros_like()?;
         let mut line = String::new();
         for &s in &enc.tokens.scales {
             let qs = Resize2d::new(Mode::Area, (hh, ww), s, &dev)?.apply(&r)?;
+            // "attention": the tokenizer's own rule (the attention argmax unless its config
+            // says nearest_value).
             let ids = if rule == "attention" {
                 q.assign(&tables, &qs)?
             } else {

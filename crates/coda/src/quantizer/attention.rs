@@ -371,7 +371,7 @@ impl CodaQuantizer {
             return Ok(keys);
         }
         let half_sq = (values.sqr()?.sum_keepdim(1)? * -0.5)?;
-        Ok(Tensor::cat(&[values, &half_sq], 1)?)
+        Tensor::cat(&[values, &half_sq], 1)
     }
 
     /// Queries (N, ·) for the hard assignment of a (B, C, h, w) residual map (see
@@ -382,7 +382,7 @@ impl CodaQuantizer {
         }
         let tokens = Self::tokens(&q.detach())?;
         let ones = Tensor::ones((tokens.dim(0)?, 1), tokens.dtype(), tokens.device())?;
-        Ok(Tensor::cat(&[&tokens, &ones], 1)?)
+        Tensor::cat(&[&tokens, &ones], 1)
     }
 
     /// (N, C) tokens of a (B, C, h, w) feature map, in (b, y, x) order.

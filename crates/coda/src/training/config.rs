@@ -71,6 +71,13 @@ impl Default for ModelSpec {
     }
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RestartSample {
+    Error,
+    Uniform,
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrainConfig {
@@ -135,6 +142,9 @@ pub struct TrainConfig {
     /// `adapt`: every this many updates, move the codes no token of the batch used onto
     /// residuals their codes served worst (`training::restart`; 0 = off, the reference).
     pub restart_dead_codes: u64,
+    /// Where restarted codes go: residuals sampled in proportion to their squared error
+    /// ("error", k-means++ style) or uniformly ("uniform").
+    pub restart_sample: RestartSample,
     /// `train-vae`: start from this VAE (a diffusers folder or a single file) instead of random
     /// weights; its architecture replaces `[model]`.
     pub init_vae: Option<PathBuf>,
@@ -218,6 +228,7 @@ impl Default for TrainConfig {
             kl_weight: 1e-6,
             sample_posterior: true,
             restart_dead_codes: 0,
+            restart_sample: RestartSample::Error,
             init_vae: None,
             freeze_encoder: false,
             latent_noise: 0.0,

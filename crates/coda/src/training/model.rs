@@ -136,7 +136,7 @@ impl TrainModel {
         let (z_dec, quant) = match &self.quantizer {
             None if latent_noise > 0.0 => {
                 let f = self.vae.normalize(&z)?;
-                let noisy = (&f + noise_like(&f, latent_noise, seed ^ 0x5EED_0F_1A7E)?)?;
+                let noisy = (&f + noise_like(&f, latent_noise, seed ^ 0x005E_ED0F_1A7E)?)?;
                 (self.vae.denormalize(&noisy)?, None)
             }
             None => (z, None),

@@ -1,12 +1,12 @@
 //! Dead-code restart for `adapt` (an option, not the reference's recipe): every N updates, the
-//! codes that no token of the update's batch used are moved onto residuals of that batch that
-//! their own code served worst (sampled in proportion to the squared error), as VQ trainers
+//! codes that no token of the update's batch used are moved onto residuals of that batch,
+//! sampled in proportion to the squared error of their own code or uniformly, as VQ trainers
 //! restart expired codes (SoundStream, Jukebox). Under the nearest-value assignment rule a code
 //! whose vector is never the nearest gets no gradient and would stay unused; this keeps the
 //! whole codebook in use.
 //!
 //! A code vector is `to_v(E[n]) = W E[n] + b`, so moving code n to residual r sets
-//! `E[n] = W⁻¹ (r − b)`. The trained weights, the EMA copy and the code's AdamW moments change
+//! `E[n] ≈ W⁻¹ (r − b)` (ridge-regularised, so that a nearly singular W cannot give huge rows). The trained weights, the EMA copy and the code's AdamW moments change
 //! together, so that the exported (EMA) model has the restarted codes and Adam starts them fresh.
 //! Deterministic: the sample depends on the batch and the update number only (exact resume).
 
@@ -29,18 +29,34 @@ pub fn restart_dead_codes(
     ids: &[Tensor],
     residuals: &[Tensor],
     seed: u64,
+    by_error: bool,
 ) -> Result<usize> {
     let index = |name: &str| {
-        opt.params.iter().position(|p| p.name == name).ok_or_else(|| {
-            Error::Invalid(format!(
+        opt.params
+            .iter()
+            .position(|p| p.name == name)
+            .ok_or_else(|| {
+                Error::Invalid(format!(
                 "restart_dead_codes needs the trained parameter {name} (an attention quantizer)"
             ))
-        })
+            })
     };
     let (ie, iw, ib) = (index(CODEBOOK)?, index(TO_V_W)?, index(TO_V_B)?);
-    let codebook = opt.params[ie].var.as_tensor().to_dtype(DType::F64)?.to_vec2::<f64>()?;
-    let w = opt.params[iw].var.as_tensor().to_dtype(DType::F64)?.to_vec2::<f64>()?;
-    let b = opt.params[ib].var.as_tensor().to_dtype(DType::F64)?.to_vec1::<f64>()?;
+    let codebook = opt.params[ie]
+        .var
+        .as_tensor()
+        .to_dtype(DType::F64)?
+        .to_vec2::<f64>()?;
+    let w = opt.params[iw]
+        .var
+        .as_tensor()
+        .to_dtype(DType::F64)?
+        .to_vec2::<f64>()?;
+    let b = opt.params[ib]
+        .var
+        .as_tensor()
+        .to_dtype(DType::F64)?
+        .to_vec1::<f64>()?;
     let (v, c) = (codebook.len(), b.len());
 
     let mut used = vec![false; v];
@@ -57,7 +73,11 @@ pub fn restart_dead_codes(
         let r = r.reshape((idx.len(), c))?.to_vec2::<f64>()?;
         for (id, row) in idx.iter().zip(r) {
             used[*id as usize] = true;
-            let err = row.iter().zip(value(*id as usize)).map(|(a, b)| (a - b).powi(2)).sum();
+            let err = row
+                .iter()
+                .zip(value(*id as usize))
+                .map(|(a, b)| (a - b).powi(2))
+                .sum();
             rows.push((row, err));
         }
     }
@@ -65,20 +85,28 @@ pub fn restart_dead_codes(
     if dead.is_empty() || rows.is_empty() {
         return Ok(0);
     }
-    // W⁻¹; a singular projection (never seen in practice) leaves the codes alone.
+    // E[n] from the ridge solution (WᵀW + λI)⁻¹ Wᵀ (r − b), λ = 1e-3 · mean(σ²): exact W⁻¹
+    // would give huge rows where W is nearly singular (measured: rows of 5e5 after 500 updates,
+    // then infinite gradients), and those rows feed back into W's gradient.
     let wm = nalgebra::DMatrix::from_fn(c, c, |i, j| w[i][j]);
-    let Some(w_inv) = wm.try_inverse() else {
-        tracing::warn!("restart_dead_codes: to_v is singular, no restart");
+    let gram = wm.transpose() * &wm;
+    let lambda = 1e-3 * gram.trace() / c as f64;
+    let regularised = &gram + nalgebra::DMatrix::identity(c, c) * lambda.max(1e-12);
+    let Some(inv) = regularised.try_inverse() else {
+        tracing::warn!("restart_dead_codes: to_v is degenerate, no restart");
         return Ok(0);
     };
-    // Weighted sample without replacement (Efraimidis-Spirakis: the largest u^(1/err)).
+    let w_inv = inv * wm.transpose();
+    // A sample without replacement, weighted by the error (Efraimidis-Spirakis: the largest
+    // u^(1/err)) or uniform (where residuals are dense, so the code is likely to stay in use).
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut keyed: Vec<(f64, usize)> = rows
         .iter()
         .enumerate()
         .map(|(i, (_, err))| {
             let u: f64 = rng.gen::<f64>().max(f64::MIN_POSITIVE);
-            (u.ln() / err.max(1e-12), i)
+            let weight = if by_error { err.max(1e-12) } else { 1.0 };
+            (u.ln() / weight, i)
         })
         .collect();
     let take = dead.len().min(keyed.len());
@@ -124,16 +152,40 @@ mod tests {
 
     fn setup() -> (AdamW, Ema) {
         let dev = Device::Cpu;
-        let t = |v: &[f32], s: &[usize]| Var::from_tensor(&Tensor::new(v, &dev).unwrap().reshape(s).unwrap()).unwrap();
+        let t = |v: &[f32], s: &[usize]| {
+            Var::from_tensor(&Tensor::new(v, &dev).unwrap().reshape(s).unwrap()).unwrap()
+        };
         let params = vec![
-            Param { name: CODEBOOK.into(), var: t(&[0.1, 0.2, 5.0, 5.0, 6.0, 6.0, 7.0, 7.0], &[4, 2]), group: 1 },
-            Param { name: TO_V_W.into(), var: t(&[2.0, 1.0, 0.5, 3.0], &[2, 2]), group: 1 },
-            Param { name: TO_V_B.into(), var: t(&[0.3, -0.2], &[2]), group: 1 },
+            Param {
+                name: CODEBOOK.into(),
+                var: t(&[0.1, 0.2, 5.0, 5.0, 6.0, 6.0, 7.0, 7.0], &[4, 2]),
+                group: 1,
+            },
+            Param {
+                name: TO_V_W.into(),
+                var: t(&[2.0, 1.0, 0.5, 3.0], &[2, 2]),
+                group: 1,
+            },
+            Param {
+                name: TO_V_B.into(),
+                var: t(&[0.3, -0.2], &[2]),
+                group: 1,
+            },
         ];
-        let groups = vec![Group { lr: 1e-3, weight_decay: 0.0 }; 2];
+        let groups = vec![
+            Group {
+                lr: 1e-3,
+                weight_decay: 0.0
+            };
+            2
+        ];
         let mut opt = AdamW::new(params, groups, (0.9, 0.99), 1e-8).unwrap();
         // Non-zero moments, so that the reset is visible.
-        let grads: Vec<Tensor> = opt.params.iter().map(|p| p.var.as_tensor().ones_like().unwrap()).collect();
+        let grads: Vec<Tensor> = opt
+            .params
+            .iter()
+            .map(|p| p.var.as_tensor().ones_like().unwrap())
+            .collect();
         opt.step(&grads, 1.0).unwrap();
         let ema = Ema::new(&opt.params).unwrap();
         (opt, ema)
@@ -147,13 +199,26 @@ mod tests {
         let dev = Device::Cpu;
         let residual_rows = [[1.0f32, 2.0], [-3.0, 0.5], [4.0, -1.0], [0.25, 0.75]];
         // (B=1, C=2, 2, 2) from rows in (y, x) order.
-        let rows_bchw = Tensor::new(&residual_rows, &dev).unwrap().reshape((1, 2, 2, 2)).unwrap().permute((0, 3, 1, 2)).unwrap();
+        let rows_bchw = Tensor::new(&residual_rows, &dev)
+            .unwrap()
+            .reshape((1, 2, 2, 2))
+            .unwrap()
+            .permute((0, 3, 1, 2))
+            .unwrap();
         let ids = Tensor::zeros((1, 2, 2), DType::U32, &dev).unwrap();
         let mut results = Vec::new();
         for _ in 0..2 {
             let (mut opt, mut ema) = setup();
             let before = opt.params[0].var.as_tensor().to_vec2::<f32>().unwrap();
-            let n = restart_dead_codes(&mut opt, Some(&mut ema), &[ids.clone()], &[rows_bchw.clone()], 7).unwrap();
+            let n = restart_dead_codes(
+                &mut opt,
+                Some(&mut ema),
+                std::slice::from_ref(&ids),
+                std::slice::from_ref(&rows_bchw),
+                7,
+                true,
+            )
+            .unwrap();
             assert_eq!(n, 3);
             let e = opt.params[0].var.as_tensor().to_vec2::<f32>().unwrap();
             assert_eq!(e[0], before[0], "a used code moved");
@@ -163,10 +228,13 @@ mod tests {
             assert!((w[0][0] - 2.0).abs() < 0.01 && (b[0] - 0.3).abs() < 0.01);
             let mut hit = Vec::new();
             for code in &e[1..] {
-                let v: Vec<f32> = (0..2).map(|i| b[i] + w[i][0] * code[0] + w[i][1] * code[1]).collect();
+                let v: Vec<f32> = (0..2)
+                    .map(|i| b[i] + w[i][0] * code[0] + w[i][1] * code[1])
+                    .collect();
                 let k = residual_rows
                     .iter()
-                    .position(|r| (r[0] - v[0]).abs() < 1e-5 && (r[1] - v[1]).abs() < 1e-5)
+                    // Within the ridge's shrinkage (λ = 1e-3 · mean σ², σ² ≈ 3-11 here).
+                    .position(|r| (r[0] - v[0]).abs() < 1e-2 && (r[1] - v[1]).abs() < 1e-2)
                     .unwrap_or_else(|| panic!("code vector {v:?} is none of the residuals"));
                 hit.push(k);
             }

@@ -285,8 +285,16 @@ impl RunIdentity {
         let mut keys: Vec<&String> = self.config.keys().chain(now.config.keys()).collect();
         keys.sort();
         keys.dedup();
+        // A key newer than the saved run, at its default, changes nothing (old runs resume).
+        let defaults = match serde_json::to_value(TrainConfig::default()) {
+            Ok(serde_json::Value::Object(m)) => m,
+            _ => Default::default(),
+        };
         for k in keys {
             let (a, b) = (self.config.get(k), now.config.get(k));
+            if a.is_none() && b.is_some() && b == defaults.get(k) {
+                continue;
+            }
             if a != b {
                 let show = |v: Option<&serde_json::Value>| {
                     v.map_or("(unset)".to_string(), |v| v.to_string())
@@ -863,8 +871,8 @@ impl Trainer {
             ..Default::default()
         };
         let add = |slot: &mut Option<f64>, v: f64| *slot = Some(slot.unwrap_or(0.0) + v / k);
-        let restart_due =
-            self.cfg.restart_dead_codes > 0 && (step + 1) % self.cfg.restart_dead_codes == 0;
+        let restart_due = self.cfg.restart_dead_codes > 0
+            && (step + 1).is_multiple_of(self.cfg.restart_dead_codes);
         let mut seen: (Vec<Tensor>, Vec<Tensor>) = Default::default();
         for b in batches {
             let x = Tensor::from_slice(&b.data, (b.batch, 3, b.size, b.size), &self.device)?;
@@ -897,7 +905,11 @@ impl Trainer {
                 other = (other + (&q.loss_q * self.cfg.vq_weight)?)?;
                 if self.role == Role::Adapt {
                     add(&mut log.entropy, scalar(&q.loss_entropy)?);
-                    other = (other + (&q.loss_entropy * self.cfg.entropy_weight)?)?;
+                    // Weight 0 leaves the term out of the graph: 0 x a non-finite gradient
+                    // would still poison the update.
+                    if self.cfg.entropy_weight > 0.0 {
+                        other = (other + (&q.loss_entropy * self.cfg.entropy_weight)?)?;
+                    }
                 }
             }
             if self.role == Role::Vae {
@@ -986,6 +998,7 @@ impl Trainer {
                 &seen.0,
                 &seen.1,
                 self.cfg.seed ^ (step + 1).wrapping_mul(0xA24B_AED4_963E_E407),
+                self.cfg.restart_sample == super::config::RestartSample::Error,
             )?;
             log.restarted_codes = Some(n);
         }
