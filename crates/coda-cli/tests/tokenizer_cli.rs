@@ -598,3 +598,74 @@ fn eval_computes_lpips_when_given_weights() {
         "{err}"
     );
 }
+
+/// `tokenizer new --quantizer-from DIR --assign nearest-value`: the codebook and scales come
+/// from DIR, the rule changes the tokens and the tokenizer hash (token files of one are refused
+/// by the other), and a source whose encoder has adapters is refused.
+#[test]
+fn quantizer_from_and_the_assignment_rule() {
+    let d = tempfile::tempdir().unwrap();
+    let vae = repo().join("fixtures/vae/diffusers");
+    let vae = vae.to_str().unwrap();
+    let make = |extra: &[&str], out: &str| {
+        let mut args = vec![
+            "tokenizer",
+            "new",
+            "--vae",
+            vae,
+            "--resolution",
+            "32",
+            "-o",
+            out,
+        ];
+        args.extend_from_slice(extra);
+        ok(&args, d.path())
+    };
+    make(
+        &[
+            "--codebook-size",
+            "64",
+            "--lora-rank",
+            "4",
+            "--lora-modules",
+            "decoder",
+        ],
+        "dec",
+    );
+    make(
+        &["--quantizer-from", "dec", "--assign", "nearest-value"],
+        "nv",
+    );
+    let config = std::fs::read_to_string(d.path().join("nv/config.json")).unwrap();
+    assert!(config.contains("\"assign\": \"nearest_value\""), "{config}");
+    assert!(config.contains("\"codebook_size\": 64"), "{config}");
+    let enc = |tok: &str, out: &str| {
+        ok(
+            &["encode", "--tokenizer", tok, "-o", out, &photos()],
+            d.path(),
+        );
+        std::fs::read(d.path().join(out)).unwrap()
+    };
+    assert_ne!(enc("dec", "a.safetensors"), enc("nv", "b.safetensors"));
+    let err = fail(
+        &["decode", "--tokenizer", "nv", "-o", "x", "a.safetensors"],
+        d.path(),
+    );
+    assert!(err.contains("hash") || err.contains("tokenizer"), "{err}");
+
+    new_tokenizer(d.path()); // LoRA on conv1/conv2 of encoder and decoder
+    let err = fail(
+        &[
+            "tokenizer",
+            "new",
+            "--vae",
+            vae,
+            "--quantizer-from",
+            "tok",
+            "-o",
+            "bad",
+        ],
+        d.path(),
+    );
+    assert!(err.contains("adapts the encoder"), "{err}");
+}

@@ -608,7 +608,14 @@ fn decoder_fine_tune_keeps_the_encoder_and_its_quantizer() {
     assert!(noise_mattered, "latent_noise made no difference");
 
     // The parent's tokenizer gives its quantizer to one on the tuned VAE...
-    let from = tokenizer_on(dir.path(), parent);
+    // (Without encoder adapters: a source that adapts the encoder is refused.)
+    let from = dir.path().join("from");
+    let mut q = QuantizerConfig::new(8, 4);
+    q.attn_dim = 8;
+    let spec = ScaleSpec::Derived { num_scales: 4 };
+    let (fcfg, ft) = new_tokenizer(&parent, q, spec, None, Some(16), 5).unwrap();
+    Tokenizer::save(&from, &fcfg, &ft).unwrap();
+    let with_encoder_lora = tokenizer_on(&dir.path().join("lora"), parent);
     let q = QuantizerConfig::new(16, 4);
     let (mut cfg, mut t) = new_tokenizer(
         &noisy,
@@ -636,7 +643,11 @@ fn decoder_fine_tune_keeps_the_encoder_and_its_quantizer() {
         .insert(key.into(), (&changed.tensors[key] * 1.001).unwrap());
     let other_weights = tokenizer_on(&dir.path().join("w"), changed);
     let other_norm = start_tokenizer(&dir.path().join("n"));
-    for (from, expected) in [(other_weights, key), (other_norm, "scaling")] {
+    for (from, expected) in [
+        (other_weights, key),
+        (other_norm, "scaling"),
+        (with_encoder_lora, "adapts the encoder"),
+    ] {
         let q = QuantizerConfig::new(16, 4);
         let spec = ScaleSpec::Derived { num_scales: 2 };
         let (mut cfg, mut t) = new_tokenizer(&noisy, q, spec, None, Some(16), 9).unwrap();

@@ -120,10 +120,10 @@ pub fn take_quantizer(
             return refuse(format!("its {k} differs from this VAE's"));
         }
     }
-    if other_tensors
-        .keys()
-        .any(|k| encoder_side(k) && k.contains(".lora_layer."))
-    {
+    let adapts_encoder = |k: &String| {
+        (k.starts_with("encoder.") || k.starts_with("quant_conv.")) && k.contains(".lora_layer.")
+    };
+    if other_tensors.keys().any(adapts_encoder) {
         return refuse(
             "it adapts the encoder (LoRA there), so its latent is not this VAE's".into(),
         );
