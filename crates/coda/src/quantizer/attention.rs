@@ -612,47 +612,42 @@ impl CodaQuantizer {
         } else if fused {
             use super::soft_assign::{entropy, soft_codes};
             let (keys, values) = (keys.contiguous()?, values.contiguous()?);
+            // The keys the rule compares with, built once: the attention keys, or under the
+            // nearest-value rule [v, -|v|²/2], differentiable in v for its entropy term.
+            let rule_keys = self.assignment_keys(keys.clone(), &values)?.contiguous()?;
             let tables = CodeTables {
-                keys: self
-                    .assignment_keys(keys.detach(), &values)?
-                    .detach()
-                    .contiguous()?,
+                keys: rule_keys.detach(),
                 chunk: ASSIGN_CHUNK,
                 values: values.detach(),
                 codebook: Default::default(),
             };
             self.residual_loop(f, scales, |q, (h, w)| {
                 let queries = self.queries(q)?.contiguous()?;
-                let idx = if self.nearest_value() {
-                    self.assign(&tables, q)?
+                let rule_queries = if self.nearest_value() {
+                    self.assignment_queries(q)?.contiguous()?
                 } else {
-                    self.assign_queries(&tables, &queries, (b, h, w))?
+                    queries.clone()
                 };
+                let idx = self.assign_queries(&tables, &rule_queries, (b, h, w))?;
                 let hard = values.index_select(&idx.flatten_all()?, 0)?; // (N, C): grads to E_v
                 let soft = soft_codes(&queries, &keys, &values)?; // 0, grads to q and k
                 let z = to_map((&hard + soft)?, (h, w))?;
                 let z_hat = to_map(hard, (h, w))?;
                 // Under the nearest-value rule the entropy acts on softmax(-|r - v|²/2τ), the
                 // soft version of the rule itself, so that it spreads the codes that rule uses.
-                let entropy = if self.nearest_value() {
-                    let a_keys = self.assignment_keys(keys.clone(), &values)?.contiguous()?;
-                    let a_queries = self.assignment_queries(q)?.contiguous()?;
-                    entropy(&a_queries, &a_keys, self.config.entropy_temperature)?
-                } else {
-                    entropy(&queries, &keys, self.config.entropy_temperature)?
-                };
+                let entropy = entropy(&rule_queries, &rule_keys, self.config.entropy_temperature)?;
                 let loss_q = self.quantization_loss(&z, &z_hat, q)?;
                 Ok(ScaleStep::training(idx, z, loss_q, Some(entropy)))
             })?
         } else {
             let v = self.config.codebook_size;
             let codes = Tensor::arange(0u32, v as u32, f.device())?.unsqueeze(0)?;
+            let rule_keys = self.assignment_keys(keys.clone(), &values)?;
             self.residual_loop(f, scales, |q, (h, w)| {
                 let logits = self.queries(q)?.matmul(&keys.t()?)?; // (N, V), keys pre-scaled
                 let p = softmax(&logits, 1)?;
                 let rule_logits = if self.nearest_value() {
-                    let a_keys = self.assignment_keys(keys.clone(), &values)?;
-                    self.assignment_queries(q)?.matmul(&a_keys.t()?)?
+                    self.assignment_queries(q)?.matmul(&rule_keys.t()?)?
                 } else {
                     logits.clone()
                 };
