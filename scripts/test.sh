@@ -27,6 +27,14 @@ else
   echo "NOTE: this CPU has neither AVX512_BF16 nor AMX: the bf16 tests print SKIP"
 fi
 cargo test --workspace
+# The kernels' unit tests (forward and backward of every conv form, GroupNorm, assignment) once
+# more on each lower kernel path this CPU can run (tests/kernel_paths.rs covers the whole VAE).
+for isa in avx2 scalar; do
+  if [ "$isa" = scalar ] || { [ "${CODA_REQUIRE_ISA:-}" = avx512 ] && [ "$isa" = avx2 ]; }; then
+    echo "kernel unit tests on the forced $isa path"
+    CODA_CPU_ISA=$isa cargo test -p coda-tokenizer --lib kernels::
+  fi
+done
 CODA_GENERIC_OPS=1 cargo test -p coda-tokenizer --test vae_parity --test quantizer_parity \
   --test tokenizer_parity
 cargo build -p coda-cli

@@ -61,7 +61,9 @@ fn main() -> candle_core::Result<()> {
         use coda::kernels::conv2d::conv2d_forward;
         use coda::kernels::winograd::{conv3x3_forward, transform_weights};
         for &(c, hw, up) in &[
-            (128usize, 256usize, 1usize),
+            (64usize, 256usize, 1usize),
+            (128, 256, 1),
+            (128, 64, 1),
             (256, 128, 1),
             (512, 64, 1),
             (512, 32, 1),
@@ -310,6 +312,81 @@ fn main() -> candle_core::Result<()> {
             println!(
                 "c {c} {hw}x{hw} up {up} k{k}: f32 im2col {:.1} ms ({:.0} GFLOP/s), amx bf16 {:.1} ms ({:.0}), amx 3xbf16 {:.1} ms ({:.0})",
                 t32 * 1e3, flops / t32 / 1e9, t16 * 1e3, flops / t16 / 1e9, t3 * 1e3, flops / t3 / 1e9
+            );
+        }
+        return Ok(());
+    }
+    if std::env::var("UPSAMPLE_CONV").is_ok() {
+        // The decoder's upsampling conv: 9 taps on the upsampled input (implicit GEMM or
+        // Winograd) against the 4-phase sub-pixel form that f32_forward picks.
+        use coda::kernels::conv2d::f32_forward;
+        let g = ConvGeometry { stride: 1, pad: (1, 1, 1, 1), upsample: 2 };
+        for &(c, hw) in &[(128usize, 128usize), (256, 64), (256, 128), (512, 32), (512, 64)] {
+            let x: Vec<f32> = (0..c * hw * hw).map(|i| ((i * 7919) % 1009) as f32 / 1009.0).collect();
+            let w: Vec<f32> = (0..c * c * 9).map(|i| ((i * 31) % 101) as f32 * 1e-3).collect();
+            let b = vec![0f32; c];
+            let flops = 2.0 * (c * c * 9 * 4 * hw * hw) as f64;
+            let nine = if coda::kernels::direct::available() {
+                time(|| { coda::kernels::direct::conv2d_forward(&x, (1, c, hw, hw), &w, (c, 3, 3), &b, None, g, None); }, 3)
+            } else {
+                time(|| { coda::kernels::conv2d::conv2d_forward(&x, (1, c, hw, hw), &w, (c, 3, 3), &b, None, g); }, 3)
+            };
+            let wino = time(|| {
+                let u = coda::kernels::winograd::transform_weights(&w, c, c);
+                coda::kernels::winograd::conv3x3_forward(&x, (1, c, hw, hw), &u, c, &b, None, 2);
+            }, 3);
+            let sub = time(|| {
+                coda::kernels::subpixel::forward((1, c, hw, hw), &w, c, |k, pg| {
+                    f32_forward(&x, (1, c, hw, hw), k, (c, 2, 2), &b, None, pg).0
+                });
+            }, 3);
+            let picked = time(|| { f32_forward(&x, (1, c, hw, hw), &w, (c, 3, 3), &b, None, g); }, 3);
+            println!(
+                "upsample conv {c}ch {hw}->{}: 9-tap {:.1} ms ({:.0} GFLOP/s-equiv), winograd {:.1} ms, sub-pixel {:.1} ms, f32_forward picks {:.1} ms",
+                2 * hw, nine * 1e3, flops / nine / 1e9, wino * 1e3, sub * 1e3, picked * 1e3
+            );
+        }
+        return Ok(());
+    }
+    if std::env::var("CONV_BACKWARD").is_ok() {
+        // The training convs of tiny-cpu (batch 8) and one FLUX-decoder-size layer: our
+        // backward (dx and dW) and forward, to set against scripts' PyTorch convolution_backward.
+        use coda::kernels::conv2d::{conv2d_backward, conv2d_forward};
+        for &(n, c, hw, co) in &[
+            (8usize, 32usize, 64usize, 32usize),
+            (8, 64, 32, 64),
+            (8, 128, 16, 16 * 8),
+            (8, 128, 8, 128),
+            (8, 64, 64, 32),
+            (4, 128, 64, 128),
+        ] {
+            let x: Vec<f32> = (0..n * c * hw * hw)
+                .map(|i| ((i * 7919) % 1009) as f32 / 1009.0)
+                .collect();
+            let w: Vec<f32> = (0..co * c * 9)
+                .map(|i| ((i * 31) % 101) as f32 * 1e-3)
+                .collect();
+            let dy: Vec<f32> = (0..n * co * hw * hw)
+                .map(|i| ((i * 13) % 17) as f32 * 0.05)
+                .collect();
+            let b = vec![0f32; co];
+            let g = ConvGeometry::same(1, 1);
+            let bw = time(
+                || {
+                    conv2d_backward(&x, (n, c, hw, hw), &w, (co, 3, 3), &dy, g);
+                },
+                5,
+            );
+            let fw = time(
+                || {
+                    conv2d_forward(&x, (n, c, hw, hw), &w, (co, 3, 3), &b, None, g);
+                },
+                5,
+            );
+            println!(
+                "conv3x3 {n}x{c}x{hw}x{hw} -> {co}: backward {:.2} ms, forward (im2col) {:.2} ms",
+                bw * 1e3,
+                fw * 1e3
             );
         }
         return Ok(());

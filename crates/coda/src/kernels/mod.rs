@@ -13,6 +13,7 @@ pub mod group_norm;
 pub mod recompute;
 pub mod sgemm;
 pub mod simd;
+pub mod subpixel;
 pub mod winograd;
 
 pub use conv2d::{conv2d, conv2d_composite, conv2d_residual, ConvGeometry};
