@@ -60,7 +60,14 @@ fn main() -> candle_core::Result<()> {
         // im2col + GEMM against Winograd F(2x2, 3x3) on the FLUX decoder's 3x3 convs.
         use coda::kernels::conv2d::conv2d_forward;
         use coda::kernels::winograd::{conv3x3_forward, transform_weights};
-        for &(c, hw, up) in &[
+        let small: &[(usize, usize, usize)] = &[
+            (32, 64, 1),
+            (64, 32, 1),
+            (128, 16, 1),
+            (128, 8, 1),
+            (16, 64, 1),
+        ];
+        let large: &[(usize, usize, usize)] = &[
             (64usize, 256usize, 1usize),
             (128, 256, 1),
             (128, 64, 1),
@@ -68,7 +75,13 @@ fn main() -> candle_core::Result<()> {
             (512, 64, 1),
             (512, 32, 1),
             (256, 64, 2),
-        ] {
+        ];
+        let cases = if std::env::var("SMALL").is_ok() {
+            small
+        } else {
+            large
+        };
+        for &(c, hw, up) in cases {
             let x: Vec<f32> = (0..c * hw * hw)
                 .map(|i| ((i * 7919) % 1009) as f32 / 1009.0 - 0.5)
                 .collect();
@@ -102,9 +115,48 @@ fn main() -> candle_core::Result<()> {
                 },
                 3,
             );
+            let (t_w4, t_implicit) = if up == 1 {
+                let u4 = coda::kernels::winograd4::transform_weights(&w, c, c);
+                let t4 = time(
+                    || {
+                        coda::kernels::winograd4::conv3x3_forward(
+                            &x,
+                            (1, c, hw, hw),
+                            &u4,
+                            c,
+                            &b,
+                            None,
+                        );
+                    },
+                    3,
+                );
+                let ti = if coda::kernels::direct::available() {
+                    time(
+                        || {
+                            coda::kernels::direct::conv2d_forward(
+                                &x,
+                                (1, c, hw, hw),
+                                &w,
+                                (c, 3, 3),
+                                &b,
+                                None,
+                                g,
+                                None,
+                            );
+                        },
+                        3,
+                    )
+                } else {
+                    f64::NAN
+                };
+                (t4, ti)
+            } else {
+                (f64::NAN, f64::NAN)
+            };
             println!(
-                "c {c} {hw}x{hw} up {up}: im2col {:.1} ms ({:.0} GFLOP/s), winograd {:.1} ms (weights cached {:.1} ms, {:.0} effective GFLOP/s)",
-                t_direct * 1e3, flops / t_direct / 1e9, t_wino * 1e3, t_wino_pre * 1e3, flops / t_wino_pre / 1e9
+                "c {c} {hw}x{hw} up {up}: im2col {:.1} ms ({:.0} GFLOP/s), winograd {:.1} ms (weights cached {:.1} ms, {:.0} effective GFLOP/s), F(4x4) {:.1} ms ({:.0} effective), implicit GEMM {:.1} ms",
+                t_direct * 1e3, flops / t_direct / 1e9, t_wino * 1e3, t_wino_pre * 1e3, flops / t_wino_pre / 1e9,
+                t_w4 * 1e3, flops / t_w4 / 1e9, t_implicit * 1e3
             );
         }
         return Ok(());
@@ -316,31 +368,122 @@ fn main() -> candle_core::Result<()> {
         }
         return Ok(());
     }
+    if let Ok(spec) = std::env::var("W4_ONLY") {
+        // One F(4x4, 3x3) conv repeatedly, for a profiler: W4_ONLY=channels,size.
+        let v: Vec<usize> = spec.split(',').map(|t| t.parse().unwrap()).collect();
+        let (c, hw) = (v[0], v[1]);
+        let x: Vec<f32> = (0..c * hw * hw)
+            .map(|i| ((i * 7919) % 1009) as f32 / 1009.0)
+            .collect();
+        let w: Vec<f32> = (0..c * c * 9)
+            .map(|i| ((i * 31) % 101) as f32 * 1e-3)
+            .collect();
+        let b = vec![0f32; c];
+        let u4 = coda::kernels::winograd4::transform_weights(&w, c, c);
+        let t = time(
+            || {
+                coda::kernels::winograd4::conv3x3_forward(&x, (1, c, hw, hw), &u4, c, &b, None);
+            },
+            10,
+        );
+        let tu = time(
+            || {
+                coda::kernels::winograd4::transform_weights(&w, c, c);
+            },
+            10,
+        );
+        println!(
+            "F(4x4) {c}ch {hw}x{hw}: {:.1} ms; weight transform {:.2} ms",
+            t * 1e3,
+            tu * 1e3
+        );
+        return Ok(());
+    }
     if std::env::var("UPSAMPLE_CONV").is_ok() {
         // The decoder's upsampling conv: 9 taps on the upsampled input (implicit GEMM or
         // Winograd) against the 4-phase sub-pixel form that f32_forward picks.
         use coda::kernels::conv2d::f32_forward;
-        let g = ConvGeometry { stride: 1, pad: (1, 1, 1, 1), upsample: 2 };
-        for &(c, hw) in &[(128usize, 128usize), (256, 64), (256, 128), (512, 32), (512, 64)] {
-            let x: Vec<f32> = (0..c * hw * hw).map(|i| ((i * 7919) % 1009) as f32 / 1009.0).collect();
-            let w: Vec<f32> = (0..c * c * 9).map(|i| ((i * 31) % 101) as f32 * 1e-3).collect();
+        let g = ConvGeometry {
+            stride: 1,
+            pad: (1, 1, 1, 1),
+            upsample: 2,
+        };
+        for &(c, hw) in &[
+            (128usize, 128usize),
+            (256, 64),
+            (256, 128),
+            (512, 32),
+            (512, 64),
+        ] {
+            let x: Vec<f32> = (0..c * hw * hw)
+                .map(|i| ((i * 7919) % 1009) as f32 / 1009.0)
+                .collect();
+            let w: Vec<f32> = (0..c * c * 9)
+                .map(|i| ((i * 31) % 101) as f32 * 1e-3)
+                .collect();
             let b = vec![0f32; c];
             let flops = 2.0 * (c * c * 9 * 4 * hw * hw) as f64;
             let nine = if coda::kernels::direct::available() {
-                time(|| { coda::kernels::direct::conv2d_forward(&x, (1, c, hw, hw), &w, (c, 3, 3), &b, None, g, None); }, 3)
+                time(
+                    || {
+                        coda::kernels::direct::conv2d_forward(
+                            &x,
+                            (1, c, hw, hw),
+                            &w,
+                            (c, 3, 3),
+                            &b,
+                            None,
+                            g,
+                            None,
+                        );
+                    },
+                    3,
+                )
             } else {
-                time(|| { coda::kernels::conv2d::conv2d_forward(&x, (1, c, hw, hw), &w, (c, 3, 3), &b, None, g); }, 3)
+                time(
+                    || {
+                        coda::kernels::conv2d::conv2d_forward(
+                            &x,
+                            (1, c, hw, hw),
+                            &w,
+                            (c, 3, 3),
+                            &b,
+                            None,
+                            g,
+                        );
+                    },
+                    3,
+                )
             };
-            let wino = time(|| {
-                let u = coda::kernels::winograd::transform_weights(&w, c, c);
-                coda::kernels::winograd::conv3x3_forward(&x, (1, c, hw, hw), &u, c, &b, None, 2);
-            }, 3);
-            let sub = time(|| {
-                coda::kernels::subpixel::forward((1, c, hw, hw), &w, c, |k, pg| {
-                    f32_forward(&x, (1, c, hw, hw), k, (c, 2, 2), &b, None, pg).0
-                });
-            }, 3);
-            let picked = time(|| { f32_forward(&x, (1, c, hw, hw), &w, (c, 3, 3), &b, None, g); }, 3);
+            let wino = time(
+                || {
+                    let u = coda::kernels::winograd::transform_weights(&w, c, c);
+                    coda::kernels::winograd::conv3x3_forward(
+                        &x,
+                        (1, c, hw, hw),
+                        &u,
+                        c,
+                        &b,
+                        None,
+                        2,
+                    );
+                },
+                3,
+            );
+            let sub = time(
+                || {
+                    coda::kernels::subpixel::forward((1, c, hw, hw), &w, c, |k, pg| {
+                        f32_forward(&x, (1, c, hw, hw), k, (c, 2, 2), &b, None, pg).0
+                    });
+                },
+                3,
+            );
+            let picked = time(
+                || {
+                    f32_forward(&x, (1, c, hw, hw), &w, (c, 3, 3), &b, None, g);
+                },
+                3,
+            );
             println!(
                 "upsample conv {c}ch {hw}->{}: 9-tap {:.1} ms ({:.0} GFLOP/s-equiv), winograd {:.1} ms, sub-pixel {:.1} ms, f32_forward picks {:.1} ms",
                 2 * hw, nine * 1e3, flops / nine / 1e9, wino * 1e3, sub * 1e3, picked * 1e3

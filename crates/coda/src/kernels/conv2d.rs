@@ -552,10 +552,14 @@ fn fill_row(
     }
 }
 
-/// Convs with at least this many input and output channels use Winograd (on AVX-512, where the
-/// implicit GEMM is as fast at 128 channels).
+/// Convs with at least this many input and output channels use Winograd F(2x2, 3x3) (on
+/// AVX-512, where the implicit GEMM is as fast at 128 channels) when F(4x4, 3x3) does not apply.
 pub const WINOGRAD_MIN_CHANNELS: usize = 256;
-/// The same without the AVX-512 implicit GEMM: against im2col + GEMM on the AVX2 path Winograd
+/// Winograd F(4x4, 3x3) from this many input and output channels ...
+pub const WINOGRAD4_MIN_CHANNELS: usize = 64;
+/// ... on at least this many input pixels over the batch.
+pub const WINOGRAD4_MIN_PIXELS: usize = 4096;
+/// F(2x2, 3x3) without the AVX-512 implicit GEMM: against im2col + GEMM on the AVX2 path Winograd
 /// measured 1.33-1.5x faster at 128 channels (256x256 and 64x64 maps), even at 64.
 pub const WINOGRAD_MIN_CHANNELS_AVX2: usize = 128;
 
@@ -585,6 +589,18 @@ pub fn f32_forward(
         return super::subpixel::forward((n, cin, h, w), wt, cout, |k, pg| {
             f32_forward(x, (n, cin, h, w), k, (cout, 2, 2), b, None, pg).0
         });
+    }
+    // Winograd F(4x4, 3x3): 1.4-2x faster than the best of the others from 64 channels on both
+    // paths, where the map is large enough to amortise its per-call weight transform (4 x 36
+    // values per weight pair: 9 ms for 512 x 512 channels, 0.4 ms for 128 x 128).
+    if super::winograd4::supports(kh, kw, g)
+        && cin >= WINOGRAD4_MIN_CHANNELS
+        && cout >= WINOGRAD4_MIN_CHANNELS
+        && n * h * w >= WINOGRAD4_MIN_PIXELS
+    {
+        let u = super::winograd4::transform_weights(wt, cout, cin);
+        let out = super::winograd4::conv3x3_forward(x, (n, cin, h, w), &u, cout, b, residual);
+        return (out, h, w);
     }
     if winograd {
         let (oh, ow) = g.output_size(h, w, kh, kw);

@@ -15,6 +15,7 @@ pub mod sgemm;
 pub mod simd;
 pub mod subpixel;
 pub mod winograd;
+pub mod winograd4;
 
 pub use conv2d::{conv2d, conv2d_composite, conv2d_residual, ConvGeometry};
 pub use group_norm::{group_norm, group_norm_composite};
