@@ -557,7 +557,8 @@ fn fill_row(
 pub const WINOGRAD_MIN_CHANNELS: usize = 256;
 /// Winograd F(4x4, 3x3) from this many input and output channels ...
 pub const WINOGRAD4_MIN_CHANNELS: usize = 64;
-/// ... on at least this many input pixels over the batch.
+/// ... on maps of at least this many pixels (per image, not per batch: the kernel chosen, and so
+/// the rounding, must not depend on the batch size, or an image's tokens could).
 pub const WINOGRAD4_MIN_PIXELS: usize = 4096;
 /// F(2x2, 3x3) without the AVX-512 implicit GEMM: against im2col + GEMM on the AVX2 path Winograd
 /// measured 1.33-1.5x faster at 128 channels (256x256 and 64x64 maps), even at 64.
@@ -596,7 +597,7 @@ pub fn f32_forward(
     if super::winograd4::supports(kh, kw, g)
         && cin >= WINOGRAD4_MIN_CHANNELS
         && cout >= WINOGRAD4_MIN_CHANNELS
-        && n * h * w >= WINOGRAD4_MIN_PIXELS
+        && h * w >= WINOGRAD4_MIN_PIXELS
     {
         let u = super::winograd4::transform_weights(wt, cout, cin);
         let out = super::winograd4::conv3x3_forward(x, (n, cin, h, w), &u, cout, b, residual);
