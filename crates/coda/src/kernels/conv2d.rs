@@ -264,6 +264,22 @@ fn add_row(
     }
 }
 
+/// db = Σ dy over images and pixels (f64 sums), for dy (n, cout, pixels).
+pub(crate) fn bias_grad(dy: &[f32], n: usize, cout: usize, pixels: usize) -> Vec<f32> {
+    (0..cout)
+        .map(|co| {
+            (0..n)
+                .map(|b| {
+                    dy[(b * cout + co) * pixels..][..pixels]
+                        .iter()
+                        .map(|&v| v as f64)
+                        .sum::<f64>()
+                })
+                .sum::<f64>() as f32
+        })
+        .collect()
+}
+
 /// Gradients of `conv(x, w) + b` with respect to x, w and b, given the output gradient `dy`:
 /// dW = Σ dy_tile · col_tileᵀ, db = Σ dy, and dx = scatter(Wᵀ · dy_tile), tile by tile with the
 /// same gather as the forward pass, so every geometry (stride, asymmetric padding, upsampling)
@@ -345,18 +361,7 @@ pub fn conv2d_backward_some(
     let k = cin * kh * kw;
     let t = tile_width(k, pixels);
     let tiles = pixels.div_ceil(t);
-    let db: Vec<f32> = (0..cout)
-        .map(|co| {
-            (0..n)
-                .map(|b| {
-                    dy[(b * cout + co) * pixels..][..pixels]
-                        .iter()
-                        .map(|&v| v as f64)
-                        .sum::<f64>()
-                })
-                .sum::<f64>() as f32
-        })
-        .collect();
+    let db = bias_grad(dy, n, cout, pixels);
     // Small maps: several whole images side by side in one column tile, so that the GEMMs get
     // a wide enough n (dx) or k (dW) dimension (an 8x8 map alone ran at half speed).
     let group = if pixels < tile_width(k, usize::MAX) {

@@ -163,19 +163,7 @@ pub fn backward(
     } else {
         Vec::new()
     };
-    let pixels = 4 * h * w;
-    let db = (0..cout)
-        .map(|co| {
-            (0..n)
-                .map(|b| {
-                    dy[(b * cout + co) * pixels..][..pixels]
-                        .iter()
-                        .map(|&v| v as f64)
-                        .sum::<f64>()
-                })
-                .sum::<f64>() as f32
-        })
-        .collect();
+    let db = super::conv2d::bias_grad(dy, n, cout, 4 * h * w);
     (dx, dw, db)
 }
 

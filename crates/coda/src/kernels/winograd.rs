@@ -184,9 +184,12 @@ impl Scratch {
 }
 
 /// The block's tiles as runs within one tile row: (first column j in the block, ty, first tx,
-/// run length).
-fn runs(g: &Geometry, t0: usize, nt: usize) -> impl Iterator<Item = (usize, usize, usize, usize)> {
-    let tw = g.tw;
+/// run length), for `tw` tiles per row (shared with F(4x4, 3x3)).
+pub(super) fn tile_runs(
+    tw: usize,
+    t0: usize,
+    nt: usize,
+) -> impl Iterator<Item = (usize, usize, usize, usize)> {
     let mut j = 0;
     std::iter::from_fn(move || {
         if j >= nt {
@@ -222,7 +225,7 @@ unsafe fn block_avx512(job: &Block, s: &mut Scratch, out: OutPtr) {
 fn block(job: &Block, s: &mut Scratch, out: OutPtr) {
     let g = job.geo;
     let (cin, cout, tb) = (g.cin, g.cout, g.tb);
-    for (j0, ty, tx0, len) in runs(g, job.t0, job.nt) {
+    for (j0, ty, tx0, len) in tile_runs(g.tw, job.t0, job.nt) {
         for ci in 0..cin {
             input_run(job, s, ci, (j0, ty, tx0, len));
         }
@@ -252,7 +255,7 @@ fn block(job: &Block, s: &mut Scratch, out: OutPtr) {
             );
         }
     }
-    for (j0, ty, tx0, len) in runs(g, job.t0, job.nt) {
+    for (j0, ty, tx0, len) in tile_runs(g.tw, job.t0, job.nt) {
         for co in 0..cout {
             output_run(job, &s.m, out, co, (j0, ty, tx0, len));
         }

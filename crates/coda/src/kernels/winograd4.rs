@@ -194,22 +194,6 @@ impl Scratch {
     }
 }
 
-fn runs(g: &Geometry, t0: usize, nt: usize) -> impl Iterator<Item = (usize, usize, usize, usize)> {
-    let tw = g.tw;
-    let mut j = 0;
-    std::iter::from_fn(move || {
-        if j >= nt {
-            return None;
-        }
-        let tile = t0 + j;
-        let (ty, tx) = (tile / tw, tile % tw);
-        let len = (tw - tx).min(nt - j);
-        let run = (j, ty, tx, len);
-        j += len;
-        Some(run)
-    })
-}
-
 /// #Safety: the CPU must support AVX2 and FMA; the body is the portable version.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
@@ -228,7 +212,7 @@ unsafe fn block_avx512(job: &Block, s: &mut Scratch, out: crate::kernels::conv2d
 fn block(job: &Block, s: &mut Scratch, out: crate::kernels::conv2d::OutPtr) {
     let g = job.geo;
     let (cin, cout, tb) = (g.cin, g.cout, g.tb);
-    for (j0, ty, tx0, len) in runs(g, job.t0, job.nt) {
+    for (j0, ty, tx0, len) in super::winograd::tile_runs(g.tw, job.t0, job.nt) {
         for ci in 0..cin {
             input_run(job, s, ci, (j0, ty, tx0, len));
         }
@@ -258,7 +242,7 @@ fn block(job: &Block, s: &mut Scratch, out: crate::kernels::conv2d::OutPtr) {
             );
         }
     }
-    for (j0, ty, tx0, len) in runs(g, job.t0, job.nt) {
+    for (j0, ty, tx0, len) in super::winograd::tile_runs(g.tw, job.t0, job.nt) {
         for co in 0..cout {
             output_run(job, &s.m, &mut s.out, out, co, (j0, ty, tx0, len));
         }
