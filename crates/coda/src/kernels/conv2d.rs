@@ -563,8 +563,11 @@ pub const WINOGRAD_MIN_CHANNELS: usize = 256;
 /// Winograd F(4x4, 3x3) from this many input and output channels ...
 pub const WINOGRAD4_MIN_CHANNELS: usize = 64;
 /// ... on maps of at least this many pixels (per image, not per batch: the kernel chosen, and so
-/// the rounding, must not depend on the batch size, or an image's tokens could).
-pub const WINOGRAD4_MIN_PIXELS: usize = 4096;
+/// the rounding, must not depend on the batch size, or an image's tokens could). From 32x32 on
+/// it beat F(2x2) once its weight transform ran in parallel (2 threads, fastest of 5, with the
+/// transform: 512 ch 32x32 16.3 vs 22.2 ms on AVX2, 7.2 vs 13.7 on AVX-512); at 16x16 it
+/// does not (the transform of 36 matrices per call is then a large part of the work).
+pub const WINOGRAD4_MIN_PIXELS: usize = 1024;
 /// F(2x2, 3x3) without the AVX-512 implicit GEMM: against im2col + GEMM on the AVX2 path Winograd
 /// measured 1.33-1.5x faster at 128 channels (256x256 and 64x64 maps), even at 64.
 pub const WINOGRAD_MIN_CHANNELS_AVX2: usize = 128;
@@ -597,8 +600,8 @@ pub fn f32_forward(
         });
     }
     // Winograd F(4x4, 3x3): 1.4-2x faster than the best of the others from 64 channels on both
-    // paths, where the map is large enough to amortise its per-call weight transform (4 x 36
-    // values per weight pair: 9 ms for 512 x 512 channels, 0.4 ms for 128 x 128).
+    // paths, where the map is large enough to amortise its per-call weight transform (36 values
+    // per weight pair: 1.6 ms for 512 x 512 channels on 2 threads).
     if super::winograd4::supports(kh, kw, g)
         && cin >= WINOGRAD4_MIN_CHANNELS
         && cout >= WINOGRAD4_MIN_CHANNELS

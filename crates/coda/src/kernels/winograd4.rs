@@ -37,48 +37,8 @@ const G: [[f32; 3]; 6] = [
 ];
 
 /// U[t][co][ci] = (G g Gᵀ)[t] for the (cout, cin, 3, 3) weights: 36 matrices of cout x cin.
-/// Computed on every call (caching it would hold 4x the weights), so it is vectorised: blocks of
-/// 64 (co, ci) pairs, each kernel tap a contiguous array over the block.
 pub fn transform_weights(w: &[f32], cout: usize, cin: usize) -> Vec<f32> {
-    const B: usize = 64;
-    let pairs = cout * cin;
-    let mut u = vec![0f32; 36 * pairs];
-    let ptr = crate::kernels::conv2d::OutPtr(u.as_mut_ptr());
-    (0..pairs.div_ceil(B)).into_par_iter().for_each(|blk| {
-        let p0 = blk * B;
-        let n = B.min(pairs - p0);
-        let mut g = [[0f32; B]; 9];
-        for p in 0..n {
-            for (k, gk) in g.iter_mut().enumerate() {
-                gk[p] = w[(p0 + p) * 9 + k];
-            }
-        }
-        // t[r][c] = (G g)[r][c] = Σ_j G[r][j] g[3j + c]
-        let mut t = [[[0f32; B]; 3]; 6];
-        for (r, tr) in t.iter_mut().enumerate() {
-            for (c, trc) in tr.iter_mut().enumerate() {
-                let [a, b, d] = G[r];
-                let (g0, g1, g2) = (&g[c], &g[3 + c], &g[6 + c]);
-                for p in 0..B {
-                    trc[p] = a * g0[p] + b * g1[p] + d * g2[p];
-                }
-            }
-        }
-        // U[r][k] = Σ_c t[r][c] G[k][c]
-        let mut row = [0f32; B];
-        for (r, tr) in t.iter().enumerate() {
-            for (k, &[a, b, d]) in G.iter().enumerate() {
-                for p in 0..B {
-                    row[p] = a * tr[0][p] + b * tr[1][p] + d * tr[2][p];
-                }
-                // SAFETY: block blk owns pairs p0..p0+n of every U[t].
-                let dst =
-                    unsafe { std::slice::from_raw_parts_mut(ptr.at((r * 6 + k) * pairs + p0), n) };
-                dst.copy_from_slice(&row[..n]);
-            }
-        }
-    });
-    u
+    super::winograd::transform_weights_with(&G, w, cout, cin)
 }
 
 /// y = conv3x3(x) + bias (+ residual), stride 1, pad 1; `u` from [`transform_weights`].
