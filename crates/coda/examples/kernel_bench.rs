@@ -431,6 +431,74 @@ fn main() -> candle_core::Result<()> {
         );
         return Ok(());
     }
+    if std::env::var("UPSAMPLE_BF16").is_ok() && coda::kernels::dpbf16::available() {
+        // The decoder's upsampling conv in bf16 (AVX512_BF16): nine taps on the upsampled input
+        // against the four sub-pixel phases, weights packed beforehand as a model conv keeps them.
+        use coda::kernels::amx::Packed;
+        use coda::kernels::dpbf16::pack_weights;
+        let g = ConvGeometry {
+            stride: 1,
+            pad: (1, 1, 1, 1),
+            upsample: 2,
+        };
+        for &(c, hw) in &[
+            (128usize, 128usize),
+            (256, 64),
+            (256, 128),
+            (512, 32),
+            (512, 64),
+        ] {
+            let x: Vec<f32> = (0..c * hw * hw)
+                .map(|i| ((i * 7919) % 1009) as f32 / 1009.0)
+                .collect();
+            let w: Vec<f32> = (0..c * c * 9)
+                .map(|i| ((i * 31) % 101) as f32 * 1e-3)
+                .collect();
+            let b = vec![0f32; c];
+            let nine_w = pack_weights(&w, (c, c, 3, 3));
+            let k = coda::kernels::subpixel::phase_weights(&w, c, c);
+            let phases =
+                Packed::PhasePairs(std::array::from_fn(|p| pack_weights(&k[p], (c, c, 2, 2))));
+            let dims = (1, c, hw, hw);
+            let nine = time(
+                || {
+                    coda::kernels::dpbf16::conv2d_forward(
+                        &x,
+                        dims,
+                        &w,
+                        (c, 3, 3),
+                        &b,
+                        None,
+                        g,
+                        Some(&nine_w),
+                    );
+                },
+                3,
+            );
+            let sub = time(
+                || {
+                    coda::kernels::conv2d::dpbf16_forward(
+                        &x,
+                        dims,
+                        &w,
+                        (c, 3, 3),
+                        &b,
+                        None,
+                        g,
+                        Some(&phases),
+                    );
+                },
+                3,
+            );
+            println!(
+                "bf16 upsampling conv c {c} {hw}->{}: nine taps {:.1} ms, sub-pixel {:.1} ms",
+                2 * hw,
+                nine * 1e3,
+                sub * 1e3
+            );
+        }
+        return Ok(());
+    }
     if std::env::var("UPSAMPLE_CONV").is_ok() {
         // The decoder's upsampling conv: 9 taps on the upsampled input (implicit GEMM or
         // Winograd) against the 4-phase sub-pixel form that f32_forward picks.

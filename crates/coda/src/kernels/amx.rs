@@ -297,19 +297,22 @@ pub enum Packed {
     Tiles(PackedWeights),
     /// bf16 channel pairs for [`super::dpbf16`].
     Pairs(Vec<u32>),
+    /// An upsampling conv's four sub-pixel phase kernels ([`super::subpixel::phase_weights`]),
+    /// each as bf16 channel pairs for [`super::dpbf16`].
+    PhasePairs([Vec<u32>; 4]),
 }
 
 /// The packed weights of one conv, kept beside its (immutable, inference) weight tensor: packed
 /// at the first reduced-precision call, again only if the kernel or the tensor changes.
 #[derive(Debug, Default)]
-pub struct WeightCache(
-    std::sync::Mutex<
-        Option<(
-            candle_core::TensorId,
-            super::ConvBackend,
-            std::sync::Arc<Packed>,
-        )>,
-    >,
+pub struct WeightCache(std::sync::Mutex<Option<CachedWeights>>);
+
+/// The weight tensor packed, the kernel it was packed for, whether as sub-pixel phases.
+type CachedWeights = (
+    candle_core::TensorId,
+    super::ConvBackend,
+    bool,
+    std::sync::Arc<Packed>,
 );
 
 impl WeightCache {
@@ -320,7 +323,21 @@ impl WeightCache {
         &self,
         weight: &candle_core::Tensor,
     ) -> candle_core::Result<Option<std::sync::Arc<Packed>>> {
-        self.get_for_backend(weight, super::conv_backend())
+        self.get_for_backend(weight, super::conv_backend(), false)
+    }
+
+    /// As [`get`](Self::get) for a conv of geometry `g`: an upsampling 3x3 conv on the
+    /// AVX512_BF16 kernel keeps its four sub-pixel phase kernels instead of the 3x3 one.
+    pub fn get_for_conv(
+        &self,
+        weight: &candle_core::Tensor,
+        g: super::ConvGeometry,
+    ) -> candle_core::Result<Option<std::sync::Arc<Packed>>> {
+        let backend = super::conv_backend();
+        let subpixel = backend == super::ConvBackend::DotBf16
+            && weight.rank() == 4
+            && super::subpixel::applies(weight.dim(2)?, weight.dim(3)?, g);
+        self.get_for_backend(weight, backend, subpixel)
     }
 
     /// As [`get`](Self::get) for the AMX kernel in an explicit mode (`three`: bf16x3).
@@ -329,13 +346,14 @@ impl WeightCache {
         weight: &candle_core::Tensor,
         three: bool,
     ) -> candle_core::Result<Option<std::sync::Arc<Packed>>> {
-        self.get_for_backend(weight, super::ConvBackend::Amx(three))
+        self.get_for_backend(weight, super::ConvBackend::Amx(three), false)
     }
 
     pub(crate) fn get_for_backend(
         &self,
         weight: &candle_core::Tensor,
         backend: super::ConvBackend,
+        subpixel: bool,
     ) -> candle_core::Result<Option<std::sync::Arc<Packed>>> {
         if backend == super::ConvBackend::F32
             || weight.is_variable()
@@ -348,8 +366,8 @@ impl WeightCache {
             .0
             .lock()
             .map_err(|_| candle_core::Error::Msg("weight cache poisoned".into()))?;
-        if let Some((id, b, p)) = slot.as_ref() {
-            if *id == weight.id() && *b == backend {
+        if let Some((id, b, sp, p)) = slot.as_ref() {
+            if *id == weight.id() && *b == backend && *sp == subpixel {
                 return Ok(Some(p.clone()));
             }
         }
@@ -357,9 +375,16 @@ impl WeightCache {
         let w = weight.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
         let p = std::sync::Arc::new(match backend {
             super::ConvBackend::Amx(three) => Packed::Tiles(PackedWeights::new(&w, dims, three)),
+            _ if subpixel => {
+                let (cout, cin, ..) = dims;
+                let kernels = super::subpixel::phase_weights(&w, cout, cin);
+                Packed::PhasePairs(std::array::from_fn(|p| {
+                    super::dpbf16::pack_weights(&kernels[p], (cout, cin, 2, 2))
+                }))
+            }
             _ => Packed::Pairs(super::dpbf16::pack_weights(&w, dims)),
         });
-        *slot = Some((weight.id(), backend, p.clone()));
+        *slot = Some((weight.id(), backend, subpixel, p.clone()));
         Ok(Some(p))
     }
 }

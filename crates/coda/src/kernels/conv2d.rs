@@ -628,6 +628,54 @@ pub fn f32_forward(
     }
 }
 
+/// The bf16 forward on AVX512_BF16: the upsampling conv as its four sub-pixel phases (16 of
+/// its 36 multiply-adds per output pixel, as in f32), every other conv as one implicit GEMM.
+/// `packed`: the conv's weights as the cache keeps them, or None (packed here).
+#[allow(clippy::too_many_arguments)]
+pub fn dpbf16_forward(
+    x: &[f32],
+    (n, cin, h, w): (usize, usize, usize, usize),
+    wt: &[f32],
+    (cout, kh, kw): (usize, usize, usize),
+    b: &[f32],
+    residual: Option<&[f32]>,
+    g: ConvGeometry,
+    packed: Option<&super::amx::Packed>,
+) -> (Vec<f32>, usize, usize) {
+    use super::amx::Packed;
+    if super::subpixel::applies(kh, kw, g) && residual.is_none() {
+        let fresh;
+        let kernels: &[Vec<u32>; 4] = match packed {
+            Some(Packed::PhasePairs(p)) => p,
+            _ => {
+                let k = super::subpixel::phase_weights(wt, cout, cin);
+                fresh =
+                    std::array::from_fn(|p| super::dpbf16::pack_weights(&k[p], (cout, cin, 2, 2)));
+                &fresh
+            }
+        };
+        return super::subpixel::forward_phases((n, h, w), cout, |p, pg| {
+            let dims = (n, cin, h, w);
+            super::dpbf16::conv2d_forward(
+                x,
+                dims,
+                &[],
+                (cout, 2, 2),
+                b,
+                None,
+                pg,
+                Some(&kernels[p]),
+            )
+            .0
+        });
+    }
+    let pairs = match packed {
+        Some(Packed::Pairs(p)) => Some(p.as_slice()),
+        _ => None,
+    };
+    super::dpbf16::conv2d_forward(x, (n, cin, h, w), wt, (cout, kh, kw), b, residual, g, pairs)
+}
+
 struct Conv2dOp {
     geometry: ConvGeometry,
     residual: Option<Tensor>,
@@ -706,11 +754,7 @@ impl CustomOp3 for Conv2dOp {
                 return Ok((CpuStorage::F32(out), Shape::from((n, cout, oh, ow))));
             }
             super::ConvBackend::DotBf16 => {
-                let packed = match self.packed.as_deref() {
-                    Some(super::amx::Packed::Pairs(p)) => Some(p.as_slice()),
-                    _ => None,
-                };
-                let (out, oh, ow) = super::dpbf16::conv2d_forward(
+                let (out, oh, ow) = dpbf16_forward(
                     x,
                     (n, cin, h, w),
                     wt,
@@ -718,7 +762,7 @@ impl CustomOp3 for Conv2dOp {
                     b,
                     residual,
                     self.geometry,
-                    packed,
+                    self.packed.as_deref(),
                 );
                 return Ok((CpuStorage::F32(out), Shape::from((n, cout, oh, ow))));
             }
@@ -829,7 +873,7 @@ pub fn conv2d_residual_cached(
     let tracked = inputs.iter().flatten().any(|t| t.track_op());
     if on_cpu_f32 && !tracked {
         let packed = match cache {
-            Some(c) => c.get(weight)?,
+            Some(c) => c.get_for_conv(weight, g)?,
             None => None,
         };
         let op = Conv2dOp {

@@ -211,4 +211,61 @@ mod tests {
             }
         }
     }
+
+    /// The upsampling conv as four sub-pixel phases in bf16 (`conv2d::dpbf16_forward`, as a model
+    /// conv runs it): within bf16 rounding of the f32 nine-tap conv on the upsampled input (each
+    /// phase weight, a sum of up to four taps, is rounded once: 2^-9 of Σ|w| of its taps, the
+    /// input 2^-9), and the cached phase kernels give the same result as packing on the call.
+    #[test]
+    fn bf16_subpixel_upsampling_conv_matches_f32_within_bf16_rounding() {
+        if !available() {
+            let msg =
+                "SKIP dpbf16 sub-pixel conv: this CPU has no AVX512_BF16 (or CODA_CPU_ISA caps it)";
+            println!("{msg}");
+            eprintln!("{msg}");
+            assert!(
+                std::env::var("CODA_REQUIRE_BF16").is_err(),
+                "CODA_REQUIRE_BF16 is set but the CPU lacks AVX512_BF16"
+            );
+            return;
+        }
+        use super::super::amx::Packed;
+        use super::super::subpixel::phase_weights;
+        let g = ConvGeometry {
+            stride: 1,
+            pad: (1, 1, 1, 1),
+            upsample: 2,
+        };
+        let conv = super::super::conv2d::conv2d_forward;
+        for (i, &(n, cin, h, w, cout)) in [(1, 3, 5, 7, 2), (2, 37, 9, 21, 40), (1, 64, 16, 16, 64)]
+            .iter()
+            .enumerate()
+        {
+            let x = values(n * cin * h * w, i, false);
+            let wt = values(cout * cin * 9, i + 17, false);
+            let bias = values(cout, i + 5, false);
+            let (dims, wd) = ((n, cin, h, w), (cout, 3, 3));
+            let (want, oh, ow) = conv(&x, dims, &wt, wd, &bias, None, g);
+            let f = super::super::conv2d::dpbf16_forward;
+            let (got, goh, gow) = f(&x, dims, &wt, wd, &bias, None, g, None);
+            assert_eq!((goh, gow), (oh, ow));
+            let k = phase_weights(&wt, cout, cin);
+            let packed = Packed::PhasePairs(std::array::from_fn(|p| {
+                pack_weights(&k[p], (cout, cin, 2, 2))
+            }));
+            let (again, _, _) = f(&x, dims, &wt, wd, &bias, None, g, Some(&packed));
+            assert_eq!(got, again, "case {i}: cached phase kernels");
+            let ax: Vec<f32> = x.iter().map(|v| v.abs()).collect();
+            let aw: Vec<f32> = wt.iter().map(|v| v.abs()).collect();
+            let zero = vec![0f32; cout];
+            let (mag, _, _) = conv(&ax, dims, &aw, wd, &zero, None, g);
+            let mut worst = 0f32;
+            for (j, ((a, b), m)) in got.iter().zip(&want).zip(&mag).enumerate() {
+                let e = (a - b).abs() / (m + 1e-3);
+                worst = worst.max(e);
+                assert!(e <= 1.0 / 128.0, "case {i} at {j}: {a} vs {b} (scale {m})");
+            }
+            println!("sub-pixel case {i}: worst error / Σ|w||x| = {worst:.2e}");
+        }
+    }
 }

@@ -131,8 +131,17 @@ pub fn forward(
     conv: impl Fn(&[f32], ConvGeometry) -> Vec<f32>,
 ) -> (Vec<f32>, usize, usize) {
     let kernels = phase_weights(weight, cout, cin);
-    let phases: [Vec<f32>; 4] =
-        std::array::from_fn(|p| conv(&kernels[p], phase_geometry(p / 2, p % 2)));
+    forward_phases((n, h, w), cout, |p, g| conv(&kernels[p], g))
+}
+
+/// As [`forward`], with `conv` (phase index 2a + b, geometry) holding its phase kernels already
+/// (the reduced-precision kernels keep them packed).
+pub fn forward_phases(
+    (n, h, w): (usize, usize, usize),
+    cout: usize,
+    conv: impl Fn(usize, ConvGeometry) -> Vec<f32>,
+) -> (Vec<f32>, usize, usize) {
+    let phases: [Vec<f32>; 4] = std::array::from_fn(|p| conv(p, phase_geometry(p / 2, p % 2)));
     (interleave(&phases, n * cout, h, w), 2 * h, 2 * w)
 }
 
