@@ -566,7 +566,9 @@ pub const WINOGRAD4_MIN_CHANNELS: usize = 64;
 /// the rounding, must not depend on the batch size, or an image's tokens could). From 32x32 on
 /// it beat F(2x2) once its weight transform ran in parallel (2 threads, fastest of 5, with the
 /// transform: 512 ch 32x32 16.3 vs 22.2 ms on AVX2, 7.2 vs 13.7 on AVX-512); at 16x16 it
-/// does not (the transform of 36 matrices per call is then a large part of the work).
+/// does not (the transform of 36 matrices per call is then a large part of the work). Below
+/// 4096 pixels on AVX-512 only from `WINOGRAD_MIN_CHANNELS`: at 128 channels 32x32 the implicit
+/// GEMM was faster there (0.9-1.0 against 1.3-1.4 ms).
 pub const WINOGRAD4_MIN_PIXELS: usize = 1024;
 /// F(2x2, 3x3) without the AVX-512 implicit GEMM: against im2col + GEMM on the AVX2 path Winograd
 /// measured 1.33-1.5x faster at 128 channels (256x256 and 64x64 maps), even at 64.
@@ -606,6 +608,7 @@ pub fn f32_forward(
         && cin >= WINOGRAD4_MIN_CHANNELS
         && cout >= WINOGRAD4_MIN_CHANNELS
         && h * w >= WINOGRAD4_MIN_PIXELS
+        && (h * w >= 4096 || !super::direct::available() || cin.min(cout) >= min_channels)
     {
         let u = super::winograd4::transform_weights(wt, cout, cin);
         let out = super::winograd4::conv3x3_forward(x, (n, cin, h, w), &u, cout, b, residual);
