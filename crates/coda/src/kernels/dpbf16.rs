@@ -162,19 +162,28 @@ mod tests {
     use super::super::amx::tests::{values, CASES};
     use super::*;
 
+    /// Whether `what` cannot run here: says so loudly, and fails where CODA_REQUIRE_BF16 says the
+    /// CPU must have the instructions.
+    fn skipped(what: &str) -> bool {
+        if available() {
+            return false;
+        }
+        let msg = format!("SKIP {what}: this CPU has no AVX512_BF16 (or CODA_CPU_ISA caps it)");
+        println!("{msg}");
+        eprintln!("{msg}");
+        assert!(
+            std::env::var("CODA_REQUIRE_BF16").is_err(),
+            "CODA_REQUIRE_BF16 is set but the CPU lacks AVX512_BF16"
+        );
+        true
+    }
+
     /// Every geometry of the AMX tests (odd channel counts, stride 2, upsampling, 1x1, batch 3,
     /// ragged rows): operands exact in bf16 give the f32 result up to summation order; others
     /// stay within bf16 rounding of each product (2^-8 relative to Σ|w||x|).
     #[test]
     fn bf16_conv_matches_f32_within_bf16_rounding() {
-        if !available() {
-            let msg = "SKIP dpbf16 conv: this CPU has no AVX512_BF16 (or CODA_CPU_ISA caps it)";
-            println!("{msg}");
-            eprintln!("{msg}");
-            assert!(
-                std::env::var("CODA_REQUIRE_BF16").is_err(),
-                "CODA_REQUIRE_BF16 is set but the CPU lacks AVX512_BF16"
-            );
+        if skipped("dpbf16 conv") {
             return;
         }
         let conv = super::super::conv2d::conv2d_forward;
@@ -218,15 +227,7 @@ mod tests {
     /// input 2^-9), and the cached phase kernels give the same result as packing on the call.
     #[test]
     fn bf16_subpixel_upsampling_conv_matches_f32_within_bf16_rounding() {
-        if !available() {
-            let msg =
-                "SKIP dpbf16 sub-pixel conv: this CPU has no AVX512_BF16 (or CODA_CPU_ISA caps it)";
-            println!("{msg}");
-            eprintln!("{msg}");
-            assert!(
-                std::env::var("CODA_REQUIRE_BF16").is_err(),
-                "CODA_REQUIRE_BF16 is set but the CPU lacks AVX512_BF16"
-            );
+        if skipped("dpbf16 sub-pixel conv") {
             return;
         }
         use super::super::amx::Packed;
