@@ -608,7 +608,7 @@ pub fn f32_forward(
         && cin >= WINOGRAD4_MIN_CHANNELS
         && cout >= WINOGRAD4_MIN_CHANNELS
         && h * w >= WINOGRAD4_MIN_PIXELS
-        && (h * w >= 4096 || !super::direct::available() || cin.min(cout) >= min_channels)
+        && (h * w >= 64 * 64 || !super::direct::available() || cin.min(cout) >= min_channels)
     {
         let u = super::winograd4::transform_weights(wt, cout, cin);
         let out = super::winograd4::conv3x3_forward(x, (n, cin, h, w), &u, cout, b, residual);
@@ -657,6 +657,7 @@ pub fn dpbf16_forward(
                 &fresh
             }
         };
+        // The packed phase kernels stand in for the f32 weight, which is then never read.
         return super::subpixel::forward_phases((n, h, w), cout, |p, pg| {
             let dims = (n, cin, h, w);
             super::dpbf16::conv2d_forward(
