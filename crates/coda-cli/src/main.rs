@@ -72,6 +72,7 @@ fn keep_freed_memory() {
 
 fn main() {
     keep_freed_memory();
+    coda::quiet_candle_pool();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_writer(std::io::stderr)

@@ -594,7 +594,9 @@ fn main() -> candle_core::Result<()> {
     if std::env::var("CONV_BACKWARD").is_ok() {
         // The training convs of tiny-cpu (batch 8) and one FLUX-decoder-size layer: our
         // backward (dx and dW) and forward, to set against scripts' PyTorch convolution_backward.
-        use coda::kernels::conv2d::{conv2d_backward, conv2d_forward};
+        use coda::kernels::conv2d::{
+            conv2d_backward, conv2d_backward_some, conv2d_forward, f32_forward,
+        };
         for &(n, c, hw, co) in &[
             (8usize, 32usize, 64usize, 32usize),
             (8, 64, 32, 64),
@@ -626,10 +628,28 @@ fn main() -> candle_core::Result<()> {
                 },
                 5,
             );
+            let part = |need| {
+                time(
+                    || {
+                        conv2d_backward_some(&x, (n, c, hw, hw), &w, (co, 3, 3), &dy, g, need);
+                    },
+                    5,
+                )
+            };
+            let (dx_only, dw_only) = (part((true, false)), part((false, true)));
+            let best = time(
+                || {
+                    f32_forward(&x, (n, c, hw, hw), &w, (co, 3, 3), &b, None, g);
+                },
+                5,
+            );
             println!(
-                "conv3x3 {n}x{c}x{hw}x{hw} -> {co}: backward {:.2} ms, forward (im2col) {:.2} ms",
+                "conv3x3 {n}x{c}x{hw}x{hw} -> {co}: backward {:.2} ms (dx {:.2}, dW {:.2}), forward (im2col) {:.2} ms, (f32_forward) {:.2} ms",
                 bw * 1e3,
-                fw * 1e3
+                dx_only * 1e3,
+                dw_only * 1e3,
+                fw * 1e3,
+                best * 1e3
             );
         }
         return Ok(());

@@ -316,6 +316,20 @@ pub fn conv2d_backward_some(
     g: ConvGeometry,
     (need_dx, need_dw): (bool, bool),
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    // dW at stride 1 without im2col (register-blocked over pixels, 2-3x faster).
+    if need_dw && super::weight_grad::supports(g) && super::weight_grad::available() {
+        let dw = super::weight_grad::conv2d_weight_grad(x, (n, cin, h, w), dy, (cout, kh, kw), g);
+        let (dx, _, db) = conv2d_backward_some(
+            x,
+            (n, cin, h, w),
+            weight,
+            (cout, kh, kw),
+            dy,
+            g,
+            (need_dx, false),
+        );
+        return (dx, dw, db);
+    }
     let (oh, ow) = g.output_size(h, w, kh, kw);
     // At stride 1, dx is the forward conv of dy with the flipped, transposed kernel and the
     // complementary padding: the forward's kernels (the register-blocked implicit GEMM on
@@ -346,7 +360,7 @@ pub fn conv2d_backward_some(
             transposed,
         );
         debug_assert_eq!((dh, dw_), (h, w));
-        let (_, dw, db) = conv2d_backward_some(
+        let (_, dw, db) = conv2d_backward_gather(
             x,
             (n, cin, h, w),
             weight,
@@ -357,6 +371,31 @@ pub fn conv2d_backward_some(
         );
         return (dx, dw, db);
     }
+    conv2d_backward_gather(
+        x,
+        (n, cin, h, w),
+        weight,
+        (cout, kh, kw),
+        dy,
+        g,
+        (need_dx, need_dw),
+    )
+}
+
+/// As [`conv2d_backward_some`], every gradient through the im2col gather (dx by scattering
+/// Wᵀ·dy back): the one path for every geometry, and the reference the faster kernels are
+/// tested against.
+#[allow(clippy::too_many_arguments)]
+pub fn conv2d_backward_gather(
+    x: &[f32],
+    (n, cin, h, w): (usize, usize, usize, usize),
+    weight: &[f32],
+    (cout, kh, kw): (usize, usize, usize),
+    dy: &[f32],
+    g: ConvGeometry,
+    (need_dx, need_dw): (bool, bool),
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let (oh, ow) = g.output_size(h, w, kh, kw);
     let pixels = oh * ow;
     let k = cin * kh * kw;
     let t = tile_width(k, pixels);

@@ -45,17 +45,17 @@ pub fn pack_weights(w: &[f32], (cout, cin, kh, kw): (usize, usize, usize, usize)
 }
 
 /// Geometry of one call.
-struct Plan {
-    oh: usize,
-    ow: usize,
+pub(super) struct Plan {
+    pub(super) oh: usize,
+    pub(super) ow: usize,
     /// Virtual (padded, upsampled) rows the conv reads.
-    hv: usize,
+    pub(super) hv: usize,
     /// Columns per phase: the output row rounded up to whole segments, plus the taps' reach.
-    wq: usize,
+    pub(super) wq: usize,
 }
 
 impl Plan {
-    fn new(h: usize, w: usize, kh: usize, kw: usize, g: ConvGeometry) -> Plan {
+    pub(super) fn new(h: usize, w: usize, kh: usize, kw: usize, g: ConvGeometry) -> Plan {
         let (oh, ow) = g.output_size(h, w, kh, kw);
         let s = g.stride;
         Plan {
@@ -69,7 +69,7 @@ impl Plan {
 
 /// Image `x` (cin, h, w) in the packed layout: virtual pixel (y', x') holds the (upsampled)
 /// input at (y' - pad_top, x' - pad_left), zero outside, at ((y' cin + c) s + x' mod s) wq + x'/s.
-fn pack_input(
+pub(super) fn pack_input(
     x: &[f32],
     (cin, h, w): (usize, usize, usize),
     p: &Plan,
