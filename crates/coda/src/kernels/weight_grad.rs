@@ -166,9 +166,9 @@ unsafe fn tile512<const MV: usize, const NJ: usize>(t: &Tile, out: *mut f32) {
         }
     }
     for (j, col) in (0..t.j_off.len()).zip(0..NJ) {
-        for m in 0..v_count {
+        for (m, a) in acc.iter().enumerate().take(v_count) {
             let o = out.add(j * t.coutp + m * L);
-            _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), acc[m][col]));
+            _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), a[col]));
         }
     }
 }
@@ -202,9 +202,9 @@ unsafe fn tile256<const MV: usize, const NJ: usize>(t: &Tile, out: *mut f32) {
         }
     }
     for (j, col) in (0..t.j_off.len()).zip(0..NJ) {
-        for m in 0..v_count {
+        for (m, a) in acc.iter().enumerate().take(v_count) {
             let o = out.add(j * t.coutp + m * L);
-            _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), acc[m][col]));
+            _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), a[col]));
         }
     }
 }
