@@ -637,6 +637,24 @@ fn main() -> candle_core::Result<()> {
                 )
             };
             let (dx_only, dw_only) = (part((true, false)), part((false, true)));
+            if coda::kernels::direct::available() {
+                let d = time(
+                    || {
+                        coda::kernels::direct::conv2d_forward(
+                            &x,
+                            (n, c, hw, hw),
+                            &w,
+                            (co, 3, 3),
+                            &b,
+                            None,
+                            g,
+                            None,
+                        );
+                    },
+                    5,
+                );
+                println!("  direct (implicit GEMM) forward {:.2} ms", d * 1e3);
+            }
             let best = time(
                 || {
                     f32_forward(&x, (n, c, hw, hw), &w, (co, 3, 3), &b, None, g);

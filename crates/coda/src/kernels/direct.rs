@@ -75,10 +75,22 @@ pub(super) fn pack_input(
     p: &Plan,
     g: ConvGeometry,
 ) -> Vec<f32> {
+    let mut out = vec![0f32; p.hv * cin * g.stride * p.wq];
+    pack_input_into(&mut out, x, (cin, h, w), p, g);
+    out
+}
+
+/// As [`pack_input`], into `out` (hv x cin x s x wq values, zeroed).
+fn pack_input_into(
+    out: &mut [f32],
+    x: &[f32],
+    (cin, h, w): (usize, usize, usize),
+    p: &Plan,
+    g: ConvGeometry,
+) {
     let (s, up) = (g.stride, g.upsample);
     let (pt, _, pl, _) = g.pad;
     let row_len = cin * s * p.wq;
-    let mut out = vec![0f32; p.hv * row_len];
     let (vh, vw) = (h * up, w * up);
     out.par_chunks_mut(row_len)
         .enumerate()
@@ -105,8 +117,12 @@ pub(super) fn pack_input(
                 }
             }
         });
-    out
 }
+
+/// Output pixels one run of the tiling should cover at least: maps smaller than this run
+/// several images at once, so that both threads get whole micro-tiles (a 16x16 map alone has
+/// 16 segments: 6 micro-tiles).
+const BATCH_PIXELS: usize = 16384;
 
 /// As [`super::conv2d::conv2d_forward`] (same arithmetic: f32 products and sums, in another
 /// order). `packed`: the weights already packed by [`pack_weights`], or None. Callers check
@@ -139,17 +155,35 @@ pub fn conv2d_forward(
     let mut out = vec![0f32; n * cout * pixels];
     let (tap_off, row_stride, cstride) = walk((kh, kw), cin, s, p.wq);
     let k = (&tap_off[..], cin, cstride);
-    for b in 0..n {
-        let input = pack_input(
-            &x[b * cin * h * w..(b + 1) * cin * h * w],
-            (cin, h, w),
-            &p,
-            g,
+    let per_run = (BATCH_PIXELS / pixels).clamp(1, n);
+    let packed_len = p.hv * cin * s * p.wq;
+    let mut input = vec![0f32; per_run * packed_len];
+    for b0 in (0..n).step_by(per_run) {
+        let images = per_run.min(n - b0);
+        // Every image writes the same positions, so the padding stays zero between runs.
+        for (i, dst) in input.chunks_exact_mut(packed_len).take(images).enumerate() {
+            let b = b0 + i;
+            pack_input_into(
+                dst,
+                &x[b * cin * h * w..][..cin * h * w],
+                (cin, h, w),
+                &p,
+                g,
+            );
+        }
+        let img = b0 * cout * pixels..(b0 + images) * cout * pixels;
+        let res = residual.map(|r| &r[img.clone()]);
+        run_images(
+            &mut out[img],
+            (oh, ow),
+            (&input, images, packed_len),
+            row_stride,
+            a,
+            bias,
+            res,
+            k,
+            micro,
         );
-        let img = b * cout * pixels;
-        let res = residual.map(|r| &r[img..img + cout * pixels]);
-        let dst = &mut out[img..img + cout * pixels];
-        run_image(dst, (oh, ow), &input, row_stride, a, bias, res, k, micro);
     }
     (out, oh, ow)
 }
@@ -186,17 +220,18 @@ pub(super) type Micro<T> = unsafe fn(
     usize,
 );
 
-/// The tiling both implicit GEMMs share (f32 here, bf16 channel pairs in [`super::dpbf16`]): one
-/// image's output (cout, oh, ow), cut into segments of LANES pixels of a row, NR segments per
-/// micro-tile, a few micro-tiles per task; each task starts its pixels at bias + residual, then
-/// runs `micro` over every block of MR output channels (its weights, `a`, stay in cache across
-/// the task's micro-tiles). `row_stride`: the packed input's offset from one output row to the
-/// next; `k`: as [`Micro`].
+/// The tiling both implicit GEMMs share (f32 here, bf16 channel pairs in [`super::dpbf16`]): the
+/// output (cout, oh, ow) of `images` consecutive images, whose packed inputs lie `image_len`
+/// apart in `input`, cut into segments of LANES pixels of a row, NR segments per micro-tile, a
+/// few micro-tiles per task; each task starts its pixels at bias + residual, then runs `micro`
+/// over every block of MR output channels (its weights, `a`, stay in cache across the task's
+/// micro-tiles). `row_stride`: the packed input's offset from one output row to the next; `k`:
+/// as [`Micro`].
 #[allow(clippy::too_many_arguments)]
-pub(super) fn run_image<T: Sync>(
+pub(super) fn run_images<T: Sync>(
     out: &mut [f32],
     (oh, ow): (usize, usize),
-    input: &[T],
+    (input, images, image_len): (&[T], usize, usize),
     row_stride: usize,
     a: &[T],
     bias: &[f32],
@@ -207,13 +242,21 @@ pub(super) fn run_image<T: Sync>(
     let (cout, pixels) = (bias.len(), oh * ow);
     let block = k.0.len() * k.1 * MR;
     let spr = ow.div_ceil(LANES);
-    let segments = oh * spr;
+    let per_image = oh * spr;
+    let segments = images * per_image;
     let groups = segments.div_ceil(NR);
     let threads = rayon::current_num_threads().max(1);
     let per_task = groups.div_ceil(4 * threads).clamp(1, 16);
+    // Segment sg: image b, row y, first column x0; a micro-tile's segments may span images
+    // (their output rows are the same cout·pixels apart in every image).
     let segment = |sg: usize| -> (usize, usize, usize) {
-        let (y, x0) = (sg / spr, (sg % spr) * LANES);
-        (y * ow + x0, LANES.min(ow - x0), y * row_stride + x0)
+        let (b, sl) = (sg / per_image, sg % per_image);
+        let (y, x0) = (sl / spr, (sl % spr) * LANES);
+        (
+            b * cout * pixels + y * ow + x0,
+            LANES.min(ow - x0),
+            b * image_len + y * row_stride + x0,
+        )
     };
     let out_ptr = OutPtr(out.as_mut_ptr());
     (0..groups.div_ceil(per_task))

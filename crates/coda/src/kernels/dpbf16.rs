@@ -11,7 +11,7 @@
 
 use super::amx::{pack_input, to_bf16, Plan};
 use super::conv2d::ConvGeometry;
-use super::direct::{run_image, walk, MR, NR};
+use super::direct::{run_images, walk, MR, NR};
 use rayon::prelude::*;
 
 /// Whether this path runs: the CPU has AVX512_BF16 and the `CODA_CPU_ISA` cap allows it.
@@ -88,7 +88,17 @@ pub fn conv2d_forward(
         let img = b * cout * pixels;
         let res = residual.map(|r| &r[img..img + cout * pixels]);
         let dst = &mut out[img..img + cout * pixels];
-        run_image(dst, (oh, ow), &input.hi, row_stride, a, bias, res, k, micro);
+        run_images(
+            dst,
+            (oh, ow),
+            (&input.hi, 1, 0),
+            row_stride,
+            a,
+            bias,
+            res,
+            k,
+            micro,
+        );
     }
     (out, oh, ow)
 }

@@ -1,5 +1,5 @@
-//! The weight gradient of a stride-1 convolution, dW[co][ci][tap] = Σ_images Σ_pixels
-//! dy[co][p] · x[ci][p + tap], as a register-blocked reduction with no im2col. The input is
+//! The weight gradient of a convolution, dW[co][ci][tap] = Σ_images Σ_pixels
+//! dy[co][p] · x[ci][p·stride + tap], as a register-blocked reduction with no im2col. The input is
 //! packed once per image into the implicit GEMM's padded layout ([`super::direct`]: row,
 //! channel, column), where every (channel, tap) pair is one contiguous run of pixels per output
 //! row; a micro-tile of `MR` output channels x `NJ` (channel, tap) pairs then accumulates
@@ -9,7 +9,7 @@
 //! copy alone.
 
 use super::conv2d::{ConvGeometry, OutPtr};
-use super::direct::{pack_input, Plan};
+use super::direct::{pack_input, walk, Plan};
 use rayon::prelude::*;
 
 /// Whether a vector path runs (AVX-512F, or AVX2+FMA, as `CODA_CPU_ISA` allows).
@@ -17,18 +17,12 @@ pub fn available() -> bool {
     super::simd::has_avx512() || super::simd::has_avx2_fma()
 }
 
-/// Whether this kernel handles the geometry: stride 1 and no upsampling (the others keep the
-/// gather path, which folds both into its copy).
-pub fn supports(g: ConvGeometry) -> bool {
-    g.stride == 1 && g.upsample == 1
-}
-
 /// Bytes of input and output gradient one block of rows may occupy: about half an L2 cache, so
 /// that both stay there while every micro-tile of the block reads them.
 const BLOCK_BYTES: usize = 512 << 10;
 
-/// dW (cout, cin, kh, kw) of a stride-1 conv of `x` (n, cin, h, w) given its output gradient
-/// `dy` (n, cout, oh, ow). Callers check [`available`] and [`supports`].
+/// dW (cout, cin, kh, kw) of the conv of `x` (n, cin, h, w) given its output gradient
+/// `dy` (n, cout, oh, ow). Callers check [`available`].
 pub fn conv2d_weight_grad(
     x: &[f32],
     (n, cin, h, w): (usize, usize, usize, usize),
@@ -36,7 +30,7 @@ pub fn conv2d_weight_grad(
     (cout, kh, kw): (usize, usize, usize),
     g: ConvGeometry,
 ) -> Vec<f32> {
-    assert!(available() && supports(g));
+    assert!(available());
     let p = Plan::new(h, w, kh, kw, g);
     let (oh, ow, wq) = (p.oh, p.ow, p.wq);
     let pixels = oh * ow;
@@ -48,15 +42,12 @@ pub fn conv2d_weight_grad(
     let coutp = cout.div_ceil(lanes) * lanes;
     let vectors = coutp / lanes;
     // Pair j = ci·taps + tap (dW's own order): its offset in a packed image from an output
-    // pixel's position.
+    // pixel's position (stride s: a column phase per tap, s virtual rows per output row).
+    let (tap_off, row_stride, cstride) = walk((kh, kw), cin, g.stride, wq);
     let j_off: Vec<usize> = (0..pairs)
-        .map(|j| {
-            let (ci, t) = (j / taps, j % taps);
-            (t / kw * cin + ci) * wq + t % kw
-        })
+        .map(|j| tap_off[j % taps] + (j / taps) * cstride)
         .collect();
-    let row_stride = cin * wq;
-    let row_bytes = 4 * (coutp * ow + cin * wq);
+    let row_bytes = 4 * (coutp * ow + row_stride);
     let rows = (BLOCK_BYTES / row_bytes.max(1)).clamp(1, oh);
     // Micro-tiles: up to 4 vectors of output channels (2 on AVX2) x as many pairs as leave
     // 24 (12) accumulators.
@@ -224,8 +215,8 @@ mod tests {
     use super::super::amx::tests::{values, CASES};
     use super::*;
 
-    /// Every stride-1 geometry of the conv tests (odd channel counts, 1x1, batch 3, ragged rows,
-    /// asymmetric padding) against the im2col weight gradient: the same f32 products summed in
+    /// Every geometry of the conv tests (odd channel counts, 1x1, stride 2, upsampling, batch 3,
+    /// ragged rows, asymmetric padding) against the im2col weight gradient: the same f32 products summed in
     /// another order, so within a few ulps of Σ|dy||x|.
     #[test]
     fn weight_grad_matches_im2col() {
@@ -239,9 +230,6 @@ mod tests {
         let reference = super::super::conv2d::conv2d_backward_gather;
         let mut tested = 0;
         for (i, &(n, cin, h, w, cout, kh, kw, g)) in CASES.iter().enumerate() {
-            if !supports(g) {
-                continue;
-            }
             let x = values(n * cin * h * w, i, false);
             let wt = values(cout * cin * kh * kw, i + 17, false);
             let (oh, ow) = g.output_size(h, w, kh, kw);
@@ -261,6 +249,6 @@ mod tests {
             println!("case {i}: worst error / Σ|dy||x| = {worst:.2e}");
             tested += 1;
         }
-        assert!(tested >= 4, "only {tested} stride-1 cases");
+        assert_eq!(tested, CASES.len());
     }
 }
