@@ -319,6 +319,10 @@ pub fn conv2d_backward_some(
     // dW without im2col (register-blocked over pixels, 1.5-3x faster).
     if need_dw && super::weight_grad::available() {
         let dw = super::weight_grad::conv2d_weight_grad(x, (n, cin, h, w), dy, (cout, kh, kw), g);
+        if !need_dx {
+            let (oh, ow) = g.output_size(h, w, kh, kw);
+            return (Vec::new(), dw, bias_grad(dy, n, cout, oh * ow));
+        }
         let (dx, _, db) = conv2d_backward_some(
             x,
             (n, cin, h, w),
@@ -379,6 +383,9 @@ pub fn conv2d_backward_some(
                 });
             dx
         };
+        if !need_dw {
+            return (dx, Vec::new(), bias_grad(dy, n, cout, oh * ow));
+        }
         let (_, dw, db) = conv2d_backward_gather(
             x,
             (n, cin, h, w),
@@ -386,7 +393,7 @@ pub fn conv2d_backward_some(
             (cout, kh, kw),
             dy,
             g,
-            (false, need_dw),
+            (false, true),
         );
         return (dx, dw, db);
     }
