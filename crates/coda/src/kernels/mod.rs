@@ -10,6 +10,7 @@ pub mod conv2d;
 pub mod direct;
 pub mod dpbf16;
 pub mod group_norm;
+pub mod optimizer;
 pub mod recompute;
 pub mod sgemm;
 pub mod simd;

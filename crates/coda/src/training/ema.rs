@@ -35,11 +35,11 @@ impl Ema {
         let d = ema_decay(done);
         for ((_, e), p) in self.weights.iter_mut().zip(params) {
             let w = p.var.as_tensor().detach();
-            *e = if copy {
-                w.copy()?
-            } else {
-                ((&*e * d)? + (w * (1.0 - d))?)?
-            };
+            if copy {
+                *e = w.copy()?;
+            } else if !crate::kernels::optimizer::ema_blend(e, &w, d as f32)? {
+                *e = ((&*e * d)? + (w * (1.0 - d))?)?;
+            }
         }
         Ok(())
     }

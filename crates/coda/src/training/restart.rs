@@ -186,7 +186,7 @@ mod tests {
             .iter()
             .map(|p| p.var.as_tensor().ones_like().unwrap())
             .collect();
-        opt.step(&grads, 1.0).unwrap();
+        opt.step(&grads, 1.0, 1.0).unwrap();
         let ema = Ema::new(&opt.params).unwrap();
         (opt, ema)
     }

@@ -18,7 +18,7 @@ use super::dino::{random_vit, DinoConfig, DinoDisc};
 use super::ema::Ema;
 use super::losses;
 use super::model::{Role, TrainModel};
-use super::optim::{clip_by_global_norm, cosine_factor, AdamW, Group, Param};
+use super::optim::{clip_factor, cosine_factor, AdamW, Group, Param};
 use super::patchgan::PatchGan;
 use crate::data::loader::{prefetch, resize_shorter, Augment, Batch, Sampler};
 use crate::error::{Error, Result};
@@ -668,7 +668,7 @@ impl Trainer {
         self.sampler.bad_images()
     }
 
-    /// Current (not EMA) weights of a trained parameter.
+    /// Current (not EMA) weights of a trained parameter; the tensor shares the trainer's storage.
     pub fn param(&self, name: &str) -> Option<Tensor> {
         self.opt
             .params
@@ -677,7 +677,9 @@ impl Trainer {
             .map(|p| p.var.as_tensor().clone())
     }
 
-    /// EMA weights of a trained parameter (None without EMA).
+    /// EMA weights of a trained parameter (None without EMA). Like [`param`](Self::param) the
+    /// tensor shares the trainer's storage, which the next update overwrites in place: `copy()`
+    /// it to keep a snapshot.
     pub fn ema_param(&self, name: &str) -> Option<Tensor> {
         let e = self.ema.as_ref()?;
         e.weights
@@ -850,20 +852,23 @@ impl Trainer {
             GanRamp::None => 1.0,
         };
         let n = self.opt.params.len();
-        let mut grads: Vec<Tensor> = self
-            .opt
-            .params
-            .iter()
-            .map(|p| p.var.as_tensor().zeros_like())
-            .collect::<candle_core::Result<_>>()?;
-        let mut dgrads: Vec<Tensor> = match &self.disc {
-            Some(d) => d
-                .opt
-                .params
-                .iter()
-                .map(|p| p.var.as_tensor().zeros_like())
-                .collect::<candle_core::Result<_>>()?,
-            None => Vec::new(),
+        // Summed over the micro-batches; a parameter no loss reached gets zeros at the end.
+        let mut grads: Vec<Option<Tensor>> = vec![None; n];
+        let mut dgrads: Vec<Option<Tensor>> =
+            vec![None; self.disc.as_ref().map_or(0, |d| d.opt.params.len())];
+        // g · scale added to a slot: the first gradient is kept as it is when scale is 1 (the
+        // usual single micro-batch), instead of zeros + g / 1.
+        let accumulate = |slot: &mut Option<Tensor>, g: &Tensor, scale: f64| -> Result<()> {
+            let g = if scale == 1.0 {
+                g.clone()
+            } else {
+                (g * scale)?
+            };
+            *slot = Some(match slot.take() {
+                None => g,
+                Some(acc) => (acc + g)?,
+            });
+            Ok(())
         };
         let mut log = StepLog {
             step: step + 1,
@@ -942,11 +947,11 @@ impl Trainer {
             for (i, p) in self.opt.params.iter().enumerate() {
                 let t = p.var.as_tensor();
                 if let Some(g) = g_main.get(t) {
-                    grads[i] = (&grads[i] + (g / k)?)?;
+                    accumulate(&mut grads[i], g, 1.0 / k)?;
                 }
                 if let Some(s) = &g_adv_store {
                     if let Some(g) = s.get(t) {
-                        grads[i] = (&grads[i] + (g * (gan_scale / k))?)?;
+                        accumulate(&mut grads[i], g, gan_scale / k)?;
                     }
                 }
             }
@@ -962,21 +967,36 @@ impl Trainer {
                 let store = ld.backward()?;
                 for (i, p) in d.opt.params.iter().enumerate() {
                     if let Some(g) = store.get(p.var.as_tensor()) {
-                        dgrads[i] = (&dgrads[i] + (g / k)?)?;
+                        accumulate(&mut dgrads[i], g, 1.0 / k)?;
                     }
                 }
             }
         }
-        let norm = clip_by_global_norm(&mut grads, self.cfg.clip)?;
+        let fill = |slots: Vec<Option<Tensor>>, params: &[Param]| -> Result<Vec<Tensor>> {
+            slots
+                .into_iter()
+                .zip(params)
+                .map(|(g, p)| match g {
+                    Some(g) => Ok(g),
+                    None => Ok(p.var.as_tensor().zeros_like()?),
+                })
+                .collect()
+        };
+        let grads = fill(grads, &self.opt.params)?;
+        let dgrads = match &self.disc {
+            Some(d) => fill(dgrads, &d.opt.params)?,
+            None => Vec::new(),
+        };
+        let (norm, clip) = clip_factor(&grads, self.cfg.clip)?;
         self.step += 1;
         if !log.loss.is_finite() || !norm.is_finite() {
             self.bad_streak += 1;
             return Ok(Err(format!("loss {} grad norm {norm}", log.loss)));
         }
-        let dnorm = if gan_on {
-            clip_by_global_norm(&mut dgrads, self.cfg.clip_disc)?
+        let (dnorm, dclip) = if gan_on {
+            clip_factor(&dgrads, self.cfg.clip_disc)?
         } else {
-            0.0
+            (0.0, 1.0)
         };
         if !dnorm.is_finite() {
             self.bad_streak += 1;
@@ -984,7 +1004,7 @@ impl Trainer {
         }
         self.bad_streak = 0;
         let factor = cosine_factor(step, self.cfg.warmup, self.total);
-        self.opt.step(&grads, factor)?;
+        self.opt.step(&grads, factor, clip)?;
         if let Some(e) = &mut self.ema {
             let copy = (step as f64) < self.cfg.ema_start * self.total as f64;
             // The official rule counts the updates before this one (`global_step` is
@@ -1007,7 +1027,7 @@ impl Trainer {
                 .as_mut()
                 .expect("gan_on")
                 .opt
-                .step(&dgrads, factor)?;
+                .step(&dgrads, factor, dclip)?;
         }
         debug_assert_eq!(grads.len(), n);
         log.grad_norm = norm;
