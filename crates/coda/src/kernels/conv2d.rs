@@ -266,15 +266,25 @@ fn add_row(
 
 /// db = Σ dy over images and pixels (f64 sums), for dy (n, cout, pixels).
 pub(crate) fn bias_grad(dy: &[f32], n: usize, cout: usize, pixels: usize) -> Vec<f32> {
+    // Eight independent f64 sums per run (one chained sum was latency-bound: ~4 cycles per
+    // value, 1.8% of a tiny-cpu update), channels in parallel; the order is fixed, so the
+    // result does not depend on the thread count.
+    let run_sum = |run: &[f32]| {
+        let mut acc = [0f64; 8];
+        let chunks = run.chunks_exact(8);
+        let tail: f64 = chunks.remainder().iter().map(|&v| v as f64).sum();
+        for c in chunks {
+            for (a, &v) in acc.iter_mut().zip(c) {
+                *a += v as f64;
+            }
+        }
+        acc.iter().sum::<f64>() + tail
+    };
     (0..cout)
+        .into_par_iter()
         .map(|co| {
             (0..n)
-                .map(|b| {
-                    dy[(b * cout + co) * pixels..][..pixels]
-                        .iter()
-                        .map(|&v| v as f64)
-                        .sum::<f64>()
-                })
+                .map(|b| run_sum(&dy[(b * cout + co) * pixels..][..pixels]))
                 .sum::<f64>() as f32
         })
         .collect()
