@@ -73,6 +73,7 @@ fn keep_freed_memory() {
 fn main() {
     keep_freed_memory();
     coda::quiet_candle_pool();
+    coda::single_malloc_arena();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_writer(std::io::stderr)

@@ -450,6 +450,7 @@ fn save_tokens(
 #[pymodule]
 fn _coda(m: &Bound<'_, PyModule>) -> PyResult<()> {
     coda::quiet_candle_pool();
+    coda::single_malloc_arena();
     m.add_class::<PyTokenizer>()?;
     m.add_function(wrap_pyfunction!(load_tokens, m)?)?;
     m.add_function(wrap_pyfunction!(load_image, m)?)?;

@@ -68,5 +68,5 @@ pub use error::{Error, Result};
 pub use kernels::amx::available as amx_available;
 /// The kernel path in use (at most `CODA_CPU_ISA`) and the best one this CPU has.
 pub use kernels::simd::{detected as detected_isa, isa as kernel_isa, Isa};
-pub use kernels::{precision, quiet_candle_pool, with_precision, Precision};
+pub use kernels::{precision, quiet_candle_pool, single_malloc_arena, with_precision, Precision};
 pub use tokenizer::{EncodeOptions, Tokenizer};

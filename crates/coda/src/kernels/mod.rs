@@ -99,6 +99,22 @@ pub fn quiet_candle_pool() {
     }
 }
 
+/// Make glibc's malloc serve every thread from one arena, unless `MALLOC_ARENA_MAX` says
+/// otherwise. A training update runs on a rayon worker (`training::trainer`), so its tensors
+/// are allocated and freed across threads; with glibc's default of one arena per thread each
+/// arena kept its own freed buffers: a tiny-cpu run's peak RSS went from ~300 to 520-560 MB,
+/// and back to 290 MB with one arena, at the same speed. For the owner of the process to call
+/// first, before other threads exist. No-op elsewhere than glibc.
+pub fn single_malloc_arena() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: mallopt only sets an allocator parameter; called before threads start.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 1);
+        }
+    }
+}
+
 /// Arithmetic of the inference convolutions. Training always runs in f32.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Precision {
