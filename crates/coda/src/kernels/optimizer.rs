@@ -158,14 +158,3 @@ pub fn sum_squares(t: &Tensor) -> Option<f64> {
         }
     })
 }
-
-/// Multiply a contiguous f32 CPU tensor by `c` in place; `Ok(false)` elsewhere.
-pub fn scale_in_place(t: &Tensor, c: f32) -> candle_core::Result<bool> {
-    if !super::custom_ops(t.device()) {
-        return Ok(false);
-    }
-    let done = with_f32_mut(t, |x| {
-        x.par_iter_mut().with_min_len(CHUNK).for_each(|v| *v *= c)
-    })?;
-    Ok(done.is_some())
-}
