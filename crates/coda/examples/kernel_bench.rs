@@ -155,7 +155,9 @@ fn main() -> candle_core::Result<()> {
                     },
                     3,
                 );
-                let ti = if coda::kernels::direct::available() {
+                let ti = if coda::kernels::direct::available()
+                    || coda::kernels::direct::available_avx2()
+                {
                     time(
                         || {
                             coda::kernels::direct::conv2d_forward(
@@ -252,6 +254,90 @@ fn main() -> candle_core::Result<()> {
             println!(
                 "assign n {n} V {v} d {d}: fused {:.1} ms ({:.0} GFLOP/s, {:.0}% of GEMM peak), gemm+scan {:.1} ms ({:.0}%)",
                 tf * 1e3, flops / tf / 1e9, 100.0 * flops / tf / 1e9 / peak, tg * 1e3, 100.0 * flops / tg / 1e9 / peak
+            );
+        }
+        return Ok(());
+    }
+    if std::env::var("DIRECT").is_ok() {
+        // im2col + GEMM against the implicit GEMM (AVX-512 or, under CODA_CPU_ISA=avx2, AVX2) on
+        // the training (batch 8, tiny-cpu) and inference (batch 1, MAR/FLUX) shapes.
+        use coda::kernels::{conv2d::conv2d_forward, direct};
+        if !direct::available() && !direct::available_avx2() {
+            println!("no implicit GEMM on this kernel path");
+            return Ok(());
+        }
+        for &(n, cin, cout, hw, k, up) in &[
+            (8usize, 32usize, 32usize, 64usize, 3usize, 1usize),
+            (8, 64, 64, 32, 3, 1),
+            (8, 128, 128, 16, 3, 1),
+            (8, 32, 8, 64, 3, 1),
+            (8, 64, 32, 64, 3, 1),
+            (8, 64, 64, 32, 2, 1),
+            (8, 128, 128, 16, 2, 1),
+            (1, 128, 128, 256, 3, 1),
+            (1, 128, 128, 128, 3, 1),
+            (1, 256, 256, 64, 3, 1),
+            (1, 256, 256, 32, 3, 1),
+            (1, 512, 512, 32, 3, 1),
+            (1, 3, 128, 256, 3, 1),
+            (1, 128, 3, 256, 3, 1),
+            (8, 8, 32, 64, 1, 1),
+            (8, 8, 64, 32, 1, 1),
+            (8, 32, 64, 64, 1, 1),
+            (1, 128, 128, 256, 1, 1),
+            (1, 256, 512, 64, 1, 1),
+            (8, 128, 128, 8, 3, 1),
+        ] {
+            let x: Vec<f32> = (0..n * cin * hw * hw)
+                .map(|i| ((i * 7919) % 1009) as f32 / 1009.0 - 0.5)
+                .collect();
+            let w: Vec<f32> = (0..cout * cin * k * k)
+                .map(|i| ((i * 104729) % 1013) as f32 / 10130.0 - 0.05)
+                .collect();
+            let b = vec![0f32; cout];
+            let g = ConvGeometry {
+                stride: 1,
+                pad: (k / 2, (k - 1) / 2, k / 2, (k - 1) / 2),
+                upsample: up,
+            };
+            let (oh, ow) = g.output_size(hw, hw, k, k);
+            let flops = 2.0 * (n * cout * cin * k * k * oh * ow) as f64;
+            let dims = (n, cin, hw, hw);
+            let packed = direct::pack_weights(&w, (cout, cin, k, k));
+            let t_col = time(
+                || drop(conv2d_forward(&x, dims, &w, (cout, k, k), &b, None, g)),
+                3,
+            );
+            let t_dir = time(
+                || {
+                    drop(direct::conv2d_forward(
+                        &x,
+                        dims,
+                        &w,
+                        (cout, k, k),
+                        &b,
+                        None,
+                        g,
+                        Some(&packed),
+                    ))
+                },
+                3,
+            );
+            let t_f2 = if k == 3 && cin == cout && up == 1 {
+                use coda::kernels::winograd;
+                time(
+                    || {
+                        let u = winograd::transform_weights(&w, cout, cin);
+                        drop(winograd::conv3x3_forward(&x, dims, &u, cout, &b, None, 1))
+                    },
+                    3,
+                )
+            } else {
+                f64::NAN
+            };
+            println!(
+                "n{n} {cin}->{cout} {hw}x{hw} k{k}: im2col {:.2} ms ({:.0} GFLOP/s), implicit GEMM {:.2} ms ({:.0} GFLOP/s), {:.2}x; F(2x2) {:.2} ms",
+                t_col * 1e3, flops / t_col / 1e9, t_dir * 1e3, flops / t_dir / 1e9, t_col / t_dir, t_f2 * 1e3
             );
         }
         return Ok(());

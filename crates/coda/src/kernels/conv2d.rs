@@ -646,12 +646,16 @@ pub const WINOGRAD4_MIN_CHANNELS: usize = 64;
 /// GEMM was faster there (0.9-1.0 against 1.3-1.4 ms).
 pub const WINOGRAD4_MIN_PIXELS: usize = 1024;
 /// F(2x2, 3x3) without the AVX-512 implicit GEMM: against im2col + GEMM on the AVX2 path Winograd
-/// measured 1.33-1.5x faster at 128 channels (256x256 and 64x64 maps), even at 64.
+/// measured 1.33-1.5x faster at 128 channels (256x256 and 64x64 maps), even at 64 ...
 pub const WINOGRAD_MIN_CHANNELS_AVX2: usize = 128;
+/// ... on maps of at least this many pixels: below, where F(4x4) does not apply, im2col or the
+/// AVX2 implicit GEMM was faster (2 threads: 128 ch 16x16 at batch 8 6.75 ms against 5.58 and
+/// 4.44; 8x8 1.58 against im2col's 1.27; batch 1 256 ch 16x16 4.5 against im2col's 3.0).
+pub const WINOGRAD_MIN_PIXELS_AVX2: usize = 4096;
 
 /// The f32 forward on the CPU with the fastest kernel for the shape: the upsampling conv in its
-/// sub-pixel form, Winograd F(2x2, 3x3) on wide layers, the AVX-512 implicit GEMM on large maps,
-/// im2col + GEMM otherwise. Returns (out, oh, ow).
+/// sub-pixel form, Winograd F(2x2, 3x3) on wide layers, the implicit GEMM (AVX-512 or AVX2) on
+/// large maps, im2col + GEMM otherwise. Returns (out, oh, ow).
 #[allow(clippy::too_many_arguments)]
 pub fn f32_forward(
     x: &[f32],
@@ -669,8 +673,10 @@ pub fn f32_forward(
     } else {
         WINOGRAD_MIN_CHANNELS_AVX2
     };
-    let winograd =
-        super::winograd::supports(kh, kw, g) && cin >= min_channels && cout >= min_channels;
+    let winograd = super::winograd::supports(kh, kw, g)
+        && cin >= min_channels
+        && cout >= min_channels
+        && (super::direct::available() || h * w >= WINOGRAD_MIN_PIXELS_AVX2);
     if super::subpixel::applies(kh, kw, g) && residual.is_none() {
         return super::subpixel::forward((n, cin, h, w), wt, cout, |k, pg| {
             f32_forward(x, (n, cin, h, w), k, (cout, 2, 2), b, None, pg).0
@@ -696,12 +702,15 @@ pub fn f32_forward(
             super::winograd::conv3x3_forward(x, (n, cin, h, w), &u, cout, b, residual, g.upsample);
         return (out, oh, ow);
     }
-    // The implicit GEMM without im2col on AVX-512, measured 1.15-1.33x faster on the VAE's
-    // 3x3 convs (slower on 1x1 ones, which need no gather, and on rows narrower than its
-    // 16-pixel vectors); maps below 32x32 run several images at once (16x16 at batch 8: 2.35
-    // against 2.98 ms).
+    // The implicit GEMM without im2col, measured 1.15-1.33x faster on the VAE's 3x3 convs on
+    // AVX-512 and 1.2-3x on AVX2 (not on rows narrower than its 16-pixel segments); maps below
+    // 32x32 run several images at once (16x16 at batch 8: 2.35 against 2.98 ms). 1x1 convs need
+    // no gather: on AVX-512 the GEMM is faster there (0.67-0.84x), but the `gemm` crate's AVX2
+    // kernel ran them at 4-89 GFLOP/s (LoRA's rank-8 1x1 conv: 4), the implicit GEMM 1.5-4.4x
+    // faster.
     let (oh, ow) = g.output_size(h, w, kh, kw);
-    if kh * kw > 1 && ow >= 16 && n * oh * ow >= 1024 && super::direct::available() {
+    let implicit = (super::direct::available() && kh * kw > 1) || super::direct::available_avx2();
+    if ow >= 16 && n * oh * ow >= 1024 && implicit {
         super::direct::conv2d_forward(x, (n, cin, h, w), wt, (cout, kh, kw), b, residual, g, None)
     } else {
         conv2d_forward(x, (n, cin, h, w), wt, (cout, kh, kw), b, residual, g)
