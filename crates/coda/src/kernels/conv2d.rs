@@ -646,12 +646,14 @@ pub const WINOGRAD4_MIN_CHANNELS: usize = 64;
 /// GEMM was faster there (0.9-1.0 against 1.3-1.4 ms).
 pub const WINOGRAD4_MIN_PIXELS: usize = 1024;
 /// F(2x2, 3x3) without the AVX-512 implicit GEMM: against im2col + GEMM on the AVX2 path Winograd
-/// measured 1.33-1.5x faster at 128 channels (256x256 and 64x64 maps), even at 64 ...
+/// measured 1.33-1.5x faster at 128 channels (256x256 and 64x64 maps), even at 64.
 pub const WINOGRAD_MIN_CHANNELS_AVX2: usize = 128;
-/// ... on maps of at least this many pixels: below, where F(4x4) does not apply, im2col or the
-/// AVX2 implicit GEMM was faster (2 threads: 128 ch 16x16 at batch 8 6.75 ms against 5.58 and
-/// 4.44; 8x8 1.58 against im2col's 1.27; batch 1 256 ch 16x16 4.5 against im2col's 3.0).
-pub const WINOGRAD_MIN_PIXELS_AVX2: usize = 4096;
+/// F(2x2, 3x3) only on maps of at least this many pixels (per image): below, where F(4x4) does
+/// not apply, it lost to im2col and to the implicit GEMM on both paths (2 threads, batch 1,
+/// 16x16, `MIN=1 DIRECT=1 kernel_bench`: AVX-512 512 ch 11.3-13.1 ms against 6.3-7.1, 256 ch
+/// 3.2-3.5 against 1.6-2.6; AVX2 256 ch 5.1 against 2.3-3.0; 128 ch 8x8 at batch 8 1.58 against
+/// im2col's 1.27).
+pub const WINOGRAD_MIN_PIXELS: usize = 4096;
 
 /// The f32 forward on the CPU with the fastest kernel for the shape: the upsampling conv in its
 /// sub-pixel form, Winograd F(2x2, 3x3) on wide layers, the implicit GEMM (AVX-512 or AVX2) on
@@ -676,7 +678,7 @@ pub fn f32_forward(
     let winograd = super::winograd::supports(kh, kw, g)
         && cin >= min_channels
         && cout >= min_channels
-        && (super::direct::available() || h * w >= WINOGRAD_MIN_PIXELS_AVX2);
+        && h * w >= WINOGRAD_MIN_PIXELS;
     if super::subpixel::applies(kh, kw, g) && residual.is_none() {
         return super::subpixel::forward((n, cin, h, w), wt, cout, |k, pg| {
             f32_forward(x, (n, cin, h, w), k, (cout, 2, 2), b, None, pg).0
@@ -704,13 +706,15 @@ pub fn f32_forward(
     }
     // The implicit GEMM without im2col, measured 1.15-1.33x faster on the VAE's 3x3 convs on
     // AVX-512 and 1.2-3x on AVX2 (not on rows narrower than its 16-pixel segments); maps below
-    // 32x32 run several images at once (16x16 at batch 8: 2.35 against 2.98 ms). 1x1 convs need
-    // no gather: on AVX-512 the GEMM is faster there (0.67-0.84x), but the `gemm` crate's AVX2
-    // kernel ran them at 4-89 GFLOP/s (LoRA's rank-8 1x1 conv: 4), the implicit GEMM 1.5-4.4x
-    // faster.
-    let (oh, ow) = g.output_size(h, w, kh, kw);
+    // 32x32 run several images at once (16x16 at batch 8: 2.35 against 2.98 ms; at batch 1,
+    // 128-256 channels 1.3-2.4x faster than im2col, 512 a tie). 1x1 convs need no gather: on
+    // AVX-512 the GEMM is faster there (0.67-0.84x), but the `gemm` crate's AVX2 kernel ran them
+    // at 4-89 GFLOP/s (LoRA's rank-8 1x1 conv: 4), the implicit GEMM 1.5-4.4x faster. The choice
+    // depends on the image's shape only, never on the batch size: kernels round differently,
+    // and an image's tokens must not depend on the batch it came in.
+    let (_, ow) = g.output_size(h, w, kh, kw);
     let implicit = (super::direct::available() && kh * kw > 1) || super::direct::available_avx2();
-    if ow >= 16 && n * oh * ow >= 1024 && implicit {
+    if ow >= 16 && implicit {
         super::direct::conv2d_forward(x, (n, cin, h, w), wt, (cout, kh, kw), b, residual, g, None)
     } else {
         conv2d_forward(x, (n, cin, h, w), wt, (cout, kh, kw), b, residual, g)
@@ -1266,5 +1270,47 @@ mod tests {
             );
         }
         Ok(())
+    }
+
+    /// Each image of a batch gets bit-for-bit the output it gets alone, on every shape class the
+    /// kernel choice looks at (implicit GEMM, Winograd F(2x2)/F(4x4), sub-pixel, im2col, 1x1,
+    /// stride 2, maps below and above the size thresholds): kernels round differently, so a
+    /// choice that counted the batch would let an image's tokens depend on its batch.
+    #[test]
+    fn f32_forward_of_a_batch_equals_each_image_alone() {
+        use super::super::amx::tests::values;
+        let up = ConvGeometry {
+            stride: 1,
+            pad: (1, 1, 1, 1),
+            upsample: 2,
+        };
+        let cases = [
+            (16, 16, 16, 16, 3, ConvGeometry::same(1, 1)),
+            (128, 128, 16, 16, 3, ConvGeometry::same(1, 1)),
+            (256, 256, 8, 16, 3, ConvGeometry::same(1, 1)),
+            (256, 256, 16, 16, 3, ConvGeometry::same(1, 1)),
+            (64, 64, 32, 32, 3, ConvGeometry::same(1, 1)),
+            (128, 128, 64, 64, 3, ConvGeometry::same(1, 1)),
+            (32, 32, 8, 8, 3, ConvGeometry::same(1, 1)),
+            (8, 32, 16, 24, 1, ConvGeometry::same(1, 0)),
+            (32, 32, 32, 32, 3, ConvGeometry::same(2, 1)),
+            (32, 16, 16, 16, 3, up),
+        ];
+        let n = 4;
+        for (i, &(cin, cout, h, w, k, g)) in cases.iter().enumerate() {
+            let x = values(n * cin * h * w, i, false);
+            let wt = values(cout * cin * k * k, i + 3, false);
+            let b = values(cout, i + 7, false);
+            let (all, oh, ow) = f32_forward(&x, (n, cin, h, w), &wt, (cout, k, k), &b, None, g);
+            let per = cout * oh * ow;
+            for img in 0..n {
+                let xi = &x[img * cin * h * w..][..cin * h * w];
+                let (one, _, _) = f32_forward(xi, (1, cin, h, w), &wt, (cout, k, k), &b, None, g);
+                assert!(
+                    one == all[img * per..][..per],
+                    "case {i} ({cin}->{cout} {h}x{w} k{k}): image {img} of {n} differs from it alone"
+                );
+            }
+        }
     }
 }
