@@ -383,10 +383,10 @@ unsafe fn micro_avx2(
     const V: usize = 2;
     let base = input.as_ptr();
     let lane_index = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    for half in 0..2 * NR / V {
+    for pass in 0..2 * NR / V {
         // Vector i of this pass: segment v / 2, its pixels (v % 2)·8.., of which `len` are valid.
         let vecs: [(usize, usize, usize); V] = std::array::from_fn(|i| {
-            let v = half * V + i;
+            let v = pass * V + i;
             let (s, o) = (v / 2, (v % 2) * 8);
             (
                 seg[s].0 + o,
@@ -437,17 +437,7 @@ unsafe fn micro_avx2(
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn micro_avx2(
-    _: *const f32,
-    _: &[f32],
-    _: &[(usize, usize, usize); NR],
-    _: (&[usize], usize, usize),
-    _: *mut f32,
-    _: usize,
-    _: usize,
-) {
-    unreachable!("the direct conv is x86-64 only")
-}
+use self::micro as micro_avx2;
 
 #[cfg(not(target_arch = "x86_64"))]
 unsafe fn micro(
