@@ -83,7 +83,25 @@ pub fn write(path: &Path, tokens: &Tokens, meta: &TokenFileMeta) -> Result<()> {
     ]);
     let bytes = safetensors::tensor::serialize(views, Some(metadata))
         .map_err(|e| Error::Invalid(format!("cannot serialise {}: {e}", path.display())))?;
-    crate::io::write_atomic(path, &bytes)
+    crate::io::write_atomic(path, &sorted_header(bytes))
+}
+
+/// `safetensors` writes the metadata in a `HashMap`'s order, which changes from one run to the
+/// next: the header rewritten with its keys sorted (same length, padded with spaces as the format
+/// allows; the tensors' offsets are relative to the header's end), so that the same tokens always
+/// give the same bytes.
+fn sorted_header(mut bytes: Vec<u8>) -> Vec<u8> {
+    let n = u64::from_le_bytes(bytes[..8].try_into().expect("8-byte length")) as usize;
+    let Ok(header) = serde_json::from_slice::<serde_json::Value>(&bytes[8..8 + n]) else {
+        return bytes;
+    };
+    // serde_json's maps are ordered by key (no `preserve_order`).
+    let sorted = serde_json::to_vec(&header).expect("a parsed header serialises");
+    if sorted.len() <= n {
+        bytes[8..8 + sorted.len()].copy_from_slice(&sorted);
+        bytes[8 + sorted.len()..8 + n].fill(b' ');
+    }
+    bytes
 }
 
 /// Read a token file, checking that its tensors agree with each other and with its metadata.
@@ -238,6 +256,26 @@ mod tests {
             let want = if v <= 65536 { Dtype::U16 } else { Dtype::U32 };
             assert_eq!(st.tensor("tokens").unwrap().dtype(), want);
         }
+    }
+
+    /// The metadata's HashMap order differs between maps (and runs): the file must not.
+    #[test]
+    fn the_same_tokens_give_the_same_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t.safetensors");
+        let t = tokens(1000);
+        write(&p, &t, &meta(1000)).unwrap();
+        let first = std::fs::read(&p).unwrap();
+        for _ in 0..8 {
+            write(&p, &t, &meta(1000)).unwrap();
+            assert_eq!(std::fs::read(&p).unwrap(), first);
+        }
+        let (back, m) = read(&p, &Device::Cpu).unwrap();
+        assert_eq!(m, meta(1000));
+        assert_eq!(
+            back.flat().unwrap().to_vec2::<u32>().unwrap(),
+            t.flat().unwrap().to_vec2::<u32>().unwrap()
+        );
     }
 
     #[test]
