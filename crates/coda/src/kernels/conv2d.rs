@@ -1058,6 +1058,19 @@ mod tests {
                 },
             ),
             (
+                2,
+                5,
+                9,
+                13,
+                4,
+                3,
+                ConvGeometry {
+                    stride: 2,
+                    pad: (1, 1, 1, 1),
+                    upsample: 1,
+                },
+            ),
+            (
                 1,
                 4,
                 5,
@@ -1224,6 +1237,21 @@ mod tests {
                 },
             ),
             (1, 8, 45, 47, 40, 3, ConvGeometry::same(1, 1)),
+            // Stride 2 with an odd left padding and rows of >= 16 outputs (the implicit GEMM's
+            // packing puts column 1 in phase 0 of the padded row).
+            (
+                2,
+                5,
+                34,
+                37,
+                6,
+                3,
+                ConvGeometry {
+                    stride: 2,
+                    pad: (1, 1, 1, 1),
+                    upsample: 1,
+                },
+            ),
             // Wide enough for the Winograd path (the upsampled one takes the sub-pixel form).
             (
                 2,

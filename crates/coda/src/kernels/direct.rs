@@ -74,21 +74,11 @@ impl Plan {
     }
 }
 
-/// Image `x` (cin, h, w) in the packed layout: virtual pixel (y', x') holds the (upsampled)
-/// input at (y' - pad_top, x' - pad_left), zero outside, at ((y' cin + c) s + x' mod s) wq + x'/s.
-pub(super) fn pack_input(
-    x: &[f32],
-    (cin, h, w): (usize, usize, usize),
-    p: &Plan,
-    g: ConvGeometry,
-) -> Vec<f32> {
-    let mut out = vec![0f32; p.hv * cin * g.stride * p.wq];
-    pack_input_into(&mut out, x, (cin, h, w), p, g);
-    out
-}
-
-/// As [`pack_input`], into `out` (hv x cin x s x wq values, zeroed).
-fn pack_input_into(
+/// Image `x` (cin, h, w) into `out` in the packed layout: virtual pixel (y', x') holds the
+/// (upsampled) input at (y' - pad_top, x' - pad_left), zero outside, at
+/// ((y' cin + c) s + x' mod s) wq + x'/s. `out` (hv x cin x s x wq values) comes zeroed, or
+/// holding an earlier image of the same shape: every image writes the same positions.
+pub(super) fn pack_input_into(
     out: &mut [f32],
     x: &[f32],
     (cin, h, w): (usize, usize, usize),
@@ -116,6 +106,20 @@ fn pack_input_into(
                 } else if s == 1 && up == 2 {
                     for (o, &v) in dst[pl..x_end].chunks_mut(2).zip(src) {
                         o.fill(v);
+                    }
+                } else if up == 1 {
+                    // Stride s: column xv goes to phase xv mod s, so each phase is every s-th
+                    // input value from its first column on (a division per value cost 5x).
+                    for ph in 0..s {
+                        let first = pl + (ph + s - pl % s) % s;
+                        if first >= x_end {
+                            continue;
+                        }
+                        let count = (x_end - first).div_ceil(s);
+                        let d = &mut dst[ph * p.wq + first / s..][..count];
+                        for (o, &v) in d.iter_mut().zip(src[first - pl..].iter().step_by(s)) {
+                            *o = v;
+                        }
                     }
                 } else {
                     for xv in pl..x_end {

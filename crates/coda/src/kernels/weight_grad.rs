@@ -9,7 +9,7 @@
 //! copy alone.
 
 use super::conv2d::{ConvGeometry, OutPtr};
-use super::direct::{pack_input, walk, Plan};
+use super::direct::{pack_input_into, walk, Plan};
 use rayon::prelude::*;
 
 /// Whether a vector path runs (AVX-512F, or AVX2+FMA, as `CODA_CPU_ISA` allows).
@@ -63,8 +63,16 @@ pub fn conv2d_weight_grad(
     let mut dwt = vec![0f32; pairs * coutp];
     let out = OutPtr(dwt.as_mut_ptr());
     let mut dy_cl = vec![0f32; pixels * coutp];
+    // One packed image at a time, in one buffer: its padding stays zero from image to image.
+    let mut input = vec![0f32; p.hv * cin * g.stride * wq];
     for b in 0..n {
-        let input = pack_input(&x[b * cin * h * w..][..cin * h * w], (cin, h, w), &p, g);
+        pack_input_into(
+            &mut input,
+            &x[b * cin * h * w..][..cin * h * w],
+            (cin, h, w),
+            &p,
+            g,
+        );
         // dy of this image, pixel-major (channels last).
         let dyb = &dy[b * cout * pixels..][..cout * pixels];
         // Blocks of TRANSPOSE_PIXELS pixels: each channel's run is read contiguously and its
