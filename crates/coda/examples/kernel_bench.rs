@@ -10,9 +10,11 @@ use coda::kernels::{conv2d, group_norm, group_norm_composite, ConvGeometry};
 fn time<F: FnMut()>(mut f: F, iters: usize) -> f64 {
     f();
     let cpu = std::env::var("CPU_TIME").is_ok();
-    // MIN=1: the fastest of the calls instead of their mean (a noisy shared machine).
-    if std::env::var("MIN").is_ok() {
-        return (0..iters.max(5))
+    // MIN=N: the fastest of at least max(N, 5) calls instead of their mean (a noisy shared
+    // machine).
+    if let Ok(min) = std::env::var("MIN") {
+        let calls = iters.max(min.parse().unwrap_or(5)).max(5);
+        return (0..calls)
             .map(|_| {
                 let (t, c) = (Instant::now(), process_cpu_seconds());
                 f();
@@ -287,6 +289,10 @@ fn main() -> candle_core::Result<()> {
             (1, 128, 128, 256, 1, 1),
             (1, 256, 512, 64, 1, 1),
             (8, 128, 128, 8, 3, 1),
+            (8, 128, 128, 8, 2, 1),
+            (1, 128, 128, 8, 3, 1),
+            (8, 128, 128, 4, 3, 1),
+            (8, 64, 64, 12, 3, 1),
             (1, 128, 128, 16, 3, 1),
             (1, 256, 256, 16, 3, 1),
             (1, 512, 512, 16, 3, 1),

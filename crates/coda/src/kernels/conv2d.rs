@@ -705,7 +705,9 @@ pub fn f32_forward(
         return (out, oh, ow);
     }
     // The implicit GEMM without im2col, measured 1.15-1.33x faster on the VAE's 3x3 convs on
-    // AVX-512 and 1.2-3x on AVX2 (not on rows narrower than its 16-pixel segments); maps below
+    // AVX-512 and 1.2-3x on AVX2; rows of 8-15 pixels as flat runs of padded rows (8x8, 128
+    // channels, batch 8: 1.05-1.08 against im2col's 1.21-1.30 ms on AVX-512, 1.07-1.4x on
+    // AVX2), narrower ones through im2col; maps below
     // 32x32 run several images at once (16x16 at batch 8: 2.35 against 2.98 ms; at batch 1,
     // 128-256 channels 1.3-2.4x faster than im2col, 512 a tie). 1x1 convs need no gather: on
     // AVX-512 the GEMM is faster there (0.67-0.84x), but the `gemm` crate's AVX2 kernel ran them
@@ -714,7 +716,7 @@ pub fn f32_forward(
     // and an image's tokens must not depend on the batch it came in.
     let (_, ow) = g.output_size(h, w, kh, kw);
     let implicit = (super::direct::available() && kh * kw > 1) || super::direct::available_avx2();
-    if ow >= 16 && implicit {
+    if (ow >= 16 || super::direct::narrow_applies(w, kw, g)) && implicit {
         super::direct::conv2d_forward(x, (n, cin, h, w), wt, (cout, kh, kw), b, residual, g, None)
     } else {
         conv2d_forward(x, (n, cin, h, w), wt, (cout, kh, kw), b, residual, g)
@@ -1320,6 +1322,8 @@ mod tests {
             (64, 64, 32, 32, 3, ConvGeometry::same(1, 1)),
             (128, 128, 64, 64, 3, ConvGeometry::same(1, 1)),
             (32, 32, 8, 8, 3, ConvGeometry::same(1, 1)),
+            (128, 128, 12, 12, 3, ConvGeometry::same(1, 1)),
+            (16, 16, 4, 4, 3, ConvGeometry::same(1, 1)),
             (8, 32, 16, 24, 1, ConvGeometry::same(1, 0)),
             (32, 32, 32, 32, 3, ConvGeometry::same(2, 1)),
             (32, 16, 16, 16, 3, up),

@@ -21,6 +21,9 @@ pub fn available() -> bool {
 /// that both stay there while every micro-tile of the block reads them.
 const BLOCK_BYTES: usize = 512 << 10;
 
+/// Output pixels a pass should cover at least: smaller maps run several images per pass.
+const GROUP_PIXELS: usize = 1024;
+
 /// Pixels per block of the dy transpose: 64 pixels x 128 channels is 32 KiB.
 const TRANSPOSE_PIXELS: usize = 64;
 
@@ -50,8 +53,17 @@ pub fn conv2d_weight_grad(
     let j_off: Vec<usize> = (0..pairs)
         .map(|j| tap_off[j % taps] + (j / taps) * cstride)
         .collect();
+    // Small maps run several images per pass (virtual rows run on from one image into the
+    // next), so that a pass has enough rows to share among the threads: an 8x8 map alone is
+    // 8 rows, and three parallel regions per image cost more than its FMAs.
+    let group = (GROUP_PIXELS / pixels).clamp(1, n);
+    let packed_len = p.hv * cin * g.stride * wq;
+    // Each virtual row's first value in the packed images (dy_cl's rows are uniform).
+    let row_off: Vec<usize> = (0..group * oh)
+        .map(|r| (r / oh) * packed_len + (r % oh) * row_stride)
+        .collect();
     let row_bytes = 4 * (coutp * ow + row_stride);
-    let rows = (BLOCK_BYTES / row_bytes.max(1)).clamp(1, oh);
+    let rows = (BLOCK_BYTES / row_bytes.max(1)).clamp(1, group * oh);
     // Micro-tiles: up to 4 vectors of output channels (2 on AVX2) x as many pairs as leave
     // 24 (12) accumulators.
     let mv = vectors.min(if wide { 4 } else { 2 });
@@ -62,37 +74,49 @@ pub fn conv2d_weight_grad(
     // dW as (pair, output channel): each tile adds whole vectors into its own block.
     let mut dwt = vec![0f32; pairs * coutp];
     let out = OutPtr(dwt.as_mut_ptr());
-    let mut dy_cl = vec![0f32; pixels * coutp];
-    // One packed image at a time, in one buffer: its padding stays zero from image to image.
-    let mut input = vec![0f32; p.hv * cin * g.stride * wq];
-    for b in 0..n {
-        pack_input_into(
-            &mut input,
-            &x[b * cin * h * w..][..cin * h * w],
-            (cin, h, w),
-            &p,
-            g,
-        );
-        // dy of this image, pixel-major (channels last).
-        let dyb = &dy[b * cout * pixels..][..cout * pixels];
-        // Blocks of TRANSPOSE_PIXELS pixels: each channel's run is read contiguously and its
-        // strided writes stay within one L1-sized block (reading a channel per value instead
-        // was 6% of a tiny-cpu update).
-        dy_cl
-            .par_chunks_mut(coutp * TRANSPOSE_PIXELS)
+    let mut dy_cl = vec![0f32; group * pixels * coutp];
+    // One group of packed images at a time, in one buffer: the padding stays zero throughout.
+    let mut input = vec![0f32; group * packed_len];
+    for b0 in (0..n).step_by(group) {
+        let images = group.min(n - b0);
+        input
+            .par_chunks_mut(packed_len)
+            .take(images)
             .enumerate()
-            .for_each(|(c, dst)| {
-                let p0 = c * TRANSPOSE_PIXELS;
-                let np = dst.len() / coutp;
-                for co in 0..cout {
-                    let src = &dyb[co * pixels + p0..][..np];
-                    for (d, &v) in dst[co..].iter_mut().step_by(coutp).zip(src) {
-                        *d = v;
-                    }
-                }
+            .for_each(|(i, dst)| {
+                let b = b0 + i;
+                pack_input_into(
+                    dst,
+                    &x[b * cin * h * w..][..cin * h * w],
+                    (cin, h, w),
+                    &p,
+                    g,
+                );
             });
-        for oy0 in (0..oh).step_by(rows) {
-            let span = oy0..(oy0 + rows).min(oh);
+        // dy of these images, pixel-major (channels last), in blocks of TRANSPOSE_PIXELS
+        // pixels: each channel's run is read contiguously and its strided writes stay within
+        // one L1-sized block (reading a channel per value instead was 6% of a tiny-cpu update).
+        dy_cl
+            .par_chunks_mut(pixels * coutp)
+            .take(images)
+            .enumerate()
+            .for_each(|(i, dst)| {
+                let dyb = &dy[(b0 + i) * cout * pixels..][..cout * pixels];
+                dst.par_chunks_mut(coutp * TRANSPOSE_PIXELS)
+                    .enumerate()
+                    .for_each(|(c, dst)| {
+                        let p0 = c * TRANSPOSE_PIXELS;
+                        let np = dst.len() / coutp;
+                        for co in 0..cout {
+                            let src = &dyb[co * pixels + p0..][..np];
+                            for (d, &v) in dst[co..].iter_mut().step_by(coutp).zip(src) {
+                                *d = v;
+                            }
+                        }
+                    });
+            });
+        for r0 in (0..images * oh).step_by(rows) {
+            let span = r0..(r0 + rows).min(images * oh);
             tiles.par_iter().for_each(|&(v, j)| {
                 let t = Tile {
                     dy: &dy_cl[..],
@@ -100,12 +124,12 @@ pub fn conv2d_weight_grad(
                     ow,
                     v: (v, mv.min(vectors - v)),
                     input: &input,
-                    row_stride,
+                    row_off: &row_off,
                     j_off: &j_off[j..(j + nj).min(pairs)],
                     rows: span.clone(),
                 };
                 // SAFETY: the tile owns dwt's pairs j.. at channels v·lanes..; every offset stays
-                // within the packed image and dy_cl.
+                // within the packed images and dy_cl.
                 unsafe {
                     let o = out.at(j * coutp + v * lanes);
                     match (wide, mv) {
@@ -130,14 +154,16 @@ pub fn conv2d_weight_grad(
 }
 
 /// One micro-tile's inputs: dy (pixels, coutp) pixel-major, the tile's vectors of output
-/// channels (first, count), its (channel, tap) pairs' offsets, and the output rows to sum over.
+/// channels (first, count), its (channel, tap) pairs' offsets, and the virtual output rows
+/// (rows of consecutive images) to sum over.
 struct Tile<'a> {
     dy: &'a [f32],
     coutp: usize,
     ow: usize,
     v: (usize, usize),
     input: &'a [f32],
-    row_stride: usize,
+    /// Each virtual row's offset in `input`.
+    row_off: &'a [usize],
     j_off: &'a [usize],
     rows: std::ops::Range<usize>,
 }
@@ -159,7 +185,7 @@ unsafe fn tile512<const MV: usize, const NJ: usize>(t: &Tile, out: *mut f32) {
     let mut acc = [[_mm512_setzero_ps(); NJ]; MV];
     let x = t.input.as_ptr();
     for oy in t.rows.clone() {
-        let xr = x.add(oy * t.row_stride);
+        let xr = x.add(t.row_off[oy]);
         let mut d = t.dy.as_ptr().add(oy * t.ow * t.coutp);
         for ox in 0..t.ow {
             let dv: [__m512; MV] = std::array::from_fn(|m| _mm512_loadu_ps(d.add(vo[m])));
@@ -195,7 +221,7 @@ unsafe fn tile256<const MV: usize, const NJ: usize>(t: &Tile, out: *mut f32) {
     let mut acc = [[_mm256_setzero_ps(); NJ]; MV];
     let x = t.input.as_ptr();
     for oy in t.rows.clone() {
-        let xr = x.add(oy * t.row_stride);
+        let xr = x.add(t.row_off[oy]);
         let mut d = t.dy.as_ptr().add(oy * t.ow * t.coutp);
         for ox in 0..t.ow {
             let dv: [__m256; MV] = std::array::from_fn(|m| _mm256_loadu_ps(d.add(vo[m])));
