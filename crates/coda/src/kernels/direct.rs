@@ -130,6 +130,25 @@ pub(super) fn pack_input_into(
         });
 }
 
+/// Images `batch` of `x` (n, cin, h, w) packed by [`pack_input_into`] one after the other into
+/// `input`, in parallel over the images.
+pub(super) fn pack_images_into(
+    input: &mut [f32],
+    x: &[f32],
+    batch: std::ops::Range<usize>,
+    (cin, h, w): (usize, usize, usize),
+    p: &Plan,
+    g: ConvGeometry,
+) {
+    let packed_len = p.hv * cin * g.stride * p.wq;
+    input
+        .par_chunks_mut(packed_len)
+        .zip(batch.into_par_iter())
+        .for_each(|(dst, b)| {
+            pack_input_into(dst, &x[b * cin * h * w..][..cin * h * w], (cin, h, w), p, g)
+        });
+}
+
 /// Output pixels one run of the tiling should cover at least: maps smaller than this run
 /// several images at once, so that both threads get whole micro-tiles (a 16x16 map alone has
 /// 16 segments: 6 micro-tiles).
@@ -206,16 +225,7 @@ fn forward_rows(
     for b0 in (0..n).step_by(per_run) {
         let images = per_run.min(n - b0);
         // Every image writes the same positions, so the padding stays zero between runs.
-        for (i, dst) in input.chunks_exact_mut(packed_len).take(images).enumerate() {
-            let b = b0 + i;
-            pack_input_into(
-                dst,
-                &x[b * cin * h * w..][..cin * h * w],
-                (cin, h, w),
-                &p,
-                g,
-            );
-        }
+        pack_images_into(&mut input, x, b0..b0 + images, (cin, h, w), &p, g);
         let img = b0 * cout * pixels..(b0 + images) * cout * pixels;
         let res = residual.map(|r| &r[img.clone()]);
         run_images(

@@ -9,7 +9,7 @@
 //! copy alone.
 
 use super::conv2d::{ConvGeometry, OutPtr};
-use super::direct::{pack_input_into, walk, Plan};
+use super::direct::{pack_images_into, walk, Plan};
 use rayon::prelude::*;
 
 /// Whether a vector path runs (AVX-512F, or AVX2+FMA, as `CODA_CPU_ISA` allows).
@@ -79,20 +79,7 @@ pub fn conv2d_weight_grad(
     let mut input = vec![0f32; group * packed_len];
     for b0 in (0..n).step_by(group) {
         let images = group.min(n - b0);
-        input
-            .par_chunks_mut(packed_len)
-            .take(images)
-            .enumerate()
-            .for_each(|(i, dst)| {
-                let b = b0 + i;
-                pack_input_into(
-                    dst,
-                    &x[b * cin * h * w..][..cin * h * w],
-                    (cin, h, w),
-                    &p,
-                    g,
-                );
-            });
+        pack_images_into(&mut input, x, b0..b0 + images, (cin, h, w), &p, g);
         // dy of these images, pixel-major (channels last), in blocks of TRANSPOSE_PIXELS
         // pixels: each channel's run is read contiguously and its strided writes stay within
         // one L1-sized block (reading a channel per value instead was 6% of a tiny-cpu update).
