@@ -300,18 +300,22 @@ pub enum Packed {
     /// An upsampling conv's four sub-pixel phase kernels ([`super::subpixel::phase_weights`]),
     /// each as bf16 channel pairs for [`super::dpbf16`].
     PhasePairs([Vec<u32>; 4]),
+    /// f32 weights in the form their kernel reads.
+    F32(super::conv2d::F32Weights),
 }
 
 /// The packed weights of one conv, kept beside its (immutable, inference) weight tensor: packed
-/// at the first reduced-precision call, again only if the kernel or the tensor changes.
+/// at the first call, again only if the kernel or the tensor changes.
 #[derive(Debug, Default)]
 pub struct WeightCache(std::sync::Mutex<Option<CachedWeights>>);
 
-/// The weight tensor packed, the kernel it was packed for, whether as sub-pixel phases.
+/// The weight tensor packed, the kernel it was packed for, whether as sub-pixel phases, the f32
+/// kernel (on the f32 backend).
 type CachedWeights = (
     candle_core::TensorId,
     super::ConvBackend,
     bool,
+    Option<super::conv2d::F32Kernel>,
     std::sync::Arc<Packed>,
 );
 
@@ -326,14 +330,29 @@ impl WeightCache {
         self.get_for_backend(weight, super::conv_backend(), false)
     }
 
-    /// As [`get`](Self::get) for a conv of geometry `g`: an upsampling 3x3 conv on the
-    /// AVX512_BF16 kernel keeps its four sub-pixel phase kernels instead of the 3x3 one.
+    /// As [`get`](Self::get) for a conv of geometry `g` on (cin, h, w) images: an upsampling
+    /// 3x3 conv on the AVX512_BF16 kernel keeps its four sub-pixel phase kernels instead of the
+    /// 3x3 one; on the f32 backend, the weights as the f32 kernel for that shape reads them,
+    /// where [`F32Weights::worth_keeping`](super::conv2d::F32Weights::worth_keeping) says so.
     pub fn get_for_conv(
         &self,
         weight: &candle_core::Tensor,
         g: super::ConvGeometry,
+        (h, w): (usize, usize),
+        residual: bool,
     ) -> candle_core::Result<Option<std::sync::Arc<Packed>>> {
         let backend = super::conv_backend();
+        if backend == super::ConvBackend::F32 {
+            if weight.rank() != 4 {
+                return Ok(None);
+            }
+            let (cout, cin, kh, kw) = weight.dims4()?;
+            let kernel = super::conv2d::f32_kernel(cin, (h, w), (cout, kh, kw), residual, g);
+            if !super::conv2d::F32Weights::worth_keeping(kernel) {
+                return Ok(None);
+            }
+            return self.lookup(weight, backend, false, Some(kernel));
+        }
         let subpixel = backend == super::ConvBackend::DotBf16
             && weight.rank() == 4
             && super::subpixel::applies(weight.dim(2)?, weight.dim(3)?, g);
@@ -355,8 +374,23 @@ impl WeightCache {
         backend: super::ConvBackend,
         subpixel: bool,
     ) -> candle_core::Result<Option<std::sync::Arc<Packed>>> {
-        if backend == super::ConvBackend::F32
-            || weight.is_variable()
+        if backend == super::ConvBackend::F32 {
+            return Ok(None);
+        }
+        self.lookup(weight, backend, subpixel, None)
+    }
+
+    /// The cached form of `weight` for (backend, subpixel, f32 kernel), packed on a miss; None
+    /// for weights that must not be cached (training variables, updated in place) or that no
+    /// kernel of ours reads.
+    fn lookup(
+        &self,
+        weight: &candle_core::Tensor,
+        backend: super::ConvBackend,
+        subpixel: bool,
+        f32_kernel: Option<super::conv2d::F32Kernel>,
+    ) -> candle_core::Result<Option<std::sync::Arc<Packed>>> {
+        if weight.is_variable()
             || !super::custom_ops(weight.device())
             || weight.dtype() != candle_core::DType::F32
         {
@@ -366,14 +400,21 @@ impl WeightCache {
             .0
             .lock()
             .map_err(|_| candle_core::Error::Msg("weight cache poisoned".into()))?;
-        if let Some((id, b, sp, p)) = slot.as_ref() {
-            if *id == weight.id() && *b == backend && *sp == subpixel {
+        if let Some((id, b, sp, k, p)) = slot.as_ref() {
+            if *id == weight.id() && *b == backend && *sp == subpixel && *k == f32_kernel {
                 return Ok(Some(p.clone()));
             }
         }
         let dims = weight.dims4()?;
         let w = weight.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
         let p = std::sync::Arc::new(match backend {
+            super::ConvBackend::F32 => {
+                let kernel = f32_kernel.expect("the f32 backend names its kernel");
+                match super::conv2d::F32Weights::prepare(kernel, &w, dims) {
+                    Some(p) => Packed::F32(p),
+                    None => return Ok(None),
+                }
+            }
             super::ConvBackend::Amx(three) => Packed::Tiles(PackedWeights::new(&w, dims, three)),
             _ if subpixel => {
                 let (cout, cin, ..) = dims;
@@ -384,7 +425,7 @@ impl WeightCache {
             }
             _ => Packed::Pairs(super::dpbf16::pack_weights(&w, dims)),
         });
-        *slot = Some((weight.id(), backend, subpixel, p.clone()));
+        *slot = Some((weight.id(), backend, subpixel, f32_kernel, p.clone()));
         Ok(Some(p))
     }
 }

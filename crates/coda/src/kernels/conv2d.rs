@@ -655,19 +655,36 @@ pub const WINOGRAD_MIN_CHANNELS_AVX2: usize = 128;
 /// im2col's 1.27).
 pub const WINOGRAD_MIN_PIXELS: usize = 4096;
 
-/// The f32 forward on the CPU with the fastest kernel for the shape: the upsampling conv in its
-/// sub-pixel form, Winograd F(2x2, 3x3) on wide layers, the implicit GEMM (AVX-512 or AVX2) on
-/// large maps, im2col + GEMM otherwise. Returns (out, oh, ow).
-#[allow(clippy::too_many_arguments)]
-pub fn f32_forward(
-    x: &[f32],
-    (n, cin, h, w): (usize, usize, usize, usize),
-    wt: &[f32],
+/// The kernel the f32 forward runs for one conv on images of one shape (never on the batch
+/// size: kernels round differently, and an image's tokens must not depend on its batch).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum F32Kernel {
+    Im2col,
+    /// The implicit GEMM of [`super::direct`] (AVX-512 or AVX2).
+    ImplicitGemm,
+    Winograd4,
+    Winograd2,
+    /// The upsampling conv as four 2x2 phase convs; per phase, whether it runs the implicit GEMM
+    /// (else im2col).
+    Subpixel([bool; 4]),
+}
+
+/// Which [`F32Kernel`] runs a (cout, cin, kh, kw) conv on (cin, h, w) images: the upsampling
+/// conv in its sub-pixel form, Winograd F(4x4) or F(2x2) on wide layers, the implicit GEMM on
+/// large maps, im2col + GEMM otherwise.
+pub fn f32_kernel(
+    cin: usize,
+    (h, w): (usize, usize),
     (cout, kh, kw): (usize, usize, usize),
-    b: &[f32],
-    residual: Option<&[f32]>,
+    residual: bool,
     g: ConvGeometry,
-) -> (Vec<f32>, usize, usize) {
+) -> F32Kernel {
+    if super::subpixel::applies(kh, kw, g) && !residual {
+        return F32Kernel::Subpixel(std::array::from_fn(|p| {
+            let pg = super::subpixel::phase_geometry(p / 2, p % 2);
+            f32_kernel(cin, (h, w), (cout, 2, 2), false, pg) == F32Kernel::ImplicitGemm
+        }));
+    }
     // Winograd F(2x2, 3x3) where it measured faster than im2col (wide layers; at 128
     // channels its transforms cost more than the GEMM FLOPs it saves).
     let min_channels = if super::direct::available() {
@@ -675,34 +692,23 @@ pub fn f32_forward(
     } else {
         WINOGRAD_MIN_CHANNELS_AVX2
     };
-    let winograd = super::winograd::supports(kh, kw, g)
-        && cin >= min_channels
-        && cout >= min_channels
-        && h * w >= WINOGRAD_MIN_PIXELS;
-    if super::subpixel::applies(kh, kw, g) && residual.is_none() {
-        return super::subpixel::forward((n, cin, h, w), wt, cout, |k, pg| {
-            f32_forward(x, (n, cin, h, w), k, (cout, 2, 2), b, None, pg).0
-        });
-    }
     // Winograd F(4x4, 3x3): 1.4-2x faster than the best of the others from 64 channels on both
-    // paths, where the map is large enough to amortise its per-call weight transform (36 values
-    // per weight pair: 1.6 ms for 512 x 512 channels on 2 threads).
+    // paths, where the map is large enough to amortise its weight transform (36 values per
+    // weight pair: 1.6 ms for 512 x 512 channels on 2 threads, once per model conv in inference).
     if super::winograd4::supports(kh, kw, g)
         && cin >= WINOGRAD4_MIN_CHANNELS
         && cout >= WINOGRAD4_MIN_CHANNELS
         && h * w >= WINOGRAD4_MIN_PIXELS
         && (h * w >= 64 * 64 || !super::direct::available() || cin.min(cout) >= min_channels)
     {
-        let u = super::winograd4::transform_weights(wt, cout, cin);
-        let out = super::winograd4::conv3x3_forward(x, (n, cin, h, w), &u, cout, b, residual);
-        return (out, h, w);
+        return F32Kernel::Winograd4;
     }
-    if winograd {
-        let (oh, ow) = g.output_size(h, w, kh, kw);
-        let u = super::winograd::transform_weights(wt, cout, cin);
-        let out =
-            super::winograd::conv3x3_forward(x, (n, cin, h, w), &u, cout, b, residual, g.upsample);
-        return (out, oh, ow);
+    if super::winograd::supports(kh, kw, g)
+        && cin >= min_channels
+        && cout >= min_channels
+        && h * w >= WINOGRAD_MIN_PIXELS
+    {
+        return F32Kernel::Winograd2;
     }
     // The implicit GEMM without im2col, measured 1.15-1.33x faster on the VAE's 3x3 convs on
     // AVX-512 and 1.2-3x on AVX2; rows of 8-15 pixels as flat runs of padded rows (8x8, 128
@@ -711,15 +717,148 @@ pub fn f32_forward(
     // 32x32 run several images at once (16x16 at batch 8: 2.35 against 2.98 ms; at batch 1,
     // 128-256 channels 1.3-2.4x faster than im2col, 512 a tie). 1x1 convs need no gather: on
     // AVX-512 the GEMM is faster there (0.67-0.84x), but the `gemm` crate's AVX2 kernel ran them
-    // at 4-89 GFLOP/s (LoRA's rank-8 1x1 conv: 4), the implicit GEMM 1.5-4.4x faster. The choice
-    // depends on the image's shape only, never on the batch size: kernels round differently,
-    // and an image's tokens must not depend on the batch it came in.
+    // at 4-89 GFLOP/s (LoRA's rank-8 1x1 conv: 4), the implicit GEMM 1.5-4.4x faster.
     let (_, ow) = g.output_size(h, w, kh, kw);
     let implicit = (super::direct::available() && kh * kw > 1) || super::direct::available_avx2();
     if (ow >= 16 || super::direct::narrow_applies(w, kw, g)) && implicit {
-        super::direct::conv2d_forward(x, (n, cin, h, w), wt, (cout, kh, kw), b, residual, g, None)
+        F32Kernel::ImplicitGemm
     } else {
-        conv2d_forward(x, (n, cin, h, w), wt, (cout, kh, kw), b, residual, g)
+        F32Kernel::Im2col
+    }
+}
+
+/// A conv's f32 weights in the form its [`F32Kernel`] reads (im2col reads them as they are).
+/// Inference keeps them beside the model's conv ([`super::amx::WeightCache`]): packing a
+/// 512-channel 3x3 weight for the implicit GEMM, or transforming it for Winograd, costs a good
+/// part of a 16x16 or 32x32 conv.
+#[derive(Debug)]
+pub enum F32Weights {
+    ImplicitGemm(Vec<f32>),
+    Winograd4(Vec<f32>),
+    Winograd2(Vec<f32>),
+    /// The four phase kernels, each packed for the implicit GEMM or plain (im2col), as its
+    /// flag says.
+    Subpixel(Box<[(bool, Vec<f32>); 4]>),
+}
+
+impl F32Weights {
+    /// The (cout, cin, kh, kw) weight `wt` prepared for `kernel`; None for im2col.
+    pub fn prepare(
+        kernel: F32Kernel,
+        wt: &[f32],
+        (cout, cin, kh, kw): (usize, usize, usize, usize),
+    ) -> Option<F32Weights> {
+        Some(match kernel {
+            F32Kernel::Im2col => return None,
+            F32Kernel::ImplicitGemm => {
+                F32Weights::ImplicitGemm(super::direct::pack_weights(wt, (cout, cin, kh, kw)))
+            }
+            F32Kernel::Winograd4 => {
+                F32Weights::Winograd4(super::winograd4::transform_weights(wt, cout, cin))
+            }
+            F32Kernel::Winograd2 => {
+                F32Weights::Winograd2(super::winograd::transform_weights(wt, cout, cin))
+            }
+            F32Kernel::Subpixel(implicit) => {
+                let [k0, k1, k2, k3] = super::subpixel::phase_weights(wt, cout, cin);
+                let mut it = [k0, k1, k2, k3].into_iter().zip(implicit);
+                F32Weights::Subpixel(Box::new(std::array::from_fn(|_| {
+                    let (k, imp) = it.next().expect("four phases");
+                    let k = if imp {
+                        super::direct::pack_weights(&k, (cout, cin, 2, 2))
+                    } else {
+                        k
+                    };
+                    (imp, k)
+                })))
+            }
+        })
+    }
+
+    /// Whether inference keeps `kernel`'s prepared weights beside the model: the implicit GEMM's
+    /// and the sub-pixel phases' (as large as the weight). Winograd's are not kept: 4x the weight
+    /// for F(4x4), kept they took a FLUX-size tokenizer's peak RSS from 703 to 1833-1855 MiB at
+    /// 256 px (PyTorch: 1748-1859), while their transform is ~1.6 ms of a 512-channel 64x64
+    /// conv's ~40 (the packing kept saves as much on a 16x16 one: MAR, forced AVX2, CPU time of
+    /// `coda bench --iters 5` 48-49 s -> 40-48 s, peak RSS 545 -> 642-675 MiB).
+    pub fn worth_keeping(kernel: F32Kernel) -> bool {
+        matches!(kernel, F32Kernel::ImplicitGemm | F32Kernel::Subpixel(_))
+    }
+
+    /// The kernel these weights were prepared for.
+    pub fn kernel(&self) -> F32Kernel {
+        match self {
+            F32Weights::ImplicitGemm(_) => F32Kernel::ImplicitGemm,
+            F32Weights::Winograd4(_) => F32Kernel::Winograd4,
+            F32Weights::Winograd2(_) => F32Kernel::Winograd2,
+            F32Weights::Subpixel(p) => F32Kernel::Subpixel(std::array::from_fn(|i| p[i].0)),
+        }
+    }
+}
+
+/// The f32 forward on the CPU with the kernel [`f32_kernel`] picks. Returns (out, oh, ow).
+#[allow(clippy::too_many_arguments)]
+pub fn f32_forward(
+    x: &[f32],
+    dims: (usize, usize, usize, usize),
+    wt: &[f32],
+    kernel: (usize, usize, usize),
+    b: &[f32],
+    residual: Option<&[f32]>,
+    g: ConvGeometry,
+) -> (Vec<f32>, usize, usize) {
+    f32_forward_prepared(x, dims, wt, kernel, b, residual, g, None)
+}
+
+/// As [`f32_forward`], with `prepared` weights where the caller keeps them (used only if they
+/// were prepared for the kernel this shape runs; prepared here otherwise). Same bits either way.
+#[allow(clippy::too_many_arguments)]
+pub fn f32_forward_prepared(
+    x: &[f32],
+    (n, cin, h, w): (usize, usize, usize, usize),
+    wt: &[f32],
+    (cout, kh, kw): (usize, usize, usize),
+    b: &[f32],
+    residual: Option<&[f32]>,
+    g: ConvGeometry,
+    prepared: Option<&F32Weights>,
+) -> (Vec<f32>, usize, usize) {
+    let kernel = f32_kernel(cin, (h, w), (cout, kh, kw), residual.is_some(), g);
+    let fresh;
+    let prepared = match prepared {
+        Some(p) if p.kernel() == kernel => Some(p),
+        _ => {
+            fresh = F32Weights::prepare(kernel, wt, (cout, cin, kh, kw));
+            fresh.as_ref()
+        }
+    };
+    let dims = (n, cin, h, w);
+    match prepared {
+        None => conv2d_forward(x, dims, wt, (cout, kh, kw), b, residual, g),
+        Some(F32Weights::ImplicitGemm(a)) => {
+            super::direct::conv2d_forward(x, dims, wt, (cout, kh, kw), b, residual, g, Some(a))
+        }
+        Some(F32Weights::Winograd4(u)) => (
+            super::winograd4::conv3x3_forward(x, dims, u, cout, b, residual),
+            h,
+            w,
+        ),
+        Some(F32Weights::Winograd2(u)) => {
+            let (oh, ow) = g.output_size(h, w, kh, kw);
+            let out = super::winograd::conv3x3_forward(x, dims, u, cout, b, residual, g.upsample);
+            (out, oh, ow)
+        }
+        Some(F32Weights::Subpixel(phases)) => {
+            super::subpixel::forward_phases((n, h, w), cout, |p, pg| {
+                let (implicit, k) = &phases[p];
+                if *implicit {
+                    let k2 = (cout, 2, 2);
+                    super::direct::conv2d_forward(x, dims, &[], k2, b, None, pg, Some(k)).0
+                } else {
+                    conv2d_forward(x, dims, k, (cout, 2, 2), b, None, pg).0
+                }
+            })
+        }
     }
 }
 
@@ -778,7 +917,7 @@ struct Conv2dOp {
     /// Which of (x, weight) need a gradient: frozen weights and input images do not, and
     /// skipping their GEMMs is most of a frozen VAE's backward cost.
     need: (bool, bool),
-    /// The weights already converted for the reduced-precision kernel (inference in a bf16 mode).
+    /// The weights already converted for the kernel that runs them (inference).
     packed: Option<std::sync::Arc<super::amx::Packed>>,
 }
 
@@ -864,7 +1003,11 @@ impl CustomOp3 for Conv2dOp {
             }
             super::ConvBackend::F32 => {}
         }
-        let (out, oh, ow) = f32_forward(
+        let prepared = match self.packed.as_deref() {
+            Some(super::amx::Packed::F32(p)) => Some(p),
+            _ => None,
+        };
+        let (out, oh, ow) = f32_forward_prepared(
             x,
             (n, cin, h, w),
             wt,
@@ -872,6 +1015,7 @@ impl CustomOp3 for Conv2dOp {
             b,
             residual,
             self.geometry,
+            prepared,
         );
         Ok((CpuStorage::F32(out), Shape::from((n, cout, oh, ow))))
     }
@@ -969,7 +1113,10 @@ pub fn conv2d_residual_cached(
     let tracked = inputs.iter().flatten().any(|t| t.track_op());
     if on_cpu_f32 && !tracked {
         let packed = match cache {
-            Some(c) => c.get_for_conv(weight, g)?,
+            Some(c) => {
+                let (_, _, h, w) = x.dims4()?;
+                c.get_for_conv(weight, g, (h, w), residual.is_some())?
+            }
             None => None,
         };
         let op = Conv2dOp {
@@ -1306,6 +1453,85 @@ mod tests {
     /// kernel choice looks at (implicit GEMM, Winograd F(2x2)/F(4x4), sub-pixel, im2col, 1x1,
     /// stride 2, maps below and above the size thresholds): kernels round differently, so a
     /// choice that counted the batch would let an image's tokens depend on its batch.
+    #[test]
+    fn cached_f32_weights_give_the_bits_of_fresh_ones() -> candle_core::Result<()> {
+        use super::super::amx::{tests::values, Packed, WeightCache};
+        let up = ConvGeometry {
+            stride: 1,
+            pad: (1, 1, 1, 1),
+            upsample: 2,
+        };
+        let same = ConvGeometry::same(1, 1);
+        // One weight per (cin, cout, k, g), run at two sizes in turn: the cache must follow the
+        // kernel each size picks (Winograd's weights are prepared afresh each call, the others
+        // kept). The kernels covered are checked below.
+        let cases = [
+            (64, 64, 3, same, [(32, 32), (16, 16), (32, 32)]),
+            (128, 128, 3, same, [(64, 64), (16, 16), (64, 64)]),
+            (32, 16, 3, up, [(16, 16), (4, 4), (16, 16)]),
+            (
+                8,
+                32,
+                1,
+                ConvGeometry::same(1, 0),
+                [(16, 24), (4, 4), (16, 24)],
+            ),
+            (
+                32,
+                32,
+                3,
+                ConvGeometry::same(2, 1),
+                [(32, 32), (8, 8), (32, 32)],
+            ),
+        ];
+        let mut kinds = std::collections::BTreeSet::new();
+        for (i, &(cin, cout, k, g, sizes)) in cases.iter().enumerate() {
+            let wt = values(cout * cin * k * k, i + 3, false);
+            let b = values(cout, i + 7, false);
+            let weight = Tensor::from_vec(wt.clone(), (cout, cin, k, k), &Device::Cpu)?;
+            let bias = Tensor::from_vec(b.clone(), cout, &Device::Cpu)?;
+            let cache = WeightCache::default();
+            for (j, &(h, w)) in sizes.iter().enumerate() {
+                let n = 2;
+                let x = values(n * cin * h * w, i + j, false);
+                let xt = Tensor::from_vec(x.clone(), (n, cin, h, w), &Device::Cpu)?;
+                let cached = conv2d_residual_cached(&xt, &weight, &bias, None, g, Some(&cache))?;
+                let cached = cached.flatten_all()?.to_vec1::<f32>()?;
+                let (fresh, _, _) = f32_forward(&x, (n, cin, h, w), &wt, (cout, k, k), &b, None, g);
+                let kernel = f32_kernel(cin, (h, w), (cout, k, k), false, g);
+                kinds.insert(format!("{kernel:?}"));
+                assert!(
+                    cached == fresh,
+                    "case {i} ({cin}->{cout} k{k} at {h}x{w}, {kernel:?}): cached weights differ"
+                );
+                let held = cache.get_for_conv(&weight, g, (h, w), false)?;
+                match held.as_deref() {
+                    Some(Packed::F32(p)) => assert_eq!(p.kernel(), kernel, "case {i} at {h}x{w}"),
+                    None => assert!(
+                        !F32Weights::worth_keeping(kernel),
+                        "case {i} at {h}x{w}: {kernel:?} not kept"
+                    ),
+                    Some(_) => panic!("case {i}: an f32 conv cached another form"),
+                }
+            }
+        }
+        // Every kernel with weights of its own (F(2x2) is not among the VAE's shapes: F(4x4)
+        // takes its convs) and im2col, on this path (the scalar one has no implicit GEMM).
+        let implicit = super::super::direct::available() || super::super::direct::available_avx2();
+        let expected: &[&str] = if implicit {
+            &["ImplicitGemm", "Winograd4", "Subpixel", "Im2col"]
+        } else {
+            &["Winograd4", "Subpixel", "Im2col"]
+        };
+        for kind in expected {
+            assert!(
+                kinds.iter().any(|k| k.starts_with(kind)),
+                "no case ran {kind}: {kinds:?}"
+            );
+        }
+        Ok(())
+    }
+
     #[test]
     fn f32_forward_of_a_batch_equals_each_image_alone() {
         use super::super::amx::tests::values;
