@@ -760,8 +760,8 @@ impl F32Weights {
                 F32Weights::Winograd2(super::winograd::transform_weights(wt, cout, cin))
             }
             F32Kernel::Subpixel(implicit) => {
-                let [k0, k1, k2, k3] = super::subpixel::phase_weights(wt, cout, cin);
-                let mut it = [k0, k1, k2, k3].into_iter().zip(implicit);
+                let kernels = super::subpixel::phase_weights(wt, cout, cin);
+                let mut it = kernels.into_iter().zip(implicit);
                 F32Weights::Subpixel(Box::new(std::array::from_fn(|_| {
                     let (k, imp) = it.next().expect("four phases");
                     let k = if imp {
