@@ -491,6 +491,72 @@ fn main() -> candle_core::Result<()> {
         }
         return Ok(());
     }
+    if let Ok(spec) = std::env::var("TILE_GEMM") {
+        // One Winograd tile GEMM (rows x k) · (k x nt), ours against the `gemm` crate's, one
+        // thread: TILE_GEMM=rows,k,nt.
+        use coda::kernels::{simd, tile_gemm};
+        let v: Vec<usize> = spec.split(',').map(|t| t.parse().unwrap()).collect();
+        let (rows, k, nt) = (v[0], v[1], v[2]);
+        let a: Vec<f32> = (0..rows * k).map(|i| (i % 97) as f32 * 1e-2).collect();
+        let b: Vec<f32> = (0..k * nt).map(|i| (i % 89) as f32 * 1e-2).collect();
+        let mut m = vec![0f32; rows * nt];
+        let flops = 2.0 * (rows * k * nt) as f64 * 36.0;
+        // 36 of them, as in one F(4x4) block.
+        let ours = time(
+            || {
+                for _ in 0..36 {
+                    // SAFETY: buffers of the stated shapes.
+                    unsafe {
+                        tile_gemm::gemm(
+                            simd::isa(),
+                            (rows, k, nt),
+                            a.as_ptr(),
+                            b.as_ptr(),
+                            nt,
+                            m.as_mut_ptr(),
+                            nt,
+                        )
+                    }
+                }
+            },
+            20,
+        );
+        let crate_ = time(
+            || {
+                for _ in 0..36 {
+                    // SAFETY: as above.
+                    unsafe {
+                        coda::kernels::sgemm::gemm(
+                            rows,
+                            nt,
+                            k,
+                            m.as_mut_ptr(),
+                            1,
+                            nt as isize,
+                            false,
+                            a.as_ptr(),
+                            1,
+                            k as isize,
+                            b.as_ptr(),
+                            1,
+                            nt as isize,
+                            0.0,
+                            1.0,
+                            gemm::Parallelism::None,
+                        )
+                    }
+                }
+            },
+            20,
+        );
+        println!(
+            "tile GEMM {rows}x{k}x{nt} ({}): ours {:.0} GFLOP/s, gemm crate {:.0} GFLOP/s",
+            simd::isa().name(),
+            flops / ours / 1e9,
+            flops / crate_ / 1e9
+        );
+        return Ok(());
+    }
     if let Ok(spec) = std::env::var("W4_ONLY") {
         // One F(4x4, 3x3) conv repeatedly, for a profiler: W4_ONLY=channels,size.
         let v: Vec<usize> = spec.split(',').map(|t| t.parse().unwrap()).collect();

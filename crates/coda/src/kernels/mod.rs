@@ -15,6 +15,7 @@ pub mod recompute;
 pub mod sgemm;
 pub mod simd;
 pub mod subpixel;
+pub mod tile_gemm;
 pub mod weight_grad;
 pub mod winograd;
 pub mod winograd4;

@@ -185,8 +185,9 @@ pub fn conv3x3_forward(
         ow,
         tw,
         tb,
+        isa: super::simd::isa(),
     };
-    let isa = super::simd::isa();
+    let isa = geo.isa;
     (0..n * blocks).into_par_iter().for_each_init(
         || Scratch::new(cin, cout, tb, tw),
         |scratch, task| {
@@ -238,6 +239,8 @@ struct Geometry {
     tw: usize,
     /// Tiles per block (the column stride of the transformed buffers).
     tb: usize,
+    /// The kernel path (read once per call).
+    isa: super::simd::Isa,
 }
 
 /// One image's block of `nt` tiles starting at tile `t0`.
@@ -329,23 +332,14 @@ fn block(job: &Block, s: &mut Scratch, out: OutPtr) {
     for t in 0..16 {
         // SAFETY: buffers of the stated shapes and strides.
         unsafe {
-            super::sgemm::gemm(
-                cout,
-                nt,
-                cin,
-                s.m[t * cout * tb..].as_mut_ptr(),
-                1,
-                tb as isize,
-                false,
+            super::tile_gemm::gemm(
+                g.isa,
+                (cout, cin, nt),
                 job.u[t * cout * cin..].as_ptr(),
-                1,
-                cin as isize,
                 s.v[t * cin * tb..].as_ptr(),
-                1,
-                tb as isize,
-                0.0,
-                1.0,
-                gemm::Parallelism::None,
+                tb,
+                s.m[t * cout * tb..].as_mut_ptr(),
+                tb,
             );
         }
     }
