@@ -241,6 +241,8 @@ mod tests {
             (9, 33, 17),
             (4, 128, 96),
             (5, 3, 33),
+            // AVX2's 16-, 8- and masked strips in one row.
+            (7, 20, 29),
         ] {
             let (ldv, ldm) = (nt + 3, nt + 5);
             let u: Vec<f32> = (0..rows * k)
