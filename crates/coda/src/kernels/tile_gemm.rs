@@ -154,18 +154,20 @@ mod avx2 {
         while c0 < nt {
             // Strips of 16 columns, then one of 8, then a masked one: `vmaskmovps` in the loop
             // halved the rate of full strips, and a half-empty strip costs as much as a full one.
-            let width = (nt - c0).min(16);
+            let width = match nt - c0 {
+                w if w >= 16 => 16,
+                w if w >= 8 => 8,
+                w => w,
+            };
             let (v, m) = (v.add(c0), m.add(c0));
             if width == 16 {
                 strip::<2>((rows, k, ldv), u, m, ldm, [all; 2], |p| {
                     [_mm256_loadu_ps(v.add(p)), _mm256_loadu_ps(v.add(p + 8))]
                 });
-            } else if width >= 8 {
+            } else if width == 8 {
                 strip::<1>((rows, k, ldv), u, m, ldm, [all], |p| {
                     [_mm256_loadu_ps(v.add(p))]
                 });
-                c0 += 8;
-                continue;
             } else {
                 let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(width as i32), lane);
                 strip::<1>((rows, k, ldv), u, m, ldm, [mask], |p| {
