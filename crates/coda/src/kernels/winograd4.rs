@@ -409,9 +409,18 @@ fn output_run(
                 );
             }
         }
-        let _ = (q0, q1, q2, q3);
-        for x in 4 * done..width {
-            o[x] = outs[(x % 4) * len + x / 4] + bias + job.residual.map_or(0.0, |rs| rs[base + x]);
+        // What the shuffles left (all of the row on the scalar path): whole quads, then the edge.
+        let (q, res) = (
+            [q0, q1, q2, q3],
+            job.residual.map(|rs| &rs[base..][..width]),
+        );
+        for i in done..full {
+            for c in 0..4 {
+                o[4 * i + c] = q[c][i] + bias + res.map_or(0.0, |r| r[4 * i + c]);
+            }
+        }
+        for x in 4 * full..width {
+            o[x] = outs[(x % 4) * len + x / 4] + bias + res.map_or(0.0, |r| r[x]);
         }
     }
 }
