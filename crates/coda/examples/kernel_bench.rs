@@ -153,6 +153,7 @@ fn main() -> candle_core::Result<()> {
                             c,
                             &b,
                             None,
+                            1,
                         );
                     },
                     3,
@@ -571,7 +572,7 @@ fn main() -> candle_core::Result<()> {
         let u4 = coda::kernels::winograd4::transform_weights(&w, c, c);
         let t = time(
             || {
-                coda::kernels::winograd4::conv3x3_forward(&x, (1, c, hw, hw), &u4, c, &b, None);
+                coda::kernels::winograd4::conv3x3_forward(&x, (1, c, hw, hw), &u4, c, &b, None, 1);
             },
             10,
         );
@@ -606,7 +607,10 @@ fn main() -> candle_core::Result<()> {
             upsample: 2,
         };
         for &(c, hw) in &[
-            (128usize, 128usize),
+            (64usize, 128usize),
+            (128, 64),
+            (512, 16),
+            (128, 128),
             (256, 64),
             (256, 128),
             (512, 32),
@@ -673,7 +677,10 @@ fn main() -> candle_core::Result<()> {
             upsample: 2,
         };
         for &(c, hw) in &[
-            (128usize, 128usize),
+            (64usize, 128usize),
+            (128, 64),
+            (512, 16),
+            (128, 128),
             (256, 64),
             (256, 128),
             (512, 32),
@@ -747,6 +754,50 @@ fn main() -> candle_core::Result<()> {
                     f32_forward(&x, (1, c, hw, hw), &w, (c, 3, 3), &b, None, g);
                 },
                 3,
+            );
+            let u4 = coda::kernels::winograd4::transform_weights(&w, c, c);
+            let w4 = time(
+                || {
+                    let h2 = 2 * hw;
+                    let mut up = vec![0f32; c * h2 * h2];
+                    for (ci, plane) in up.chunks_mut(h2 * h2).enumerate() {
+                        for y in 0..h2 {
+                            let src = &x[ci * hw * hw + (y / 2) * hw..][..hw];
+                            for (xx, v) in plane[y * h2..][..h2].iter_mut().enumerate() {
+                                *v = src[xx / 2];
+                            }
+                        }
+                    }
+                    coda::kernels::winograd4::conv3x3_forward(
+                        &up,
+                        (1, c, h2, h2),
+                        &u4,
+                        c,
+                        &b,
+                        None,
+                        1,
+                    );
+                },
+                3,
+            );
+            let w4f = time(
+                || {
+                    coda::kernels::winograd4::conv3x3_forward(
+                        &x,
+                        (1, c, hw, hw),
+                        &u4,
+                        c,
+                        &b,
+                        None,
+                        2,
+                    );
+                },
+                3,
+            );
+            println!(
+                "  upsampled + F(4x4) (cached U) {:.1} ms, fused {:.1} ms",
+                w4 * 1e3,
+                w4f * 1e3
             );
             println!(
                 "upsample conv {c}ch {hw}->{}: 9-tap {:.1} ms ({:.0} GFLOP/s-equiv), winograd {:.1} ms, sub-pixel {:.1} ms, f32_forward picks {:.1} ms",

@@ -645,6 +645,21 @@ pub const WINOGRAD4_MIN_CHANNELS: usize = 64;
 /// 4096 pixels on AVX-512 only from `WINOGRAD_MIN_CHANNELS`: at 128 channels 32x32 the implicit
 /// GEMM was faster there (0.9-1.0 against 1.3-1.4 ms).
 pub const WINOGRAD4_MIN_PIXELS: usize = 1024;
+/// ... and from `WINOGRAD_MIN_CHANNELS` on maps of at least this many pixels, now that inference
+/// keeps the transformed weights and a small map's output channels are split between threads:
+/// MAR-size tokenizer, 2 threads, per conv against the implicit GEMM (model weights kept), AMD
+/// EPYC: 512 ch 16x16 at batch 1 6.1 against 7.5-7.8 ms (AVX-512), 6.8 against 8.7-8.8 (forced
+/// AVX2); at batch 8 31-46 against 51-98 ms; 256 -> 512 ch at batch 8 22-26 against 27-41.
+pub const WINOGRAD4_WIDE_MIN_PIXELS: usize = 256;
+/// The upsampling conv (nearest 2x, then 3x3) runs F(4x4, 3x3) on the virtual upsampled input
+/// from `WINOGRAD4_MIN_CHANNELS` on inputs of at least this many pixels, its sub-pixel form (16
+/// multiply-adds of 36 per output pixel) elsewhere. F(4x4) does 9 of 36 and so won from 64
+/// channels (2 threads, fastest of 5, weights transformed beforehand as inference keeps them,
+/// `UPSAMPLE_CONV=1 kernel_bench`, AMD EPYC): AVX-512 64 ch 128->256 13.0 against 16.1 ms,
+/// 128 ch 64->128 10.7 against 13.8, 512 ch 32->64 39 against 55, 64->128 128 against 202;
+/// forced AVX2 13.6 / 17.5, 13.3 / 16.6, 51 / 81, 190 / 270. At 512 ch 16->32 it tied on
+/// AVX-512 (19.7 / 19.8) and lost on AVX2 (28.3 / 21.9).
+pub const WINOGRAD4_UP_MIN_PIXELS: usize = 1024;
 /// F(2x2, 3x3) without the AVX-512 implicit GEMM: against im2col + GEMM on the AVX2 path Winograd
 /// measured 1.33-1.5x faster at 128 channels (256x256 and 64x64 maps), even at 64.
 pub const WINOGRAD_MIN_CHANNELS_AVX2: usize = 128;
@@ -680,6 +695,12 @@ pub fn f32_kernel(
     g: ConvGeometry,
 ) -> F32Kernel {
     if super::subpixel::applies(kh, kw, g) && !residual {
+        if super::winograd4::supports(kh, kw, g)
+            && cin.min(cout) >= WINOGRAD4_MIN_CHANNELS
+            && h * w >= WINOGRAD4_UP_MIN_PIXELS
+        {
+            return F32Kernel::Winograd4;
+        }
         return F32Kernel::Subpixel(std::array::from_fn(|p| {
             let pg = super::subpixel::phase_geometry(p / 2, p % 2);
             f32_kernel(cin, (h, w), (cout, 2, 2), false, pg) == F32Kernel::ImplicitGemm
@@ -696,9 +717,11 @@ pub fn f32_kernel(
     // paths, where the map is large enough to amortise its weight transform (36 values per
     // weight pair: 1.6 ms for 512 x 512 channels on 2 threads, once per model conv in inference).
     if super::winograd4::supports(kh, kw, g)
+        && g.upsample == 1
         && cin >= WINOGRAD4_MIN_CHANNELS
         && cout >= WINOGRAD4_MIN_CHANNELS
-        && h * w >= WINOGRAD4_MIN_PIXELS
+        && (h * w >= WINOGRAD4_MIN_PIXELS
+            || (h * w >= WINOGRAD4_WIDE_MIN_PIXELS && cin.min(cout) >= WINOGRAD_MIN_CHANNELS))
         && (h * w >= 64 * 64 || !super::direct::available() || cin.min(cout) >= min_channels)
     {
         return F32Kernel::Winograd4;
@@ -838,11 +861,11 @@ pub fn f32_forward_prepared(
         Some(F32Weights::ImplicitGemm(a)) => {
             super::direct::conv2d_forward(x, dims, wt, (cout, kh, kw), b, residual, g, Some(a))
         }
-        Some(F32Weights::Winograd4(u)) => (
-            super::winograd4::conv3x3_forward(x, dims, u, cout, b, residual),
-            h,
-            w,
-        ),
+        Some(F32Weights::Winograd4(u)) => {
+            let up = g.upsample;
+            let out = super::winograd4::conv3x3_forward(x, dims, u, cout, b, residual, up);
+            (out, h * up, w * up)
+        }
         Some(F32Weights::Winograd2(u)) => {
             let (oh, ow) = g.output_size(h, w, kh, kw);
             let out = super::winograd::conv3x3_forward(x, dims, u, cout, b, residual, g.upsample);
@@ -1469,6 +1492,7 @@ mod tests {
             (64, 64, 3, same, [(32, 32), (16, 16), (32, 32)]),
             (128, 128, 3, same, [(64, 64), (16, 16), (64, 64)]),
             (32, 16, 3, up, [(16, 16), (4, 4), (16, 16)]),
+            (64, 64, 3, up, [(32, 32), (8, 8), (32, 32)]),
             (
                 8,
                 32,
@@ -1553,6 +1577,7 @@ mod tests {
             (8, 32, 16, 24, 1, ConvGeometry::same(1, 0)),
             (32, 32, 32, 32, 3, ConvGeometry::same(2, 1)),
             (32, 16, 16, 16, 3, up),
+            (64, 64, 32, 32, 3, up),
         ];
         let n = 4;
         for (i, &(cin, cout, h, w, k, g)) in cases.iter().enumerate() {

@@ -21,9 +21,14 @@ use rayon::prelude::*;
 
 use super::conv2d::ConvGeometry;
 
-/// Whether a conv can run through this kernel (no upsampling: that conv takes the sub-pixel form).
+/// Whether a conv can run through this kernel: 3x3, stride 1, pad 1, on the input as it is or
+/// nearest-upsampled 2x (the decoder's upsampling conv; the upsampled input is never formed).
 pub fn supports(kh: usize, kw: usize, g: ConvGeometry) -> bool {
-    kh == 3 && kw == 3 && g == ConvGeometry::same(1, 1)
+    kh == 3
+        && kw == 3
+        && g.stride == 1
+        && g.pad == (1, 1, 1, 1)
+        && (g.upsample == 1 || g.upsample == 2)
 }
 
 /// G (6x3).
@@ -41,31 +46,73 @@ pub fn transform_weights(w: &[f32], cout: usize, cin: usize) -> Vec<f32> {
     super::winograd::transform_weights_with(&G, w, cout, cin)
 }
 
-/// y = conv3x3(x) + bias (+ residual), stride 1, pad 1; `u` from [`transform_weights`].
+/// y = conv3x3(x) + bias (+ residual), stride 1, pad 1, on `x` nearest-upsampled `up` times (1
+/// or 2; the output is (h·up, w·up)); `u` from [`transform_weights`].
 #[allow(clippy::too_many_arguments)]
 pub fn conv3x3_forward(
     x: &[f32],
-    (n, cin, h, w): (usize, usize, usize, usize),
+    (n, cin, ih, iw): (usize, usize, usize, usize),
     u: &[f32],
     cout: usize,
     bias: &[f32],
     residual: Option<&[f32]>,
+    up: usize,
 ) -> Vec<f32> {
-    let (th, tw) = (h.div_ceil(4), w.div_ceil(4));
-    let tiles = th * tw;
-    // Tiles per block: the transformed block (36 x cin x tb) stays within ~2 MiB, in whole
-    // column strips of the tile GEMMs (48 on AVX-512, 16 on AVX2: `tile_gemm`).
+    let (h, w) = (ih * up, iw * up);
+    let blocks = n * (h.div_ceil(4) * w.div_ceil(4)).div_ceil(block_tiles(cin, h, w));
+    // Fewer blocks than threads (small maps: one block per image at 512 channels up to 32x32),
+    // so each block's output channels are split between tasks: each transforms the block's
+    // input again (36 x cin x tiles values) and streams only its own rows of U.
+    let threads = rayon::current_num_threads();
+    let parts = if blocks >= threads {
+        1
+    } else {
+        threads.div_ceil(blocks).min(cout.div_ceil(64))
+    };
+    forward_in_parts(x, (n, cin, ih, iw), u, cout, bias, residual, up, parts)
+}
+
+/// Tiles per block.
+fn block_tiles(cin: usize, h: usize, w: usize) -> usize {
+    // The transformed block (36 x cin x tb) stays within ~2 MiB, in whole column strips of the
+    // tile GEMMs (48 on AVX-512, 16 on AVX2: `tile_gemm`).
     // From 512 input channels, 64: each block streams all of U (36 x cout x cin, 37 MiB at 512
     // channels), and halving the blocks was 9-25% faster at 512 channels (32x32 to 128x128,
     // one thread, AMD EPYC) than 32, while 256 channels gained nothing.
-    let tb = match ((1usize << 19) / (36 * cin)).clamp(32, 512) {
+    match ((1usize << 19) / (36 * cin)).clamp(32, 512) {
         tb if tb >= 96 => tb / 48 * 48,
         tb => tb / 16 * 16,
     }
     .max(if cin >= 512 { 64 } else { 0 })
-    .min(tiles)
-    .max(1);
+    .min(h.div_ceil(4) * w.div_ceil(4))
+    .max(1)
+}
+
+/// [`conv3x3_forward`] with each block's output channels split into `parts` tasks (in whole
+/// micro-tiles of 8 rows). Every output value is the same sum in the same order whatever
+/// `parts` is, so the result does not depend on the thread count.
+#[allow(clippy::too_many_arguments)]
+fn forward_in_parts(
+    x: &[f32],
+    (n, cin, ih, iw): (usize, usize, usize, usize),
+    u: &[f32],
+    cout: usize,
+    bias: &[f32],
+    residual: Option<&[f32]>,
+    up: usize,
+    parts: usize,
+) -> Vec<f32> {
+    assert!(
+        up == 1 || up == 2,
+        "F(4x4, 3x3) upsamples 1x or 2x, not {up}x"
+    );
+    let (h, w) = (ih * up, iw * up);
+    let (th, tw) = (h.div_ceil(4), w.div_ceil(4));
+    let tiles = th * tw;
+    let tb = block_tiles(cin, h, w);
     let blocks = tiles.div_ceil(tb);
+    let part_rows = cout.div_ceil(parts.max(1)).next_multiple_of(8);
+    let parts = cout.div_ceil(part_rows);
     let mut out = vec![0f32; n * cout * h * w];
     let optr = crate::kernels::conv2d::OutPtr(out.as_mut_ptr());
     let geo = Geometry {
@@ -73,14 +120,18 @@ pub fn conv3x3_forward(
         cout,
         h,
         w,
+        ih,
+        iw,
+        up,
         tw,
         tb,
         isa: super::simd::isa(),
     };
     let isa = geo.isa;
-    (0..n * blocks).into_par_iter().for_each(|task| {
+    (0..n * blocks * parts).into_par_iter().for_each(|task| {
         SCRATCH.with_borrow_mut(|scratch| {
             scratch.fit(cin, cout, tb, tw);
+            let (task, part) = (task / parts, task % parts);
             let (b, blk) = (task / blocks, task % blocks);
             let t0 = blk * tb;
             let nt = tb.min(tiles - t0);
@@ -89,7 +140,8 @@ pub fn conv3x3_forward(
                 geo: &geo,
                 t0,
                 nt,
-                x: &x[b * cin * h * w..][..cin * h * w],
+                co: part * part_rows..((part + 1) * part_rows).min(cout),
+                x: &x[b * cin * ih * iw..][..cin * ih * iw],
                 u,
                 bias,
                 residual: residual.map(|r| &r[ob..][..cout * h * w]),
@@ -116,8 +168,13 @@ pub fn conv3x3_forward(
 struct Geometry {
     cin: usize,
     cout: usize,
+    /// The output's (and the virtual, upsampled input's) size.
     h: usize,
     w: usize,
+    /// The input as stored, and its upsampling factor (h = ih·up).
+    ih: usize,
+    iw: usize,
+    up: usize,
     /// Tiles per output row.
     tw: usize,
     /// Tiles per block (the column stride of the transformed buffers).
@@ -130,6 +187,8 @@ struct Block<'a> {
     geo: &'a Geometry,
     t0: usize,
     nt: usize,
+    /// The output channels this task computes.
+    co: std::ops::Range<usize>,
     x: &'a [f32],
     u: &'a [f32],
     bias: &'a [f32],
@@ -193,28 +252,34 @@ fn block(job: &Block, s: &mut Scratch, out: crate::kernels::conv2d::OutPtr) {
     let g = job.geo;
     let (cin, cout, tb) = (g.cin, g.cout, g.tb);
     for (j0, ty, tx0, len) in super::winograd::tile_runs(g.tw, job.t0, job.nt) {
-        let rows = 4 * ty as isize - 1..4 * ty as isize + 5;
-        let cols = 4 * tx0 as isize - 1..4 * (tx0 + len) as isize + 3;
+        // The run's stored input rows and columns.
+        let stored = |v: std::ops::Range<isize>| {
+            let up = g.up as isize;
+            v.start.div_euclid(up)..(v.end - 1).div_euclid(up) + 1
+        };
+        let rows = stored(4 * ty as isize - 1..4 * ty as isize + 5);
+        let cols = stored(4 * tx0 as isize - 1..4 * (tx0 + len) as isize + 3);
         for ci in 0..cin {
             if ci + 1 < cin {
-                let next = job.x[(ci + 1) * g.h * g.w..].as_ptr();
-                prefetch_rows(next, (g.h, g.w), rows.clone(), cols.clone());
+                let next = job.x[(ci + 1) * g.ih * g.iw..].as_ptr();
+                prefetch_rows(next, (g.ih, g.iw), rows.clone(), cols.clone());
             }
             input_run(job, s, ci, (j0, ty, tx0, len));
         }
     }
     let nt = job.nt;
-    // 36 GEMMs: M[t] (cout x nt) = U[t] (cout x cin) · V[t] (cin x nt)
+    let co = job.co.clone();
+    // 36 GEMMs: M[t] (co x nt) = U[t] (co x cin) · V[t] (cin x nt)
     for t in 0..36 {
         // SAFETY: buffers of the stated shapes and strides.
         unsafe {
             super::tile_gemm::gemm(
                 g.isa,
-                (cout, cin, nt),
-                job.u[t * cout * cin..].as_ptr(),
+                (co.len(), cin, nt),
+                job.u[(t * cout + co.start) * cin..].as_ptr(),
                 s.v[t * cin * tb..].as_ptr(),
                 tb,
-                s.m[t * cout * tb..].as_mut_ptr(),
+                s.m[(t * cout + co.start) * tb..].as_mut_ptr(),
                 tb,
             );
         }
@@ -223,8 +288,8 @@ fn block(job: &Block, s: &mut Scratch, out: crate::kernels::conv2d::OutPtr) {
         let rows = 4 * ty as isize..4 * ty as isize + 4;
         let cols = 4 * tx0 as isize..4 * (tx0 + len) as isize;
         let plane = g.h * g.w;
-        for co in 0..cout {
-            if co + 1 < cout {
+        for co in co.clone() {
+            if co + 1 < job.co.end {
                 let hw = (g.h, g.w);
                 prefetch_rows(out.at((co + 1) * plane), hw, rows.clone(), cols.clone());
                 if let Some(rs) = job.residual {
@@ -276,8 +341,8 @@ fn input_run(
     (j0, ty, tx0, len): (usize, usize, usize, usize),
 ) {
     let g = job.geo;
-    let (h, w) = (g.h, g.w);
-    let plane = &job.x[ci * h * w..][..h * w];
+    let (h, iw) = (g.h, g.iw);
+    let plane = &job.x[ci * g.ih * iw..][..g.ih * iw];
     let n1 = len + 1;
     // The 6 input rows 4·ty - 1 + r of the run, in four column phases: phase c holds columns
     // 4·(tx0 + i) - 1 + c, i = 0..=len (tile i reads phases 0..4 at i and phases 0, 1 at i + 1),
@@ -288,8 +353,10 @@ fn input_run(
         let phases = &mut s.phase[r * 4 * n1..][..4 * n1];
         if vy < 0 || vy >= h as isize {
             phases.fill(0.0);
+        } else if g.up == 1 {
+            split_row(&plane[vy as usize * iw..][..iw], x0, phases, g.isa);
         } else {
-            split_row(&plane[vy as usize * w..][..w], x0, phases, g.isa);
+            split_row_up2(&plane[vy as usize / 2 * iw..][..iw], x0, phases);
         }
     }
     // Horizontal: d B for every row; horizontal[(r, k)] over the run.
@@ -500,6 +567,24 @@ fn split_row(src: &[f32], x0: isize, phases: &mut [f32], isa: super::simd::Isa) 
     }
 }
 
+/// As [`split_row`] on the row `src` nearest-upsampled 2x (virtual column c is `src[c / 2]`):
+/// the upsampled row is never formed.
+#[inline(always)]
+fn split_row_up2(src: &[f32], x0: isize, phases: &mut [f32]) {
+    let n1 = phases.len() / 4;
+    let w = 2 * src.len() as isize;
+    for i in 0..n1 {
+        for c in 0..4 {
+            let col = x0 + (4 * i + c) as isize;
+            phases[c * n1 + i] = if (0..w).contains(&col) {
+                src[col as usize / 2]
+            } else {
+                0.0
+            };
+        }
+    }
+}
+
 /// Four-way column (de)interleaving with AVX2 shuffles: the phase split of the input rows and
 /// the output rows' scatter, which the compiler left scalar (with the row copy before the split,
 /// ~20% of an F(4x4) conv at 128 channels by perf).
@@ -618,15 +703,28 @@ mod tests {
                 .map(|_| rng.gen_range(-0.3..0.3))
                 .collect();
             let b: Vec<f32> = (0..cout).map(|_| rng.gen_range(-0.3..0.3)).collect();
-            let res: Vec<f32> = (0..n * cout * h * w)
+            let res: Vec<f32> = (0..n * cout * 4 * h * w)
                 .map(|_| rng.gen_range(-1.0..1.0))
                 .collect();
-            let g = ConvGeometry::same(1, 1);
             let u = transform_weights(&wt, cout, cin);
-            for residual in [Some(&res[..]), None] {
+            for (up, residual) in [(1, true), (1, false), (2, true), (2, false)] {
+                let g = ConvGeometry {
+                    stride: 1,
+                    pad: (1, 1, 1, 1),
+                    upsample: up,
+                };
+                let residual = residual.then(|| &res[..n * cout * up * up * h * w]);
                 let (want, _, _) =
                     conv2d_forward(&x, (n, cin, h, w), &wt, (cout, 3, 3), &b, residual, g);
-                let got = conv3x3_forward(&x, (n, cin, h, w), &u, cout, &b, residual);
+                let got = conv3x3_forward(&x, (n, cin, h, w), &u, cout, &b, residual, up);
+                assert_eq!(got.len(), want.len());
+                // Output channels split between tasks (as on small maps): the same bits.
+                let split = forward_in_parts(&x, (n, cin, h, w), &u, cout, &b, residual, up, 3);
+                assert!(
+                    split == got,
+                    "{:?}: split output channels differ",
+                    (cin, h, w)
+                );
                 let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
                 let err = want
                     .iter()
@@ -634,7 +732,7 @@ mod tests {
                     .map(|(a, b)| (a - b).abs())
                     .fold(0f32, f32::max)
                     / scale;
-                let case = (n, cin, h, w, cout, residual.is_some());
+                let case = (n, cin, h, w, cout, up, residual.is_some());
                 eprintln!("F(4x4, 3x3) {case:?}: {err:.2e}");
                 // Measured at most 1.1e-5 (the 256-channel case); F(2x2, 3x3) gives ~1e-6.
                 assert!(err < 7e-5, "{case:?}: max err {err}");
