@@ -356,7 +356,7 @@ fn input_run(
         } else if g.up == 1 {
             split_row(&plane[vy as usize * iw..][..iw], x0, phases, g.isa);
         } else {
-            split_row_up2(&plane[vy as usize / 2 * iw..][..iw], x0, phases);
+            split_row_up2(&plane[vy as usize / 2 * iw..][..iw], x0, phases, g.isa);
         }
     }
     // Horizontal: d B for every row; horizontal[(r, k)] over the run.
@@ -570,10 +570,38 @@ fn split_row(src: &[f32], x0: isize, phases: &mut [f32], isa: super::simd::Isa) 
 /// As [`split_row`] on the row `src` nearest-upsampled 2x (virtual column c is `src[c / 2]`):
 /// the upsampled row is never formed.
 #[inline(always)]
-fn split_row_up2(src: &[f32], x0: isize, phases: &mut [f32]) {
+fn split_row_up2(src: &[f32], x0: isize, phases: &mut [f32], isa: super::simd::Isa) {
     let n1 = phases.len() / 4;
-    let w = 2 * src.len() as isize;
-    for i in 0..n1 {
+    let sw = src.len() as isize;
+    let w = 2 * sw;
+    let mut body = 0..0;
+    // Runs start at virtual column 4m - 1: quad i reads stored columns 2k - 1, 2k, 2k, 2k + 1
+    // (k = m + i), inside the row for k in 1..sw / 2.
+    #[cfg(target_arch = "x86_64")]
+    if isa != super::simd::Isa::Scalar && x0.rem_euclid(4) == 3 {
+        let m = (x0 + 1) / 4;
+        let lo = (1 - m).clamp(0, n1 as isize) as usize;
+        let hi = (sw / 2 - m).clamp(lo as isize, n1 as isize) as usize;
+        let n = (hi - lo) / 8 * 8;
+        let p = phases.as_mut_ptr();
+        // SAFETY: the CPU has AVX2; stored columns 2(m + lo) - 1 .. 2(m + lo + n) lie in `src`
+        // (k = m + lo >= 1, k = m + lo + n - 1 < sw / 2), each phase has n1 >= lo + n values.
+        unsafe {
+            quads::split_up2(
+                src.as_ptr().offset(2 * (m + lo as isize)),
+                n,
+                [
+                    p.add(lo),
+                    p.add(n1 + lo),
+                    p.add(2 * n1 + lo),
+                    p.add(3 * n1 + lo),
+                ],
+            );
+        }
+        body = lo..lo + n;
+    }
+    let _ = isa;
+    for i in (0..body.start).chain(body.end..n1) {
         for c in 0..4 {
             let col = x0 + (4 * i + c) as isize;
             phases[c * n1 + i] = if (0..w).contains(&col) {
@@ -623,6 +651,39 @@ mod quads {
             for c in 0..4 {
                 _mm256_storeu_ps(p[c].add(i), r[c]);
             }
+        }
+    }
+
+    /// The even and the odd elements of the 16 values at q, each in order.
+    #[inline(always)]
+    unsafe fn deinterleave(q: *const f32) -> (__m256, __m256) {
+        let (a, b) = (_mm256_loadu_ps(q), _mm256_loadu_ps(q.add(8)));
+        (
+            in_order(_mm256_shuffle_ps::<0x88>(a, b)),
+            in_order(_mm256_shuffle_ps::<0xDD>(a, b)),
+        )
+    }
+
+    /// [v0 v1 v2 v3 | v4 v5 v6 v7] (a shuffle's [a0 a2 b0 b2 | a4 a6 b4 b6]) as
+    /// [v0 v1 v4 v5 v2 v3 v6 v7].
+    #[inline(always)]
+    unsafe fn in_order(v: __m256) -> __m256 {
+        _mm256_castpd_ps(_mm256_permute4x64_pd::<0xD8>(_mm256_castps_pd(v)))
+    }
+
+    /// p[0][i] = s[2i - 1], p[1][i] = p[2][i] = s[2i], p[3][i] = s[2i + 1] for i in 0..n (a
+    /// multiple of 8): the phases of a row upsampled 2x, for tiles starting at an odd virtual
+    /// column.
+    /// #Safety: AVX2; s[-1..2n] readable, n values at each p[c].
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn split_up2(s: *const f32, n: usize, p: [*mut f32; 4]) {
+        for i in (0..n).step_by(8) {
+            let (even, odd) = deinterleave(s.add(2 * i));
+            let (before, _) = deinterleave(s.add(2 * i).sub(1));
+            _mm256_storeu_ps(p[0].add(i), before);
+            _mm256_storeu_ps(p[1].add(i), even);
+            _mm256_storeu_ps(p[2].add(i), even);
+            _mm256_storeu_ps(p[3].add(i), odd);
         }
     }
 
