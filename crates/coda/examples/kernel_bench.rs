@@ -669,7 +669,9 @@ fn main() -> candle_core::Result<()> {
     }
     if std::env::var("UPSAMPLE_CONV").is_ok() {
         // The decoder's upsampling conv: 9 taps on the upsampled input (implicit GEMM or
-        // Winograd) against the 4-phase sub-pixel form that f32_forward picks.
+        // F(2x2)), the 4-phase sub-pixel form, F(4x4) on a formed upsampled input and on the
+        // virtual one (weights transformed beforehand), and what f32_forward picks (with its
+        // weight transform).
         use coda::kernels::conv2d::f32_forward;
         let g = ConvGeometry {
             stride: 1,
