@@ -645,20 +645,21 @@ pub const WINOGRAD4_MIN_CHANNELS: usize = 64;
 /// 4096 pixels on AVX-512 only from `WINOGRAD_MIN_CHANNELS`: at 128 channels 32x32 the implicit
 /// GEMM was faster there (0.9-1.0 against 1.3-1.4 ms).
 pub const WINOGRAD4_MIN_PIXELS: usize = 1024;
-/// ... and from `WINOGRAD_MIN_CHANNELS` on maps of at least this many pixels, now that inference
-/// keeps the transformed weights and a small map's output channels are split between threads:
-/// MAR-size tokenizer, 2 threads, per conv against the implicit GEMM (model weights kept), AMD
-/// EPYC: 512 ch 16x16 at batch 1 6.1 against 7.5-7.8 ms (AVX-512), 6.8 against 8.7-8.8 (forced
+/// ... and from `WINOGRAD_MIN_CHANNELS` on maps of at least this many pixels, now that a small
+/// map's output channels are split between threads: MAR-size tokenizer, 2 threads, per conv
+/// (F(4x4) with its weight transform, the implicit GEMM with its packed weights kept), AMD EPYC: 512 ch 16x16 at batch 1 6.1 against 7.5-7.8 ms (AVX-512), 6.8 against 8.7-8.8 (forced
 /// AVX2); at batch 8 31-46 against 51-98 ms; 256 -> 512 ch at batch 8 22-26 against 27-41.
 pub const WINOGRAD4_WIDE_MIN_PIXELS: usize = 256;
 /// The upsampling conv (nearest 2x, then 3x3) runs F(4x4, 3x3) on the virtual upsampled input
 /// from `WINOGRAD4_MIN_CHANNELS` on inputs of at least this many pixels, its sub-pixel form (16
 /// multiply-adds of 36 per output pixel) elsewhere. F(4x4) does 9 of 36 and so won from 64
-/// channels (2 threads, fastest of 5, weights transformed beforehand as inference keeps them,
-/// `UPSAMPLE_CONV=1 kernel_bench`, AMD EPYC): AVX-512 64 ch 128->256 13.0 against 16.1 ms,
-/// 128 ch 64->128 10.7 against 13.8, 512 ch 32->64 39 against 55, 64->128 128 against 202;
-/// forced AVX2 13.6 / 17.5, 13.3 / 16.6, 51 / 81, 190 / 270. At 512 ch 16->32 it tied on
-/// AVX-512 (19.7 / 19.8) and lost on AVX2 (28.3 / 21.9).
+/// channels (2 threads, fastest of 5, `UPSAMPLE_CONV=1 kernel_bench`, AMD EPYC, weights
+/// transformed beforehand): AVX-512 64 ch 128->256 13.0 against 16.1 ms, 128 ch 64->128 10.7
+/// against 13.8, 512 ch 32->64 39 against 55, 64->128 128 against 202; forced AVX2 13.6 / 17.5,
+/// 13.3 / 16.6, 51 / 81, 190 / 270. At 512 ch 16->32 it tied on AVX-512 (19.7 / 19.8) and lost
+/// on AVX2 (28.3 / 21.9). In the MAR-size decoder, with the weight transform that inference
+/// does per call (`F32Weights::worth_keeping`): 128 ch 128->256 46 against 74 ms, 256 ch
+/// 64->128 46 against 51.
 pub const WINOGRAD4_UP_MIN_PIXELS: usize = 1024;
 /// F(2x2, 3x3) without the AVX-512 implicit GEMM: against im2col + GEMM on the AVX2 path Winograd
 /// measured 1.33-1.5x faster at 128 channels (256x256 and 64x64 maps), even at 64.
