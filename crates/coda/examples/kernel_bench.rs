@@ -149,7 +149,7 @@ fn main() -> candle_core::Result<()> {
                         coda::kernels::winograd4::conv3x3_forward(
                             &x,
                             (1, c, hw, hw),
-                            &u4,
+                            coda::kernels::winograd4::Weights::Transformed(&u4),
                             c,
                             &b,
                             None,
@@ -559,40 +559,65 @@ fn main() -> candle_core::Result<()> {
         return Ok(());
     }
     if let Ok(spec) = std::env::var("W4_ONLY") {
-        // One F(4x4, 3x3) conv repeatedly, for a profiler: W4_ONLY=channels,size.
+        // One F(4x4, 3x3) conv repeatedly, for a profiler: W4_ONLY=channels,size[,batch]. Times
+        // it with its weights transformed beforehand, with the whole transform per call (what
+        // inference does on many blocks), and with each task transforming its own rows (few
+        // blocks).
+        use coda::kernels::winograd4::{conv3x3_forward, transform_weights, Weights};
         let v: Vec<usize> = spec.split(',').map(|t| t.parse().unwrap()).collect();
-        let (c, hw) = (v[0], v[1]);
-        let x: Vec<f32> = (0..c * hw * hw)
+        let (c, hw, n) = (v[0], v[1], v.get(2).copied().unwrap_or(1));
+        let x: Vec<f32> = (0..n * c * hw * hw)
             .map(|i| ((i * 7919) % 1009) as f32 / 1009.0)
             .collect();
         let w: Vec<f32> = (0..c * c * 9)
             .map(|i| ((i * 31) % 101) as f32 * 1e-3)
             .collect();
         let b = vec![0f32; c];
-        let u4 = coda::kernels::winograd4::transform_weights(&w, c, c);
+        let dims = (n, c, hw, hw);
+        let u4 = transform_weights(&w, c, c);
         let t = time(
             || {
-                coda::kernels::winograd4::conv3x3_forward(&x, (1, c, hw, hw), &u4, c, &b, None, 1);
+                drop(conv3x3_forward(
+                    &x,
+                    dims,
+                    Weights::Transformed(&u4),
+                    c,
+                    &b,
+                    None,
+                    1,
+                ))
             },
             10,
         );
-        let tu = time(
+        let tu = time(|| drop(transform_weights(&w, c, c)), 10);
+        let per_call = time(
             || {
-                coda::kernels::winograd4::transform_weights(&w, c, c);
+                let u = transform_weights(&w, c, c);
+                drop(conv3x3_forward(
+                    &x,
+                    dims,
+                    Weights::Transformed(&u),
+                    c,
+                    &b,
+                    None,
+                    1,
+                ))
             },
             10,
         );
-        let tu2 = time(
-            || {
-                coda::kernels::winograd::transform_weights(&w, c, c);
-            },
+        let fused = time(
+            || drop(conv3x3_forward(&x, dims, Weights::Raw(&w), c, &b, None, 1)),
             10,
         );
+        let fuses = coda::kernels::winograd4::fuses_weight_transform(n, c, hw, hw);
         println!(
-            "F(4x4) {c}ch {hw}x{hw}: {:.1} ms; weight transform {:.2} ms (F(2x2): {:.2} ms)",
+            "F(4x4) {c}ch {hw}x{hw} batch {n}: {:.1} ms with U ready (weight transform {:.2} ms); \
+             transform per call {:.1} ms, fused {:.1} ms (inference runs {})",
             t * 1e3,
             tu * 1e3,
-            tu2 * 1e3
+            per_call * 1e3,
+            fused * 1e3,
+            if fuses { "fused" } else { "per call" }
         );
         return Ok(());
     }
@@ -773,7 +798,7 @@ fn main() -> candle_core::Result<()> {
                     coda::kernels::winograd4::conv3x3_forward(
                         &up,
                         (1, c, h2, h2),
-                        &u4,
+                        coda::kernels::winograd4::Weights::Transformed(&u4),
                         c,
                         &b,
                         None,
@@ -787,7 +812,7 @@ fn main() -> candle_core::Result<()> {
                     coda::kernels::winograd4::conv3x3_forward(
                         &x,
                         (1, c, hw, hw),
-                        &u4,
+                        coda::kernels::winograd4::Weights::Transformed(&u4),
                         c,
                         &b,
                         None,

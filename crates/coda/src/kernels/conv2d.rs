@@ -645,10 +645,14 @@ pub const WINOGRAD4_MIN_CHANNELS: usize = 64;
 /// 4096 pixels on AVX-512 only from `WINOGRAD_MIN_CHANNELS`: at 128 channels 32x32 the implicit
 /// GEMM was faster there (0.9-1.0 against 1.3-1.4 ms).
 pub const WINOGRAD4_MIN_PIXELS: usize = 1024;
-/// ... and from `WINOGRAD_MIN_CHANNELS` on maps of at least this many pixels, now that a small
-/// map's output channels are split between threads: MAR-size tokenizer, 2 threads, per conv
-/// (F(4x4) with its weight transform, the implicit GEMM with its packed weights kept), AMD EPYC: 512 ch 16x16 at batch 1 6.1 against 7.5-7.8 ms (AVX-512), 6.8 against 8.7-8.8 (forced
-/// AVX2); at batch 8 31-46 against 51-98 ms; 256 -> 512 ch at batch 8 22-26 against 27-41.
+/// ... and from `WINOGRAD_MIN_CHANNELS` on maps of at least this many pixels, where a small
+/// map's output channels are split between threads and each thread transforms the weights of
+/// its own rows (`winograd4::Weights::Raw`). MAR-size tokenizer, 2 threads, AMD EPYC, median per
+/// conv over `coda bench --iters 3` (F(4x4) against the implicit GEMM with its packed weights
+/// kept): 512 ch 16x16 at batch 1 5.3-6.7 against 7.5-9.3 ms (AVX-512), 6.2-6.8 against
+/// 10.3-12.3 (forced AVX2); at batch 8 (whole transform per call) 42.5 against 53.7. The
+/// whole transform per call at batch 1 took 13.5 ms on the same day (it writes and reads back
+/// 37 MiB: 5-7 ms on 2 threads that day, 1.6 ms on an earlier one).
 pub const WINOGRAD4_WIDE_MIN_PIXELS: usize = 256;
 /// The upsampling conv (nearest 2x, then 3x3) runs F(4x4, 3x3) on the virtual upsampled input
 /// from `WINOGRAD4_MIN_CHANNELS` on inputs of at least this many pixels, its sub-pixel form (16
@@ -716,7 +720,8 @@ pub fn f32_kernel(
     };
     // Winograd F(4x4, 3x3): 1.4-2x faster than the best of the others from 64 channels on both
     // paths, where the map is large enough to amortise its weight transform (36 values per
-    // weight pair: 1.6 ms for 512 x 512 channels on 2 threads, once per model conv in inference).
+    // weight pair: 1.6-7 ms for 512 x 512 channels on 2 threads, per call in inference; fused
+    // into the tile GEMMs' tasks where a call has few blocks).
     if super::winograd4::supports(kh, kw, g)
         && g.upsample == 1
         && cin >= WINOGRAD4_MIN_CHANNELS
@@ -802,9 +807,11 @@ impl F32Weights {
     /// Whether inference keeps `kernel`'s prepared weights beside the model: the implicit GEMM's
     /// and the sub-pixel phases' (as large as the weight). Winograd's are not kept: 4x the weight
     /// for F(4x4), kept they took a FLUX-size tokenizer's peak RSS from 703 to 1833-1855 MiB at
-    /// 256 px (PyTorch: 1748-1859), while their transform is ~1.6 ms of a 512-channel 64x64
-    /// conv's ~40 (the packing kept saves as much on a 16x16 one: MAR, forced AVX2, CPU time of
-    /// `coda bench --iters 5` 48-49 s -> 40-48 s, peak RSS 545 -> 642-675 MiB).
+    /// 256 px (PyTorch: 1748-1859), while their transform is 1.6-7 ms (by the day's memory
+    /// speed) of a 512-channel 64x64 conv's 40-50, and small maps transform theirs inside the
+    /// tile GEMMs' tasks (`winograd4::Weights::Raw`). The packing kept saves as much on a 16x16
+    /// implicit GEMM: MAR, forced AVX2, CPU time of `coda bench --iters 5` 48-49 s -> 40-48 s,
+    /// peak RSS 545 -> 642-675 MiB.
     pub fn worth_keeping(kernel: F32Kernel) -> bool {
         matches!(kernel, F32Kernel::ImplicitGemm | F32Kernel::Subpixel(_))
     }
@@ -848,6 +855,16 @@ pub fn f32_forward_prepared(
     prepared: Option<&F32Weights>,
 ) -> (Vec<f32>, usize, usize) {
     let kernel = f32_kernel(cin, (h, w), (cout, kh, kw), residual.is_some(), g);
+    let up = g.upsample;
+    if kernel == F32Kernel::Winograd4
+        && !matches!(prepared, Some(F32Weights::Winograd4(_)))
+        && super::winograd4::fuses_weight_transform(n, cin, h * up, w * up)
+    {
+        // Few blocks: each task transforms the weights of its own rows (same bits).
+        let u = super::winograd4::Weights::Raw(wt);
+        let out = super::winograd4::conv3x3_forward(x, (n, cin, h, w), u, cout, b, residual, up);
+        return (out, h * up, w * up);
+    }
     let fresh;
     let prepared = match prepared {
         Some(p) if p.kernel() == kernel => Some(p),
@@ -863,7 +880,7 @@ pub fn f32_forward_prepared(
             super::direct::conv2d_forward(x, dims, wt, (cout, kh, kw), b, residual, g, Some(a))
         }
         Some(F32Weights::Winograd4(u)) => {
-            let up = g.upsample;
+            let u = super::winograd4::Weights::Transformed(u);
             let out = super::winograd4::conv3x3_forward(x, dims, u, cout, b, residual, up);
             (out, h * up, w * up)
         }

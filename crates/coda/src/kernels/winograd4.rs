@@ -31,7 +31,8 @@ pub fn supports(kh: usize, kw: usize, g: ConvGeometry) -> bool {
         && (g.upsample == 1 || g.upsample == 2)
 }
 
-/// G (6x3).
+/// G (6x3); the transform itself ([`apply_g`]) uses its structure.
+#[cfg(test)]
 const G: [[f32; 3]; 6] = [
     [0.25, 0.0, 0.0],
     [-1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0],
@@ -43,7 +44,146 @@ const G: [[f32; 3]; 6] = [
 
 /// U[t][co][ci] = (G g Gᵀ)[t] for the (cout, cin, 3, 3) weights: 36 matrices of cout x cin.
 pub fn transform_weights(w: &[f32], cout: usize, cin: usize) -> Vec<f32> {
-    super::winograd::transform_weights_with(&G, w, cout, cin)
+    let pairs = cout * cin;
+    assert_eq!(w.len(), 9 * pairs, "3x3 weights of the wrong size");
+    let mut u = vec![0f32; 36 * pairs];
+    let ptr = crate::kernels::conv2d::OutPtr(u.as_mut_ptr());
+    let isa = super::simd::isa();
+    (0..pairs.div_ceil(WEIGHT_BLOCK))
+        .into_par_iter()
+        .for_each(|blk| {
+            // SAFETY: block blk writes only pairs blk·B.. of every U[t]; the vector versions
+            // run only where the CPU has their features.
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                if isa >= super::simd::Isa::Avx512 {
+                    return weight_block_avx512(w, pairs, blk, ptr.at(0));
+                }
+                if isa == super::simd::Isa::Avx2 {
+                    return weight_block_avx2(w, pairs, blk, ptr.at(0));
+                }
+            }
+            let _ = isa;
+            unsafe { weight_block(w, pairs, blk, ptr.at(0)) }
+        });
+    u
+}
+
+/// [`transform_weights`] of `cout` rows on the calling thread, into `u` (36 x cout x cin): a
+/// task's own rows ([`Weights::Raw`]); the caller's target features apply (inlined).
+#[inline(always)]
+fn transform_weights_serial(w: &[f32], cout: usize, cin: usize, u: &mut [f32]) {
+    let pairs = cout * cin;
+    assert!(w.len() >= 9 * pairs && u.len() == 36 * pairs);
+    for blk in 0..pairs.div_ceil(WEIGHT_BLOCK) {
+        // SAFETY: `u` holds 36 x pairs values, and this thread is its only writer.
+        unsafe { weight_block(w, pairs, blk, u.as_mut_ptr()) }
+    }
+}
+
+/// Weight pairs per block of the transform.
+const WEIGHT_BLOCK: usize = 64;
+
+/// # Safety
+/// The CPU has AVX2 and FMA; as [`weight_block`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn weight_block_avx2(w: &[f32], pairs: usize, blk: usize, u: *mut f32) {
+    weight_block(w, pairs, blk, u)
+}
+
+/// # Safety
+/// The CPU has AVX-512F; as [`weight_block`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn weight_block_avx512(w: &[f32], pairs: usize, blk: usize, u: *mut f32) {
+    weight_block(w, pairs, blk, u)
+}
+
+/// G applied to the columns (g0, g1, g2) of WEIGHT_BLOCK weight pairs, with G's structure (rows
+/// 1-2 and 3-4 share their even part): 11 operations for its 6 rows instead of 30.
+#[inline(always)]
+fn apply_g(g: [&[f32; WEIGHT_BLOCK]; 3], out: [&mut [f32; WEIGHT_BLOCK]; 6]) {
+    let [g0, g1, g2] = g;
+    let [o0, o1, o2, o3, o4, o5] = out;
+    for p in 0..WEIGHT_BLOCK {
+        let (a, b, c) = (g0[p], g1[p], g2[p]);
+        let quarter = 0.25 * a;
+        let even = a + c;
+        o0[p] = quarter;
+        o1[p] = (even + b) * (-1.0 / 6.0);
+        o2[p] = (even - b) * (-1.0 / 6.0);
+        // a/24 + c/6 = (a/4 + c)/6
+        let even4 = (quarter + c) * (1.0 / 6.0);
+        let odd4 = b * (1.0 / 12.0);
+        o3[p] = even4 + odd4;
+        o4[p] = even4 - odd4;
+        o5[p] = c;
+    }
+}
+
+/// One block of [`transform_weights`]: pairs blk·B.. of every U[t].
+///
+/// # Safety
+/// `u` holds 36 x `pairs` values, and no other thread writes pairs blk·B..(blk+1)·B of them.
+#[inline(always)]
+unsafe fn weight_block(w: &[f32], pairs: usize, blk: usize, u: *mut f32) {
+    const B: usize = WEIGHT_BLOCK;
+    let p0 = blk * B;
+    let n = B.min(pairs - p0);
+    let mut g = [[0f32; B]; 9];
+    for p in 0..n {
+        for (k, gk) in g.iter_mut().enumerate() {
+            gk[p] = w[(p0 + p) * 9 + k];
+        }
+    }
+    // t[r][c] = (G g)[r][c]: G down each of g's 3 columns (g[3j + c], j = 0..3).
+    let mut t = [[[0f32; B]; 6]; 3];
+    for (c, tc) in t.iter_mut().enumerate() {
+        let [t0, t1, t2, t3, t4, t5] = tc;
+        apply_g([&g[c], &g[3 + c], &g[6 + c]], [t0, t1, t2, t3, t4, t5]);
+    }
+    // U[r][k] = (t Gᵀ)[r][k]: G along each row r of t.
+    let mut row = [[0f32; B]; 6];
+    #[allow(clippy::needless_range_loop)] // r picks a row of each of t's 3 columns
+    for r in 0..6 {
+        let [r0, r1, r2, r3, r4, r5] = &mut row;
+        apply_g([&t[0][r], &t[1][r], &t[2][r]], [r0, r1, r2, r3, r4, r5]);
+        for (k, rk) in row.iter().enumerate() {
+            let dst = std::slice::from_raw_parts_mut(u.add((r * 6 + k) * pairs + p0), n);
+            dst.copy_from_slice(&rk[..n]);
+        }
+    }
+}
+
+/// The weights of a conv as [`conv3x3_forward`] takes them.
+#[derive(Clone, Copy, Debug)]
+pub enum Weights<'a> {
+    /// From [`transform_weights`] (36 x cout x cin).
+    Transformed(&'a [f32]),
+    /// The (cout, cin, 3, 3) weight as it is: each task transforms its own output channels,
+    /// [`FUSED_ROWS`] at a time, into a buffer that stays in cache while its 36 tile GEMMs read
+    /// it. Same values as [`transform_weights`] (the same arithmetic per weight pair), so the
+    /// same bits. For few blocks per call: there the whole transform (36 x cout x cin values
+    /// written to memory and read back, 37 MiB at 512 channels, 5-7 ms on 2 threads) costs
+    /// more than the convolution.
+    Raw(&'a [f32]),
+}
+
+/// Output channels per fused weight transform: 36 x 16 x cin values (1.2 MiB at 512 channels).
+const FUSED_ROWS: usize = 16;
+
+/// Whether a conv on `n` images of (h, w) (the output's size) with `cin` input channels should
+/// take its weights [`Weights::Raw`]: when there are no more blocks than threads, so that no
+/// thread transforms more than the whole weight once (and with the output channels split, a
+/// part of it). Either way the output has the same bits, so this may depend on the threads.
+/// AMD EPYC, 2 threads, fastest of 5 (`W4_ONLY=c,size,batch kernel_bench`), whole transform per
+/// call against fused: 512 ch 16x16 batch 1 (1 block) 12.5-14.4 against 6.3-7.3 ms, 32x32 (1
+/// block) 23-28 against 16-20, 256 ch 32x32 (2 blocks) 6.7-8.3 against 5.0-7.2; 512 ch 64x64
+/// (4 blocks) 50.6 against 53.0, 16x16 batch 8 38.2 against 38.4.
+pub fn fuses_weight_transform(n: usize, cin: usize, h: usize, w: usize) -> bool {
+    let blocks = n * (h.div_ceil(4) * w.div_ceil(4)).div_ceil(block_tiles(cin, h, w));
+    blocks <= rayon::current_num_threads()
 }
 
 /// y = conv3x3(x) + bias (+ residual), stride 1, pad 1, on `x` nearest-upsampled `up` times (1
@@ -52,7 +192,7 @@ pub fn transform_weights(w: &[f32], cout: usize, cin: usize) -> Vec<f32> {
 pub fn conv3x3_forward(
     x: &[f32],
     (n, cin, ih, iw): (usize, usize, usize, usize),
-    u: &[f32],
+    u: Weights,
     cout: usize,
     bias: &[f32],
     residual: Option<&[f32]>,
@@ -95,7 +235,7 @@ fn block_tiles(cin: usize, h: usize, w: usize) -> usize {
 fn forward_in_parts(
     x: &[f32],
     (n, cin, ih, iw): (usize, usize, usize, usize),
-    u: &[f32],
+    u: Weights,
     cout: usize,
     bias: &[f32],
     residual: Option<&[f32]>,
@@ -128,9 +268,23 @@ fn forward_in_parts(
         isa: super::simd::isa(),
     };
     let isa = geo.isa;
+    let fused_rows = match u {
+        Weights::Transformed(u) => {
+            assert_eq!(
+                u.len(),
+                36 * cout * cin,
+                "transformed weights of the wrong size"
+            );
+            0
+        }
+        Weights::Raw(w) => {
+            assert_eq!(w.len(), 9 * cout * cin, "3x3 weights of the wrong size");
+            FUSED_ROWS
+        }
+    };
     (0..n * blocks * parts).into_par_iter().for_each(|task| {
         SCRATCH.with_borrow_mut(|scratch| {
-            scratch.fit(cin, cout, tb, tw);
+            scratch.fit(cin, cout, tb, tw, fused_rows);
             let (task, part) = (task / parts, task % parts);
             let (b, blk) = (task / blocks, task % blocks);
             let t0 = blk * tb;
@@ -190,7 +344,7 @@ struct Block<'a> {
     /// The output channels this task computes.
     co: std::ops::Range<usize>,
     x: &'a [f32],
-    u: &'a [f32],
+    u: Weights<'a>,
     bias: &'a [f32],
     residual: Option<&'a [f32]>,
 }
@@ -209,6 +363,8 @@ thread_local! {
 struct Scratch {
     v: Vec<f32>,
     m: Vec<f32>,
+    /// The fused weight transform's rows (36 x FUSED_ROWS x cin), [`Weights::Raw`] only.
+    u: Vec<f32>,
     phase: Vec<f32>,
     horizontal: Vec<f32>,
     /// The output transform's intermediate columns (24 x run) and one row's results (4 x run).
@@ -218,7 +374,7 @@ struct Scratch {
 impl Scratch {
     /// Grows the buffers to what a (cin, cout, tb, tw) conv needs; every value a block reads is
     /// written first in that block, so what the buffers held before does not matter.
-    fn fit(&mut self, cin: usize, cout: usize, tb: usize, tw: usize) {
+    fn fit(&mut self, cin: usize, cout: usize, tb: usize, tw: usize, fused_rows: usize) {
         let seg = tw.min(tb);
         let grow = |v: &mut Vec<f32>, len: usize| {
             if v.len() < len {
@@ -227,6 +383,7 @@ impl Scratch {
         };
         grow(&mut self.v, 36 * cin * tb);
         grow(&mut self.m, 36 * cout * tb);
+        grow(&mut self.u, 36 * fused_rows * cin);
         grow(&mut self.phase, 6 * 4 * (seg + 1));
         grow(&mut self.horizontal, 36 * seg);
         grow(&mut self.out, 28 * seg);
@@ -270,18 +427,43 @@ fn block(job: &Block, s: &mut Scratch, out: crate::kernels::conv2d::OutPtr) {
     let nt = job.nt;
     let co = job.co.clone();
     // 36 GEMMs: M[t] (co x nt) = U[t] (co x cin) · V[t] (cin x nt)
-    for t in 0..36 {
-        // SAFETY: buffers of the stated shapes and strides.
-        unsafe {
-            super::tile_gemm::gemm(
-                g.isa,
-                (co.len(), cin, nt),
-                job.u[(t * cout + co.start) * cin..].as_ptr(),
-                s.v[t * cin * tb..].as_ptr(),
-                tb,
-                s.m[(t * cout + co.start) * tb..].as_mut_ptr(),
-                tb,
-            );
+    match job.u {
+        Weights::Transformed(u) => {
+            for t in 0..36 {
+                // SAFETY: buffers of the stated shapes and strides.
+                unsafe {
+                    super::tile_gemm::gemm(
+                        g.isa,
+                        (co.len(), cin, nt),
+                        u[(t * cout + co.start) * cin..].as_ptr(),
+                        s.v[t * cin * tb..].as_ptr(),
+                        tb,
+                        s.m[(t * cout + co.start) * tb..].as_mut_ptr(),
+                        tb,
+                    );
+                }
+            }
+        }
+        Weights::Raw(w) => {
+            for c0 in co.clone().step_by(FUSED_ROWS) {
+                let rows = FUSED_ROWS.min(co.end - c0);
+                let ur = &mut s.u[..36 * rows * cin];
+                transform_weights_serial(&w[c0 * cin * 9..], rows, cin, ur);
+                for t in 0..36 {
+                    // SAFETY: as above; U[t] of these rows starts at t x rows x cin.
+                    unsafe {
+                        super::tile_gemm::gemm(
+                            g.isa,
+                            (rows, cin, nt),
+                            ur[t * rows * cin..].as_ptr(),
+                            s.v[t * cin * tb..].as_ptr(),
+                            tb,
+                            s.m[(t * cout + c0) * tb..].as_mut_ptr(),
+                            tb,
+                        );
+                    }
+                }
+            }
         }
     }
     for (j0, ty, tx0, len) in super::winograd::tile_runs(g.tw, job.t0, job.nt) {
@@ -728,6 +910,39 @@ mod tests {
     use crate::kernels::conv2d::conv2d_forward;
 
     #[test]
+    fn weight_transform_is_g_g_transposed() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+        // 7 x 13 = 91 pairs: one whole block of 64 and a partial one.
+        let (cout, cin) = (7, 13);
+        let w: Vec<f32> = (0..cout * cin * 9)
+            .map(|_| rng.gen_range(-1.0..1.0))
+            .collect();
+        let u = transform_weights(&w, cout, cin);
+        let mut serial = vec![f32::NAN; 36 * cout * cin];
+        transform_weights_serial(&w, cout, cin, &mut serial);
+        assert!(serial == u, "the serial transform differs");
+        let mut worst = 0f64;
+        for p in 0..cout * cin {
+            for r in 0..6 {
+                for k in 0..6 {
+                    let mut want = 0f64;
+                    for (j, gr) in G[r].iter().enumerate() {
+                        for (c, gk) in G[k].iter().enumerate() {
+                            want += *gr as f64 * w[p * 9 + 3 * j + c] as f64 * *gk as f64;
+                        }
+                    }
+                    let got = u[(r * 6 + k) * cout * cin + p] as f64;
+                    worst = worst.max((got - want).abs());
+                }
+            }
+        }
+        eprintln!("U against G g Gᵀ in f64: {worst:.2e}");
+        // f32 rounding of a few operations on values up to 1: measured 1.7e-8.
+        assert!(worst < 2e-7, "U differs from G g Gᵀ by {worst}");
+    }
+
+    #[test]
     fn matches_direct_convolution_on_odd_shapes() {
         use rand::{Rng, SeedableRng};
         let mut rng = rand::rngs::StdRng::seed_from_u64(5);
@@ -735,8 +950,14 @@ mod tests {
         // NaNs first, larger than every case below needs; no stale value may reach an output.
         rayon::broadcast(|_| {
             SCRATCH.with_borrow_mut(|s| {
-                s.fit(256, 256, 512, 64);
-                for buf in [&mut s.v, &mut s.m, &mut s.phase, &mut s.horizontal] {
+                s.fit(256, 256, 512, 64, FUSED_ROWS);
+                for buf in [
+                    &mut s.v,
+                    &mut s.m,
+                    &mut s.u,
+                    &mut s.phase,
+                    &mut s.horizontal,
+                ] {
                     buf.fill(f32::NAN);
                 }
                 s.out.fill(f32::NAN);
@@ -777,15 +998,22 @@ mod tests {
                 let residual = residual.then(|| &res[..n * cout * up * up * h * w]);
                 let (want, _, _) =
                     conv2d_forward(&x, (n, cin, h, w), &wt, (cout, 3, 3), &b, residual, g);
-                let got = conv3x3_forward(&x, (n, cin, h, w), &u, cout, &b, residual, up);
+                let dims = (n, cin, h, w);
+                let got =
+                    conv3x3_forward(&x, dims, Weights::Transformed(&u), cout, &b, residual, up);
                 assert_eq!(got.len(), want.len());
-                // Output channels split between tasks (as on small maps): the same bits.
-                let split = forward_in_parts(&x, (n, cin, h, w), &u, cout, &b, residual, up, 3);
-                assert!(
-                    split == got,
-                    "{:?}: split output channels differ",
-                    (cin, h, w)
-                );
+                // Output channels split between tasks (as on small maps), and the weights
+                // transformed by each task for its own rows, split or not: the same bits.
+                let raw = Weights::Raw(&wt);
+                let transformed = Weights::Transformed(&u);
+                for (parts, u, name) in [(3, transformed, "U"), (1, raw, "raw"), (3, raw, "raw")] {
+                    let other = forward_in_parts(&x, dims, u, cout, &b, residual, up, parts);
+                    assert!(
+                        other == got,
+                        "{:?}: {parts} parts with {name} weights differ",
+                        (cin, h, w)
+                    );
+                }
                 let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
                 let err = want
                     .iter()
