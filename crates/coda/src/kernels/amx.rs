@@ -353,6 +353,13 @@ impl WeightCache {
             }
             return self.lookup(weight, backend, false, Some(kernel));
         }
+        if backend == super::ConvBackend::DotBf16 && weight.rank() == 4 {
+            let (cout, cin, kh, kw) = weight.dims4()?;
+            if super::conv2d::bf16_runs_f32_winograd(cin, (h, w), (cout, kh, kw), residual, g) {
+                // Runs f32 Winograd, which keeps no weights (`F32Weights::worth_keeping`).
+                return Ok(None);
+            }
+        }
         let subpixel = backend == super::ConvBackend::DotBf16
             && weight.rank() == 4
             && super::subpixel::applies(weight.dim(2)?, weight.dim(3)?, g);

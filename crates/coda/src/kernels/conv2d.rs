@@ -903,8 +903,31 @@ pub fn f32_forward_prepared(
     }
 }
 
-/// The bf16 forward on AVX512_BF16: the upsampling conv as its four sub-pixel phases (16 of
-/// its 36 multiply-adds per output pixel, as in f32), every other conv as one implicit GEMM.
+/// Whether the bf16 forward runs a conv in f32 as Winograd F(4x4) (as f32 does) instead of the
+/// bf16 direct conv: on outputs of at least [`BF16_F32_WINOGRAD_MIN_PIXELS`], where F(4x4)'s 4x
+/// fewer multiplies outrun `vdpbf16ps`'s 2x (and f32 operands are exact).
+pub fn bf16_runs_f32_winograd(
+    cin: usize,
+    (h, w): (usize, usize),
+    (cout, kh, kw): (usize, usize, usize),
+    residual: bool,
+    g: ConvGeometry,
+) -> bool {
+    let pixels = h * w * g.upsample * g.upsample;
+    pixels >= BF16_F32_WINOGRAD_MIN_PIXELS
+        && f32_kernel(cin, (h, w), (cout, kh, kw), residual, g) == F32Kernel::Winograd4
+}
+
+/// MAR-size tokenizer, `coda bench --precision bf16 --iters 3`, 2 threads, AMD EPYC, three
+/// alternating runs each, tokenizer encode + decode: F(4x4) in f32 from 256x256 outputs (the
+/// 128-channel layers) 994-1123 ms, from 128x128 1094-1152, never 1157-1285; PSNR against f32
+/// 49.6-49.7 dB (49.0-49.6 never). Per conv (128 ch, 256x256, median): F(4x4) 44-49 ms, the
+/// bf16 direct conv 54-57.
+pub const BF16_F32_WINOGRAD_MIN_PIXELS: usize = 256 * 256;
+
+/// The bf16 forward on AVX512_BF16: the convs of large maps that f32 gives to Winograd F(4x4)
+/// as in f32 ([`bf16_runs_f32_winograd`]), the upsampling conv as its four sub-pixel phases (16
+/// of its 36 multiply-adds per output pixel), every other conv as one implicit GEMM.
 /// `packed`: the conv's weights as the cache keeps them, or None (packed here).
 #[allow(clippy::too_many_arguments)]
 pub fn dpbf16_forward(
@@ -918,6 +941,9 @@ pub fn dpbf16_forward(
     packed: Option<&super::amx::Packed>,
 ) -> (Vec<f32>, usize, usize) {
     use super::amx::Packed;
+    if bf16_runs_f32_winograd(cin, (h, w), (cout, kh, kw), residual.is_some(), g) {
+        return f32_forward_prepared(x, (n, cin, h, w), wt, (cout, kh, kw), b, residual, g, None);
+    }
     if super::subpixel::applies(kh, kw, g) && residual.is_none() {
         let fresh;
         let kernels: &[Vec<u32>; 4] = match packed {
@@ -1570,6 +1596,38 @@ mod tests {
                 kinds.iter().any(|k| k.starts_with(kind)),
                 "no case ran {kind}: {kinds:?}"
             );
+        }
+        Ok(())
+    }
+
+    /// bf16 runs the convs of large maps that f32 gives to F(4x4) exactly as f32 does (and keeps
+    /// no packed weights for them), the others with bf16 operands.
+    #[test]
+    fn bf16_runs_large_f32_winograd_convs_in_f32() -> candle_core::Result<()> {
+        use super::super::amx::{tests::values, WeightCache};
+        if crate::kernels::dpbf16::tests::skipped("bf16 forward's kernel choice") {
+            return Ok(());
+        }
+        let same = ConvGeometry::same(1, 1);
+        let (cin, cout) = (64, 64);
+        let wt = values(cout * cin * 9, 1, false);
+        let b = values(cout, 2, false);
+        let weight = Tensor::from_vec(wt.clone(), (cout, cin, 3, 3), &Device::Cpu)?;
+        for (hw, f32_bits) in [(256, true), (128, false)] {
+            let dims = (1, cin, hw, hw);
+            let x = values(cin * hw * hw, 3, false);
+            let (f32_out, _, _) = f32_forward(&x, dims, &wt, (cout, 3, 3), &b, None, same);
+            let (bf16_out, _, _) =
+                dpbf16_forward(&x, dims, &wt, (cout, 3, 3), &b, None, same, None);
+            assert_eq!(
+                bf16_out == f32_out,
+                f32_bits,
+                "{hw}x{hw}: f32 bits {f32_bits}"
+            );
+            let kept = super::super::with_precision(crate::Precision::Bf16, || {
+                WeightCache::default().get_for_conv(&weight, same, (hw, hw), false)
+            })?;
+            assert_eq!(kept.is_none(), f32_bits, "{hw}x{hw}: packed weights kept");
         }
         Ok(())
     }

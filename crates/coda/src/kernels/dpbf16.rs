@@ -168,13 +168,13 @@ unsafe fn micro(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::super::amx::tests::{values, CASES};
     use super::*;
 
     /// Whether `what` cannot run here: says so loudly, and fails where CODA_REQUIRE_BF16 says the
     /// CPU must have the instructions.
-    fn skipped(what: &str) -> bool {
+    pub(crate) fn skipped(what: &str) -> bool {
         if available() {
             return false;
         }
