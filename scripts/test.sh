@@ -19,7 +19,7 @@ fi
 if grep -qw amx_bf16 /proc/cpuinfo 2>/dev/null; then
   export CODA_REQUIRE_AMX=1
 else
-  echo "NOTE: this CPU has no AMX bf16: the bf16x3 tests print SKIP and check only the refusal"
+  echo "NOTE: this CPU has no AMX bf16: the AMX tests run on the software model of the tiles only (SKIP lines), and the CLI checks the refusal"
 fi
 if grep -qwE "avx512_bf16|amx_bf16" /proc/cpuinfo 2>/dev/null; then
   export CODA_REQUIRE_BF16=1

@@ -144,6 +144,95 @@ fn precision_is_scoped_never_process_wide() {
     }
 }
 
+/// The AMX precisions through the whole tokenizer (the conv op's dispatch, its weight cache,
+/// fused residuals): bf16x3 keeps f32's tokens and pictures, bf16 stays close. On the CPU's
+/// tiles where it has AMX, and everywhere on the software model of the tile unit, which
+/// must then give the hardware's tokens.
+#[test]
+fn amx_precisions_keep_f32_tokens_on_the_tiles_and_their_software_model() {
+    use coda::kernels::amx::with_emulated_tiles;
+    let tok = Tokenizer::default_tokenizer(&Device::Cpu).unwrap();
+    let images: Vec<_> = coda::data::load_prepared(&photos(), Some(SIZE))
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect();
+    let x = coda::data::images_to_tensor(&images, &Device::Cpu).unwrap();
+    let f32_tokens = tok.encode(&x).unwrap();
+    let f32_pixels = tok.decode(&f32_tokens).unwrap();
+    let run = |p: Precision| {
+        let t = Tokenizer::default_tokenizer(&Device::Cpu)
+            .unwrap()
+            .with_precision(p)
+            .unwrap();
+        let tokens = t.encode(&x).unwrap();
+        // Decode f32's tokens, so that the pixels compare the decoder alone.
+        (ids(&tokens), t.decode(&f32_tokens).unwrap())
+    };
+    let psnr = |a: &candle_core::Tensor| {
+        let mse: f32 = (a - &f32_pixels)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .mean_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        // Pixels in [-1, 1]: a peak-to-peak range of 2.
+        10.0 * (4.0 / mse).log10()
+    };
+    let hardware = coda::amx_available();
+    if !hardware {
+        assert!(
+            std::env::var("CODA_REQUIRE_AMX").is_err(),
+            "CODA_REQUIRE_AMX is set but this CPU/OS gives no AMX"
+        );
+        println!(
+            "SKIP the AMX tokenizer on hardware tiles: this CPU has no AMX; software model only"
+        );
+    }
+    for p in [Precision::Bf16x3, Precision::Bf16] {
+        let model = with_emulated_tiles(|| run(p));
+        let mut results = vec![("software model", model.clone())];
+        if hardware {
+            let got = run(p);
+            assert_eq!(
+                got.0,
+                model.0,
+                "{}: hardware tiles' tokens vs the model's",
+                p.name()
+            );
+            results.push(("hardware tiles", got));
+        }
+        for (on, (tokens, pixels)) in results {
+            let same = tokens
+                .iter()
+                .zip(ids(&f32_tokens))
+                .filter(|(a, b)| **a == *b)
+                .count() as f64
+                / tokens.len() as f64;
+            let db = psnr(&pixels);
+            println!(
+                "{} on {on}: {:.2}% of f32's tokens, decoder PSNR vs f32 {db:.1} dB",
+                p.name(),
+                100.0 * same
+            );
+            match p {
+                Precision::Bf16x3 => {
+                    assert_eq!(same, 1.0, "bf16x3 on {on}: f32's tokens");
+                    // Measured 118.6 dB on the model; 10x that MSE is 108.6.
+                    assert!(db > 105.0, "bf16x3 on {on}: {db} dB");
+                }
+                // Measured 51.7% of the tokens (a 16x16 latent's near-ties flip under bf16's
+                // 8-bit mantissa), 64.3 dB.
+                _ => assert!(
+                    same > 0.3 && db > 54.0,
+                    "bf16 on {on}: {same} of tokens, {db} dB"
+                ),
+            }
+        }
+    }
+}
+
 #[test]
 fn bad_input_is_refused_with_a_clear_error() {
     let tok = Tokenizer::default_tokenizer(&Device::Cpu).unwrap();

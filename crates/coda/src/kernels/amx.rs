@@ -25,9 +25,9 @@ use rayon::prelude::*;
 const TILE: usize = 512; // u16 elements per A or B tile (16 x 32)
 
 /// Whether our kernels use AMX bf16: the CPU and OS have it (see [`detected`]) and the
-/// `CODA_CPU_ISA` cap allows it.
+/// `CODA_CPU_ISA` cap allows it, or this thread emulates it (`with_emulated_tiles`, tests only).
 pub fn available() -> bool {
-    super::simd::isa() >= super::simd::Isa::Amx
+    super::simd::isa() >= super::simd::Isa::Amx || emulated()
 }
 
 /// Whether this CPU and OS run AMX bf16 (asks Linux for the tile state once).
@@ -465,14 +465,117 @@ fn pack_weights(w: &[f32], p: &Plan, three: bool) -> (Vec<u16>, Vec<u16>) {
     (hi, lo)
 }
 
-/// Tile configuration: palette 1, all 8 tiles 16 rows x 64 bytes.
+/// The 64-byte operand of `ldtilecfg` (palette 1: bytes per row and rows of each tile).
 #[repr(C, align(64))]
-struct TileConfig {
-    palette: u8,
+pub(super) struct TileConfig {
+    pub(super) palette: u8,
     start_row: u8,
     reserved: [u8; 14],
-    colsb: [u16; 16],
-    rows: [u8; 16],
+    pub(super) colsb: [u16; 16],
+    pub(super) rows: [u8; 16],
+}
+
+impl TileConfig {
+    /// Palette 1, every tile unused.
+    pub(super) fn new() -> Self {
+        TileConfig {
+            palette: 1,
+            start_row: 0,
+            reserved: [0; 14],
+            colsb: [0; 16],
+            rows: [0; 16],
+        }
+    }
+}
+
+/// The tile operations [`conv2d_forward`] issues: [`Hardware`] runs them on the CPU's tile
+/// unit; the software model in `amx_emulator` runs them anywhere, for tests.
+///
+/// # Safety
+/// Each function has the contract of the `tiles` function of the same name.
+#[allow(clippy::missing_safety_doc)]
+pub(super) trait TileUnit {
+    unsafe fn configure(cfg: &TileConfig);
+    unsafe fn release();
+    unsafe fn load_c(c: *const f32, ldc: usize);
+    unsafe fn store_c(c: *mut f32, ldc: usize);
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn dot(
+        a0: *const u16,
+        a1: *const u16,
+        b0: *const u16,
+        b1: *const u16,
+        kb: usize,
+        bs: usize,
+        bstep: usize,
+    );
+    unsafe fn dot3(a: [*const u16; 4], b: [*const u16; 4], kb: usize, bs: usize, bstep: usize);
+}
+
+/// The CPU's own tile unit (the `asm!` blocks of `tiles`).
+pub(super) struct Hardware;
+
+impl TileUnit for Hardware {
+    unsafe fn configure(cfg: &TileConfig) {
+        tiles::configure(cfg)
+    }
+    unsafe fn release() {
+        tiles::release()
+    }
+    unsafe fn load_c(c: *const f32, ldc: usize) {
+        tiles::load_c(c, ldc)
+    }
+    unsafe fn store_c(c: *mut f32, ldc: usize) {
+        tiles::store_c(c, ldc)
+    }
+    unsafe fn dot(
+        a0: *const u16,
+        a1: *const u16,
+        b0: *const u16,
+        b1: *const u16,
+        kb: usize,
+        bs: usize,
+        bstep: usize,
+    ) {
+        tiles::dot(a0, a1, b0, b1, kb, bs, bstep)
+    }
+    unsafe fn dot3(a: [*const u16; 4], b: [*const u16; 4], kb: usize, bs: usize, bstep: usize) {
+        tiles::dot3(a, b, kb, bs, bstep)
+    }
+}
+
+#[cfg(any(test, feature = "internals"))]
+thread_local! {
+    // Set by `with_emulated_tiles`: this thread's AMX convolutions run on the software model.
+    static EMULATED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Run `f` with this thread's AMX convolutions (the bf16 and bf16x3 precisions) on a software
+/// model of the tile unit (`amx_emulator`), on any CPU: slow, for tests of the AMX kernel's
+/// packing and tiling on machines without AMX. Scoped and per thread, as
+/// [`with_precision`](super::with_precision) is.
+#[cfg(any(test, feature = "internals"))]
+pub fn with_emulated_tiles<T>(f: impl FnOnce() -> T) -> T {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            EMULATED.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(EMULATED.with(|c| c.replace(true)));
+    f()
+}
+
+/// Whether this thread is inside [`with_emulated_tiles`].
+fn emulated() -> bool {
+    #[cfg(any(test, feature = "internals"))]
+    {
+        EMULATED.with(|c| c.get())
+    }
+    #[cfg(not(any(test, feature = "internals")))]
+    {
+        false
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -678,6 +781,29 @@ fn units_per_task(n: usize, units: usize) -> usize {
 #[allow(clippy::too_many_arguments)]
 pub fn conv2d_forward(
     x: &[f32],
+    dims: (usize, usize, usize, usize),
+    weight: &[f32],
+    wdims: (usize, usize, usize),
+    bias: &[f32],
+    residual: Option<&[f32]>,
+    g: ConvGeometry,
+    three: bool,
+    packed: Option<&PackedWeights>,
+) -> (Vec<f32>, usize, usize) {
+    assert!(available(), "AMX conv called on a CPU without AMX bf16");
+    #[cfg(any(test, feature = "internals"))]
+    if emulated() {
+        return forward_on::<super::amx_emulator::Emulated>(
+            x, dims, weight, wdims, bias, residual, g, three, packed,
+        );
+    }
+    forward_on::<Hardware>(x, dims, weight, wdims, bias, residual, g, three, packed)
+}
+
+/// [`conv2d_forward`] on tile unit `T`.
+#[allow(clippy::too_many_arguments)]
+fn forward_on<T: TileUnit>(
+    x: &[f32],
     (n, cin, h, w): (usize, usize, usize, usize),
     weight: &[f32],
     (cout, kh, kw): (usize, usize, usize),
@@ -687,7 +813,6 @@ pub fn conv2d_forward(
     three: bool,
     packed: Option<&PackedWeights>,
 ) -> (Vec<f32>, usize, usize) {
-    assert!(available(), "AMX conv called on a CPU without AMX bf16");
     let p = Plan::new((cin, h, w), (cout, kh, kw), g);
     let (oh, ow) = (p.oh, p.ow);
     let pixels = oh * ow;
@@ -704,13 +829,7 @@ pub fn conv2d_forward(
     };
     let mut out = vec![0f32; n * cout * pixels];
     let out_ptr = OutPtr(out.as_mut_ptr());
-    let mut cfg = TileConfig {
-        palette: 1,
-        start_row: 0,
-        reserved: [0; 14],
-        colsb: [0; 16],
-        rows: [0; 16],
-    };
+    let mut cfg = TileConfig::new();
     for i in 0..8 {
         cfg.colsb[i] = 64;
         cfg.rows[i] = 16;
@@ -741,7 +860,7 @@ pub fn conv2d_forward(
                         init_accumulator(row, bc, residual.map(|r| &r[img + o..][..cols]));
                     }
                 }
-                unsafe { tiles::configure(&cfg) };
+                unsafe { T::configure(&cfg) };
                 for m0 in (0..p.mp).step_by(32) {
                     for u in u0..u1 {
                         let (y, x0) = (u / upr, (u % upr) * 32);
@@ -764,7 +883,7 @@ pub fn conv2d_forward(
                                 }
                                 (scratch.as_mut_ptr(), 128)
                             };
-                            tiles::load_c(c, ldc);
+                            T::load_c(c, ldc);
                             for ky in 0..kh {
                                 for kx in 0..kw {
                                     let tap = ky * kw + kx;
@@ -777,7 +896,7 @@ pub fn conv2d_forward(
                                     };
                                     let (hi, lo) = (&input.hi, &input.lo);
                                     if three {
-                                        tiles::dot3(
+                                        T::dot3(
                                             [a(a_hi, 0), a(a_hi, 1), a(a_lo, 0), a(a_lo, 1)],
                                             [bp(hi, 0), bp(hi, 1), bp(lo, 0), bp(lo, 1)],
                                             cbs,
@@ -785,7 +904,7 @@ pub fn conv2d_forward(
                                             bstep,
                                         );
                                     } else {
-                                        tiles::dot(
+                                        T::dot(
                                             a(a_hi, 0),
                                             a(a_hi, 1),
                                             bp(hi, 0),
@@ -797,7 +916,7 @@ pub fn conv2d_forward(
                                     }
                                 }
                             }
-                            tiles::store_c(c, ldc);
+                            T::store_c(c, ldc);
                             if !full {
                                 for r in 0..32.min(cout - m0) {
                                     for cc in 0..32.min(ow.saturating_sub(x0)) {
@@ -809,7 +928,7 @@ pub fn conv2d_forward(
                         }
                     }
                 }
-                unsafe { tiles::release() };
+                unsafe { T::release() };
             },
         );
     }
@@ -946,11 +1065,29 @@ pub(super) mod tests {
         ),
     ];
 
-    fn check(three: bool) {
-        if !available() {
-            eprintln!("skipped: this CPU has no AMX bf16");
-            return;
+    /// Whether the AMX kernel also runs on the CPU's tile unit here (else only on the software
+    /// model): mandatory where `CODA_REQUIRE_AMX` is set.
+    fn hardware_tiles() -> bool {
+        let on = super::super::simd::isa() >= super::super::simd::Isa::Amx;
+        if !on {
+            assert!(
+                std::env::var("CODA_REQUIRE_AMX").is_err(),
+                "CODA_REQUIRE_AMX is set but this CPU/OS gives no AMX (or CODA_CPU_ISA caps it)"
+            );
+            eprintln!(
+                "SKIP the AMX kernel on hardware tiles: this CPU has no AMX bf16 (or {} caps \
+                 it); it runs on the software model of the tile unit only",
+                super::super::simd::ISA_ENV
+            );
         }
+        on
+    }
+
+    /// The AMX conv on every case against the f32 conv, on the software model of the tile unit
+    /// (any CPU) and, where the CPU has AMX, on its tiles: exact operands give the same bits on
+    /// both, as the SDM's definition of `tdpbf16ps` leaves no rounding choice for exact sums.
+    fn check(three: bool) {
+        let hardware = hardware_tiles();
         for (i, &(n, cin, h, w, cout, kh, kw, g)) in CASES.iter().enumerate() {
             for exact in [true, false] {
                 let x = values(n * cin * h * w, i, exact);
@@ -962,14 +1099,26 @@ pub(super) mod tests {
                 let wd = (cout, kh, kw);
                 let (want, _, _) =
                     super::super::conv2d::conv2d_forward(&x, dims, &wt, wd, &bias, Some(&res), g);
-                let (got, goh, gow) =
-                    conv2d_forward(&x, dims, &wt, wd, &bias, Some(&res), g, three, None);
-                // Weights packed ahead (as a model conv keeps them): the very same result.
-                let pw = PackedWeights::new(&wt, (cout, cin, kh, kw), three);
-                let (again, _, _) =
-                    conv2d_forward(&x, dims, &wt, wd, &bias, Some(&res), g, three, Some(&pw));
-                assert_eq!(got, again, "case {i}: prepacked weights");
-                assert_eq!((goh, gow), (oh, ow));
+                let run = || {
+                    let (got, goh, gow) =
+                        conv2d_forward(&x, dims, &wt, wd, &bias, Some(&res), g, three, None);
+                    assert_eq!((goh, gow), (oh, ow));
+                    // Weights packed ahead (as a model conv keeps them): the very same result.
+                    let pw = PackedWeights::new(&wt, (cout, cin, kh, kw), three);
+                    let (again, _, _) =
+                        conv2d_forward(&x, dims, &wt, wd, &bias, Some(&res), g, three, Some(&pw));
+                    assert_eq!(got, again, "case {i}: prepacked weights");
+                    got
+                };
+                let model = with_emulated_tiles(run);
+                let mut outputs = vec![("software model", model.clone())];
+                if hardware {
+                    let got = run();
+                    if exact {
+                        assert_eq!(got, model, "case {i}: hardware tiles vs their model");
+                    }
+                    outputs.push(("hardware tiles", got));
+                }
                 // Error bound relative to Σ|w||x| of each output.
                 let ax: Vec<f32> = x.iter().map(|v| v.abs()).collect();
                 let aw: Vec<f32> = wt.iter().map(|v| v.abs()).collect();
@@ -983,11 +1132,14 @@ pub(super) mod tests {
                 } else {
                     1.0 / 128.0
                 };
-                for (j, ((a, b), m)) in got.iter().zip(&want).zip(&mag).enumerate() {
-                    assert!(
-                        (a - b).abs() <= tol * (m + 1e-3),
-                        "case {i} exact={exact} three={three} at {j}: {a} vs {b} (scale {m})"
-                    );
+                for (on, got) in &outputs {
+                    for (j, ((a, b), m)) in got.iter().zip(&want).zip(&mag).enumerate() {
+                        assert!(
+                            (a - b).abs() <= tol * (m + 1e-3),
+                            "{on}: case {i} exact={exact} three={three} at {j}: {a} vs {b} \
+                             (scale {m})"
+                        );
+                    }
                 }
             }
         }

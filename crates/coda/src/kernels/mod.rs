@@ -5,6 +5,8 @@
 #![cfg_attr(not(feature = "internals"), allow(dead_code, unused_imports))]
 
 pub mod amx;
+#[cfg(any(test, feature = "internals"))]
+mod amx_emulator;
 pub mod assign;
 pub mod conv2d;
 pub mod direct;
