@@ -26,6 +26,10 @@ if grep -qwE "avx512_bf16|amx_bf16" /proc/cpuinfo 2>/dev/null; then
 else
   echo "NOTE: this CPU has neither AVX512_BF16 nor AMX: the bf16 tests print SKIP"
 fi
+# Every cargo call below selects the whole workspace, so that features resolve the same way and
+# the test binaries (and the `coda` binary the Python tests compare with) are built once: a
+# `-p coda-tokenizer` selection resolves them differently and rebuilt candle and our crate
+# (+7 min of CI on 2 cores).
 cargo test --workspace
 # The kernels' unit tests (forward and backward of every conv form, GroupNorm, assignment) once
 # more on each lower kernel path this CPU can run (tests/kernel_paths.rs covers the whole VAE).
@@ -34,12 +38,13 @@ for isa in avx2 scalar; do
     echo "kernel unit tests on the forced $isa path"
     # (the bf16/AMX kernels are below the cap there: their tests skip, so not mandatory)
     env -u CODA_REQUIRE_BF16 -u CODA_REQUIRE_AMX CODA_CPU_ISA=$isa \
-      cargo test -p coda-tokenizer --lib kernels::
+      cargo test --workspace --lib kernels::
   fi
 done
-CODA_GENERIC_OPS=1 cargo test -p coda-tokenizer --test vae_parity --test quantizer_parity \
+CODA_GENERIC_OPS=1 cargo test --workspace --test vae_parity --test quantizer_parity \
   --test tokenizer_parity
-cargo build -p coda-cli
+# The binary `cargo test --workspace` built for the CLI's integration tests.
+test -x target/debug/coda
 VENV=${CODA_TEST_VENV:-target/py-test-venv}
 rm -rf "$VENV"
 python3 -m venv "$VENV"
