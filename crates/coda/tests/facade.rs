@@ -24,14 +24,20 @@ fn ids(t: &Tokens) -> Vec<u32> {
 /// 64-px crops keep the tests quick (the scales for a 16x16 latent).
 const SIZE: u32 = 64;
 
-#[test]
-fn image_calls_match_the_tensor_path_and_ignore_batch_size() {
-    let tok = Tokenizer::default_tokenizer(&Device::Cpu).unwrap();
+/// The photos prepared at `SIZE`, as images and as one tensor.
+fn prepared() -> (Vec<image::RgbImage>, candle_core::Tensor) {
     let images: Vec<_> = coda::data::load_prepared(&photos(), Some(SIZE))
         .into_iter()
         .map(|r| r.unwrap())
         .collect();
     let x = coda::data::images_to_tensor(&images, &Device::Cpu).unwrap();
+    (images, x)
+}
+
+#[test]
+fn image_calls_match_the_tensor_path_and_ignore_batch_size() {
+    let tok = Tokenizer::default_tokenizer(&Device::Cpu).unwrap();
+    let (images, x) = prepared();
     let reference = ids(&tok.encode(&x).unwrap());
     for batch in [1, 2, 8] {
         let opts = EncodeOptions {
@@ -152,11 +158,7 @@ fn precision_is_scoped_never_process_wide() {
 fn amx_precisions_keep_f32_tokens_on_the_tiles_and_their_software_model() {
     use coda::kernels::amx::with_emulated_tiles;
     let tok = Tokenizer::default_tokenizer(&Device::Cpu).unwrap();
-    let images: Vec<_> = coda::data::load_prepared(&photos(), Some(SIZE))
-        .into_iter()
-        .map(|r| r.unwrap())
-        .collect();
-    let x = coda::data::images_to_tensor(&images, &Device::Cpu).unwrap();
+    let (_, x) = prepared();
     let f32_tokens = tok.encode(&x).unwrap();
     let f32_pixels = tok.decode(&f32_tokens).unwrap();
     let run = |p: Precision| {

@@ -93,15 +93,10 @@ unsafe fn tilestored(r: usize, base: *mut u8, stride: usize) {
 
 /// bf16 as f32, denormals read as zero (DAZ).
 fn bf16_daz(lo: u8, hi: u8) -> f32 {
-    let v = f32::from_bits(((hi as u32) << 24) | ((lo as u32) << 16));
-    if v.is_subnormal() {
-        0.0f32.copysign(v)
-    } else {
-        v
-    }
+    ftz(f32::from_bits(((hi as u32) << 24) | ((lo as u32) << 16)))
 }
 
-/// Flush a denormal result to (signed) zero (FTZ).
+/// A denormal as (signed) zero: results (FTZ) and, through `bf16_daz`, operands (DAZ).
 fn ftz(v: f32) -> f32 {
     if v.is_subnormal() {
         0.0f32.copysign(v)
