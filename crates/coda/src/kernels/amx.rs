@@ -556,14 +556,7 @@ thread_local! {
 /// [`with_precision`](super::with_precision) is.
 #[cfg(any(test, feature = "internals"))]
 pub fn with_emulated_tiles<T>(f: impl FnOnce() -> T) -> T {
-    struct Restore(bool);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            EMULATED.with(|c| c.set(self.0));
-        }
-    }
-    let _restore = Restore(EMULATED.with(|c| c.replace(true)));
-    f()
+    super::scoped(&EMULATED, true, f)
 }
 
 /// Whether this thread is inside [`with_emulated_tiles`].

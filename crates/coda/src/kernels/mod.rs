@@ -188,13 +188,23 @@ thread_local! {
 /// previous precision is restored afterwards, also when `f` panics. The convolutions read the
 /// precision on the calling thread before they fan out to worker threads.
 pub fn with_precision<T>(p: Precision, f: impl FnOnce() -> T) -> T {
-    struct Restore(Precision);
-    impl Drop for Restore {
+    scoped(&PRECISION, p, f)
+}
+
+/// Run `f` with this thread's `key` set to `value`, restoring the previous value afterwards,
+/// also when `f` panics.
+pub(crate) fn scoped<V: Copy + 'static, T>(
+    key: &'static std::thread::LocalKey<std::cell::Cell<V>>,
+    value: V,
+    f: impl FnOnce() -> T,
+) -> T {
+    struct Restore<V: Copy + 'static>(&'static std::thread::LocalKey<std::cell::Cell<V>>, V);
+    impl<V: Copy + 'static> Drop for Restore<V> {
         fn drop(&mut self) {
-            PRECISION.with(|c| c.set(self.0));
+            self.0.with(|c| c.set(self.1));
         }
     }
-    let _restore = Restore(PRECISION.with(|c| c.replace(p)));
+    let _restore = Restore(key, key.with(|c| c.replace(value)));
     f()
 }
 
